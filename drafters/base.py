@@ -1,0 +1,157 @@
+"""What a drafter is: a request-lifecycle object that proposes token trees, plus a registry of drafters by name.
+
+The engine calls, per request, begin -> (propose -> observe)* -> end, and at every new policy version
+refresh(history, version). A drafter never sees logits: it proposes tokens, the target verifies them, and the engine
+stays lossless whatever the drafter does. A bad draft only costs time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+
+@dataclass
+class Draft:
+    """A tree of proposed tokens. Node i follows node parents[i] (-1 = the last emitted token).
+
+    Nodes are listed parents first; children of one node in the order they should be tried (most likely first).
+    parents=None means a chain. probs[i], when given, is the drafter's estimate that node i is accepted given that
+    its parent was; the budget uses it to decide how much of the draft is worth verifying.
+    """
+
+    token_ids: list[int]
+    parents: list[int] | None = None
+    probs: list[float] | None = None
+    score: float = 0.0
+
+    def __post_init__(self):
+        n = len(self.token_ids)
+        if self.parents is not None and len(self.parents) != n:
+            raise ValueError(f"draft has {n} tokens but {len(self.parents)} parents")
+        if self.probs is not None and len(self.probs) != n:
+            raise ValueError(f"draft has {n} tokens but {len(self.probs)} probs")
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents is None or all(p == i - 1 for i, p in enumerate(self.parents))
+
+    def parent_list(self) -> list[int]:
+        return list(range(-1, len(self.token_ids) - 1)) if self.parents is None else list(self.parents)
+
+    def depths(self) -> list[int]:
+        """Depth of each node, 1 for children of the root."""
+        out: list[int] = []
+        for i, p in enumerate(self.parent_list()):
+            if not -1 <= p < i:
+                raise ValueError(f"draft node {i} has parent {p}; parents must come before their children")
+            out.append(1 if p < 0 else out[p] + 1)
+        return out
+
+    def truncated(self, max_nodes: int, max_depth: int) -> "Draft":
+        """The first nodes (in order) that fit both limits; a node whose parent was cut is cut too."""
+        if max_nodes <= 0 or max_depth <= 0 or not self.token_ids:
+            return Draft([])
+        parents = self.parent_list()
+        depths = self.depths()
+        keep: list[int] = []
+        new_index: dict[int, int] = {}
+        for i, (p, d) in enumerate(zip(parents, depths)):
+            if len(keep) == max_nodes:
+                break
+            if d > max_depth or (p >= 0 and p not in new_index):
+                continue
+            new_index[i] = len(keep)
+            keep.append(i)
+        if len(keep) == len(self.token_ids):
+            return self
+        return Draft(
+            token_ids=[self.token_ids[i] for i in keep],
+            parents=None if self.parents is None else [new_index.get(parents[i], -1) for i in keep],
+            probs=None if self.probs is None else [self.probs[i] for i in keep],
+            score=self.score,
+        )
+
+
+EMPTY_DRAFT = Draft([])
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    def begin(self, request_id: str, prompt_ids: Sequence[int], group: str | None) -> None: ...
+
+    def observe(self, request_id: str, token_ids: Sequence[int]) -> None: ...
+
+    def propose(self, request_id: str, max_tokens: int) -> Draft: ...
+
+    def end(self, request_id: str) -> None: ...
+
+    def refresh(self, history: Any, policy_version: int) -> None: ...
+
+
+class BaseDrafter:
+    """No-op lifecycle methods, so a drafter implements only what it uses."""
+
+    def begin(self, request_id: str, prompt_ids: Sequence[int], group: str | None) -> None:
+        pass
+
+    def observe(self, request_id: str, token_ids: Sequence[int]) -> None:
+        pass
+
+    def propose(self, request_id: str, max_tokens: int) -> Draft:
+        return EMPTY_DRAFT
+
+    def end(self, request_id: str) -> None:
+        pass
+
+    def refresh(self, history: Any, policy_version: int) -> None:
+        pass
+
+
+DRAFTERS: dict[str, Callable[..., Drafter]] = {}
+
+
+def register_drafter(name: str):
+    """Class decorator: make a drafter constructible by name from configs and the CLI."""
+
+    def wrap(factory):
+        if name in DRAFTERS and DRAFTERS[name] is not factory:
+            raise ValueError(f"drafter {name!r} is registered twice")
+        DRAFTERS[name] = factory
+        return factory
+
+    return wrap
+
+
+@register_drafter("none")
+class NoDrafter(BaseDrafter):
+    """Plain decoding: every step verifies nothing and emits one token."""
+
+
+def make_drafter(name: str, **options: Any) -> Drafter:
+    """Build a drafter from a registered name or a dotted path ("package.module:Class" or "package.module.Class")."""
+    _load_builtin_drafters()
+    factory = DRAFTERS.get(name)
+    if factory is None and ("." in name or ":" in name):
+        module_name, _, attr = name.replace(":", ".").rpartition(".")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot import drafter {name!r}: {exc}") from exc
+    if factory is None:
+        raise ValueError(f"unknown drafter {name!r}; known drafters: {', '.join(sorted(DRAFTERS))}, or a dotted path")
+    drafter = factory(**options)
+    if not isinstance(drafter, Drafter):
+        raise TypeError(f"drafter {name!r} does not implement begin/observe/propose/end/refresh")
+    return drafter
+
+
+def _load_builtin_drafters() -> None:
+    # Importing the modules runs their @register_drafter decorators.
+    importlib.import_module("drafters.reference")
+
+

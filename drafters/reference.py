@@ -1,0 +1,38 @@
+"""A drafter that knows the answer: it proposes the next tokens of a given reference continuation.
+
+Used to measure the engine's ceiling (every draft right, `oracle_speedup` in benchmarks/engine.py) and, in the
+tests, to check that correct, wrong and random drafts all leave the output unchanged. While the generated tokens
+match the reference it proposes the reference's next tokens; once they diverge it proposes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from drafters.base import EMPTY_DRAFT, BaseDrafter, Draft
+
+
+class ReferenceDrafter(BaseDrafter):
+    def __init__(self, references: Mapping[tuple[int, ...], Sequence[int]]):
+        self.references = {tuple(k): list(v) for k, v in references.items()}
+        self._state: dict[str, tuple[list[int], list[int]]] = {}  # request -> (reference, generated)
+
+    def begin(self, request_id, prompt_ids, group):
+        self._state[request_id] = (self.references.get(tuple(prompt_ids), []), [])
+
+    def observe(self, request_id, token_ids):
+        self._state[request_id][1].extend(token_ids)
+
+    def propose(self, request_id, max_tokens):
+        reference, generated = self._state[request_id]
+        n = len(generated)
+        if reference[:n] != generated:
+            return EMPTY_DRAFT
+        return Draft(self.transform(reference[n : n + max_tokens]))
+
+    def transform(self, tokens: list[int]) -> list[int]:
+        """Hook for test drafters that corrupt the reference."""
+        return tokens
+
+    def end(self, request_id):
+        self._state.pop(request_id, None)

@@ -1,0 +1,125 @@
+"""One forward's worth of new tokens from several sequences, packed, with their positions and attention mask.
+
+Every sequence in a forward brings a few new tokens: for a prompt being prefilled, the prompt; for a running
+sequence, its last sampled token; in both cases followed by drafted tokens. The new tokens of one sequence form a
+tree: each has a parent among the earlier new tokens (or none: it follows the cached context). A chain is the tree
+where every parent is the previous token. A token at depth d sits at RoPE position cache_len + d and attends to the
+cached context plus its ancestors and itself; its key/value is written at cache index cache_len + i (its index among
+the new tokens), so siblings never overwrite each other. After acceptance the engine moves the accepted path into
+place (KV of the token at depth d to cache index cache_len + d).
+
+Linear layers see only the packed tokens [M]; attention sees them scattered into a padded [B, T] block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class SeqInput:
+    """New tokens of one sequence for one forward."""
+
+    cache_len: int  # tokens already in the cache for this sequence
+    tokens: list[int]  # new tokens, parents before children
+    parents: list[int] | None  # parent index among new tokens, -1 = follows the cache; None = a chain
+    logits_from: int  # index of the first new token whose next-token distribution is needed
+
+
+@dataclass
+class ForwardBatch:
+    token_ids: torch.Tensor  # [M] int64, packed new tokens
+    positions: torch.Tensor  # [M] int64, RoPE positions
+    write_slots: torch.Tensor  # [M] int64, cache slot of each token
+    write_pos: torch.Tensor  # [M] int64, cache index of each token
+    padded_index: torch.Tensor  # [M] int64, row of each token in the padded [B*T] layout
+    attn_mask: torch.Tensor  # [B, 1, T, ctx] bool, True = may attend
+    logit_rows: torch.Tensor  # [R] int64, packed rows whose logits are returned, in sequence order
+    logit_counts: list[int]  # [B] rows per sequence in logit_rows
+    slot_lo: int
+    num_seqs: int
+    max_new: int  # T
+    ctx: int
+    is_decode: bool  # every sequence brings exactly one token: the padded layout is the packed layout
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.numel())
+
+
+def tree_depths(parents: list[int]) -> list[int]:
+    depths: list[int] = []
+    for i, p in enumerate(parents):
+        if not -1 <= p < i:
+            raise ValueError(f"parent {p} of new token {i} must be -1 or an earlier token")
+        depths.append(0 if p < 0 else depths[p] + 1)
+    return depths
+
+
+def tree_ancestors(parents: list[int]) -> np.ndarray:
+    """[n, n] bool: entry (i, j) is True when j is i itself or one of its ancestors."""
+    n = len(parents)
+    anc = np.eye(n, dtype=bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            anc[i] |= anc[p]
+    return anc
+
+
+def build_batch(seqs: list[SeqInput], slot_lo: int, device: torch.device | str = "cpu") -> ForwardBatch:
+    """Pack the sequences occupying slots [slot_lo, slot_lo + len(seqs)) into one forward."""
+    if not seqs:
+        raise ValueError("a forward needs at least one sequence")
+    b = len(seqs)
+    lengths = [len(s.tokens) for s in seqs]
+    if min(lengths) < 1:
+        raise ValueError("every sequence in a forward needs at least one new token")
+    t_max = max(lengths)
+    ctx = max(s.cache_len + n for s, n in zip(seqs, lengths))
+
+    tokens, positions, write_slots, write_pos, padded, logit_rows, logit_counts = [], [], [], [], [], [], []
+    mask = np.zeros((b, t_max, ctx), dtype=bool)
+    offset = 0
+    for i, (s, n) in enumerate(zip(seqs, lengths)):
+        if s.parents is None:
+            depths = list(range(n))
+            anc = np.tri(n, dtype=bool)
+        else:
+            if len(s.parents) != n:
+                raise ValueError(f"sequence {i}: {len(s.parents)} parents for {n} new tokens")
+            depths = tree_depths(s.parents)
+            anc = tree_ancestors(s.parents)
+        tokens.extend(s.tokens)
+        positions.extend(s.cache_len + d for d in depths)
+        write_slots.extend([slot_lo + i] * n)
+        write_pos.extend(range(s.cache_len, s.cache_len + n))
+        padded.extend(range(i * t_max, i * t_max + n))
+        mask[i, :n, : s.cache_len] = True
+        mask[i, :n, s.cache_len : s.cache_len + n] = anc
+        # Padding rows attend to one position so their softmax stays finite; their outputs are dropped.
+        mask[i, n:, 0] = True
+        logit_rows.extend(range(offset + s.logits_from, offset + n))
+        logit_counts.append(n - s.logits_from)
+        offset += n
+
+    def as_tensor(values, dtype=torch.int64):
+        return torch.as_tensor(np.asarray(values), dtype=dtype, device=device)
+
+    return ForwardBatch(
+        token_ids=as_tensor(tokens),
+        positions=as_tensor(positions),
+        write_slots=as_tensor(write_slots),
+        write_pos=as_tensor(write_pos),
+        padded_index=as_tensor(padded),
+        attn_mask=torch.from_numpy(mask).to(device).unsqueeze(1),
+        logit_rows=as_tensor(logit_rows),
+        logit_counts=logit_counts,
+        slot_lo=slot_lo,
+        num_seqs=b,
+        max_new=t_max,
+        ctx=ctx,
+        is_decode=t_max == 1,
+    )

@@ -1,0 +1,356 @@
+"""The embedded engine: continuous batching with speculative verification.
+
+One step:  admit waiting requests into free slots -> ask the drafter for a draft per sequence (length from the
+budget) -> one target forward per group (prompts being prefilled; running sequences) -> processed distributions ->
+lossless verification -> emit, roll the cache back to the accepted path, tell the drafter -> release finished slots.
+
+A sequence keeps the invariant cache_len == len(tokens) - 1 between steps: every token but the last sampled one has
+its keys/values in the cache; that last one is fed at the next step ahead of the draft. A new request starts with
+cache_len 0 and feeds its whole prompt.
+"""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence as Seq
+
+import torch
+
+from drafters.base import EMPTY_DRAFT, Draft, Drafter, NoDrafter, make_drafter
+from rollout.budget import Budget, parse_budget
+from rollout.config import EngineConfig, SpeculationConfig
+from rollout.engine.batch import SeqInput, build_batch
+from rollout.engine.checkpoint import resolve_model
+from rollout.engine.model import TargetModel
+from rollout.result import RolloutResult, SpecStats
+from rollout.sampling import SamplingParams, process_logits
+from rollout.verify import verify
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    group: str | None
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    cache_len: int = 0
+    output: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    stats: SpecStats = field(default_factory=SpecStats)
+    finish_reason: str | None = None
+
+    def __post_init__(self):
+        self.tokens = list(self.prompt)
+
+
+def _validate_prompt(prompt: object, vocab_size: int, max_model_len: int) -> list[int]:
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.tolist()
+    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Iterable):
+        raise ValueError(f"prompt_token_ids must be a list of integers, got {type(prompt).__name__}")
+    ids = list(prompt)
+    if not ids:
+        raise ValueError("prompt_token_ids is empty; a request needs at least one prompt token")
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise ValueError(f"prompt_token_ids[{i}] = {t!r} is not an integer token id")
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"prompt_token_ids[{i}] = {t} is outside the vocabulary [0, {vocab_size})")
+    if len(ids) >= max_model_len:
+        raise ValueError(
+            f"prompt_token_ids has {len(ids)} tokens; max_model_len is {max_model_len}, "
+            "which leaves no room to generate"
+        )
+    return [int(t) for t in ids]
+
+
+class Engine:
+    def __init__(
+        self,
+        model: TargetModel,
+        config: EngineConfig | None = None,
+        drafter: Drafter | None = None,
+        budget: Budget | None = None,
+        max_draft_tokens: int = 16,
+    ):
+        self.config = config or EngineConfig()
+        self.model = model
+        self.drafter: Drafter = drafter if drafter is not None else NoDrafter()
+        self.budget: Budget = budget if budget is not None else parse_budget("fixed:4")
+        self.max_draft_tokens = max_draft_tokens
+        self.max_model_len = min(self.config.max_model_len, model.max_model_len)
+        self.cache = model.new_cache(self.config.max_num_seqs)
+        self.vocab_size = model.shape.vocab_size
+        eos = getattr(model.config, "eos_token_id", None)
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []  # running[i] occupies KV slot i
+        self.policy_version = 0
+        self._ids = itertools.count()
+        self._seeds = torch.Generator().manual_seed(self.config.seed)
+        self.total_forwards = 0
+
+    @classmethod
+    def from_config(
+        cls, config: EngineConfig | None = None, speculation: SpeculationConfig | None = None, log=lambda s: None
+    ) -> "Engine":
+        config = config or EngineConfig()
+        speculation = speculation or SpeculationConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        folder = resolve_model(config.model, log=log)
+        model = TargetModel.from_folder(
+            folder, config.max_model_len, config.dtype, config.device, tune=config.tune_matmul
+        )
+        drafter = make_drafter(speculation.drafter, **speculation.drafter_options)
+        return cls(model, config, drafter, parse_budget(speculation.budget), speculation.max_draft_tokens)
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(
+        self,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        group: str | None = None,
+    ) -> str:
+        """Queue a request; raises ValueError naming the bad field and leaves the engine untouched."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        prompt = _validate_prompt(prompt_token_ids, self.vocab_size, self.max_model_len)
+        for t in params.stop_token_ids:
+            if t >= self.vocab_size:
+                raise ValueError(f"stop_token_ids contains {t}, outside the vocabulary [0, {self.vocab_size})")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if any(s.request_id == request_id for s in itertools.chain(self.waiting, self.running)):
+            raise ValueError(f"request_id {request_id!r} is already in flight")
+        seed = params.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+        stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        self.waiting.append(
+            Sequence(request_id, prompt, params, group, torch.Generator().manual_seed(seed), stop)
+        )
+        return request_id
+
+    def abort(self, request_id: str) -> RolloutResult | None:
+        for i, s in enumerate(self.waiting):
+            if s.request_id == request_id:
+                del self.waiting[i]
+                s.finish_reason = "abort"
+                return self._result(s)
+        for s in self.running:
+            if s.request_id == request_id:
+                s.finish_reason = "abort"
+                return self._release([s])[0]
+        return None
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def generate(
+        self,
+        prompts: Seq[Seq[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        groups: Seq[str | None] | None = None,
+    ) -> list[RolloutResult]:
+        """Run a batch to completion; results in prompt order. All prompts are validated before any is queued."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        for p in prompts:
+            _validate_prompt(p, self.vocab_size, self.max_model_len)
+        ids = [
+            self.add_request(p, sp, group=None if groups is None else groups[i])
+            for i, (p, sp) in enumerate(zip(prompts, plist))
+        ]
+        done: dict[str, RolloutResult] = {}
+        while len(done) < len(ids):
+            for r in self.step():
+                done[r.request_id] = r
+        return [done[i] for i in ids]
+
+    # ------------------------------------------------------------------ weights
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
+        """Load new policy weights between rollouts; in-flight sequences would mix two policies, so none may run."""
+        if self.has_unfinished():
+            raise RuntimeError(
+                f"{self.num_unfinished()} requests are in flight; weights change only between rollouts "
+                "(finish or abort them first) so that every rollout comes from one policy"
+            )
+        self.model.load_weights(named_tensors, strict=True)
+        self.policy_version = self.policy_version + 1 if version is None else int(version)
+        return self.policy_version
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[RolloutResult]:
+        """Advance every running sequence by one verification; returns the requests that finished."""
+        self._admit()
+        prefilled = sum(1 for s in self.running if s.cache_len > 0)
+        finished: list[Sequence] = []
+        # Running sequences hold slots [0, prefilled); those admitted this step were appended after them.
+        if prefilled:
+            finished += self._run(self.running[:prefilled], slot_lo=0)
+        if prefilled < len(self.running):
+            finished += self._run(self.running[prefilled:], slot_lo=prefilled)
+        return self._release(finished)
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            s = self.waiting.pop(0)
+            self.running.append(s)
+            self.drafter.begin(s.request_id, s.prompt, s.group)
+
+    def _room(self, s: Sequence) -> tuple[int, int]:
+        """(most draft nodes the cache can take, deepest node worth verifying) for this step."""
+        can_emit = min(s.params.max_tokens - len(s.output), self.max_model_len - len(s.tokens))
+        return self.max_model_len - len(s.tokens), can_emit - 1
+
+    def _drafts(self, seqs: list[Sequence]) -> list[Draft]:
+        rooms = [self._room(s) for s in seqs]
+        wanted = [min(self.max_draft_tokens, nodes, depth) for nodes, depth in rooms]
+        lengths = self.budget.draft_lengths(len(self.running), wanted)
+        drafts = []
+        for s, k, (nodes, depth) in zip(seqs, lengths, rooms):
+            d = self.drafter.propose(s.request_id, k) if k > 0 else EMPTY_DRAFT
+            if d is None or len(d) == 0:
+                drafts.append(EMPTY_DRAFT)
+                continue
+            if any(not 0 <= t < self.vocab_size for t in d.token_ids):
+                raise RuntimeError(f"drafter {type(self.drafter).__name__} proposed a token outside the vocabulary")
+            drafts.append(d.truncated(min(k, nodes), depth))
+        return drafts
+
+    def _run(self, seqs: list[Sequence], slot_lo: int) -> list[Sequence]:
+        drafts = self._drafts(seqs)
+        inputs = []
+        for s, d in zip(seqs, drafts):
+            pending = s.tokens[s.cache_len :]
+            p = len(pending)
+            parents = None
+            if not d.is_chain:
+                # Draft node j is new token p + j; the draft's root is the last pending token, new token p - 1.
+                parents = list(range(-1, p - 1)) + [p - 1 if q < 0 else p + q for q in d.parent_list()]
+            inputs.append(SeqInput(s.cache_len, pending + list(d.token_ids), parents, logits_from=p - 1))
+        batch = build_batch(inputs, slot_lo, self.model.device)
+        logits = self.model.forward(batch, self.cache)  # [R, V]
+        self.total_forwards += 1
+
+        rows_per_seq = torch.tensor(batch.logit_counts)
+        temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
+        top_k = torch.tensor([s.params.top_k for s in seqs])
+        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32)
+        probs, logprobs = process_logits(
+            logits,
+            temperature.repeat_interleave(rows_per_seq),
+            top_k.repeat_interleave(rows_per_seq),
+            top_p.repeat_interleave(rows_per_seq),
+        )
+        b, n = len(seqs), max(len(d) for d in drafts)
+        row_start = torch.cumsum(rows_per_seq, 0) - rows_per_seq
+        tokens = torch.full((b, n), -1, dtype=torch.int64)
+        parents = torch.full((b, n), -1, dtype=torch.int64)
+        uniforms = torch.empty((b, n + 1), dtype=torch.float64)
+        for i, (s, d) in enumerate(zip(seqs, drafts)):
+            k = len(d)
+            if k:
+                tokens[i, :k] = torch.tensor(d.token_ids)
+                parents[i, :k] = torch.tensor(d.parent_list())
+            # Each request draws from its own generator, so its samples do not depend on its batch neighbours.
+            u = torch.rand(k + 1, generator=s.generator, dtype=torch.float64)
+            uniforms[i, :k] = u[:k]
+            uniforms[i, n] = u[k]
+        result = verify(probs, row_start, tokens, parents, uniforms)
+
+        accepted = result.accepted.tolist()
+        num_accepted = result.num_accepted.tolist()
+        next_token = result.next_token.tolist()
+        starts = row_start.tolist()
+        emitted_all, lp_rows, lp_cols = [], [], []
+        move_slots, move_src, move_dst = [], [], []
+        for i, (s, d) in enumerate(zip(seqs, drafts)):
+            path = accepted[i][: num_accepted[i]]
+            emitted = [d.token_ids[j] for j in path] + [next_token[i]]
+            emitted_all.append(emitted)
+            # Token t was drawn from the distribution at the node before it: the root, then the path's nodes.
+            lp_rows.extend(starts[i] + r for r in [0] + [j + 1 for j in path])
+            lp_cols.extend(emitted)
+            p = len(s.tokens) - s.cache_len
+            for depth, j in enumerate(path):
+                if j != depth:  # a tree branch other than the first was taken: its KV moves into place
+                    move_slots.append(slot_lo + i)
+                    move_src.append(s.cache_len + p + j)
+                    move_dst.append(s.cache_len + p + depth)
+            s.cache_len += p + len(path)
+            s.stats.record(max(d.depths(), default=0), len(path), len(d))
+        if move_slots:
+            self.cache.move_positions(torch.tensor(move_slots), torch.tensor(move_src), torch.tensor(move_dst))
+        token_logprobs = logprobs[torch.tensor(lp_rows), torch.tensor(lp_cols)].tolist()
+
+        finished = []
+        offset = 0
+        for s, emitted in zip(seqs, emitted_all):
+            kept = self._append(s, emitted, token_logprobs[offset : offset + len(emitted)])
+            offset += len(emitted)
+            self.drafter.observe(s.request_id, emitted[:kept])
+            if s.finish_reason is not None:
+                finished.append(s)
+        return finished
+
+    def _append(self, s: Sequence, emitted: list[int], logprobs: list[float]) -> int:
+        """Append tokens until a stop token or a length limit; returns how many were kept."""
+        for n, (t, lp) in enumerate(zip(emitted, logprobs), start=1):
+            s.output.append(t)
+            s.tokens.append(t)
+            s.logprobs.append(lp)
+            if t in s.stop_ids:
+                s.finish_reason = "stop"
+            elif len(s.output) >= s.params.max_tokens or len(s.tokens) >= self.max_model_len:
+                s.finish_reason = "length"
+            if s.finish_reason is not None:
+                return n
+        return len(emitted)
+
+    def _release(self, finished: list[Sequence]) -> list[RolloutResult]:
+        """Free the slots of finished sequences, keeping the running ones in a contiguous block [0, n)."""
+        if not finished:
+            return []
+        done = {id(s) for s in finished}
+        keep = [s for s in self.running if id(s) not in done]
+        # Fill each hole left of the new end with the last running sequence beyond it (one KV copy each).
+        new_running: list[Sequence | None] = [s if id(s) not in done else None for s in self.running[: len(keep)]]
+        movers = [(slot, s) for slot, s in enumerate(self.running) if slot >= len(keep) and id(s) not in done]
+        holes = [slot for slot, s in enumerate(new_running) if s is None]
+        for hole, (src, s) in zip(holes, movers):
+            self.cache.move_slot(src, hole, s.cache_len)
+            new_running[hole] = s
+        self.running = [s for s in new_running if s is not None]
+        assert len(self.running) == len(keep)
+        results = []
+        for s in finished:
+            self.drafter.end(s.request_id)
+            results.append(self._result(s))
+        return results
+
+    def _result(self, s: Sequence) -> RolloutResult:
+        return RolloutResult(
+            request_id=s.request_id,
+            prompt_token_ids=s.prompt,
+            token_ids=s.output,
+            logprobs=s.logprobs,
+            finish_reason=s.finish_reason or "abort",
+            spec=s.stats,
+            group=s.group,
+            policy_version=self.policy_version,
+        )

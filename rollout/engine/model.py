@@ -1,0 +1,309 @@
+"""Our own forward for the Llama family, reading a transformers checkpoint and writing a slot KV cache.
+
+Why not call transformers' model: its per-layer Python and cache bookkeeping costs ~80 ms per decode step for
+SmolLM2 on this CPU, the weights are streamed once per row on the small-GEMM path, and it has no notion of a batch
+where each sequence brings a different number of tokens arranged as a tree. This forward packs all new tokens of a
+step into one token-major matrix [M, hidden], picks each product's kernel by measurement (see matmul.py), fuses q/k/v and gate/up into single products,
+computes logits only for the rows that need them, and attends over a view of the slot cache.
+
+Logits equal transformers' within fp32 rounding (tests/test_model_parity.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from rollout.engine.architectures import ModelShape, rope_tables, shape_from_config
+from rollout.engine.batch import ForwardBatch
+from rollout.engine.kv_cache import SlotKVCache
+from rollout.engine.checkpoint import cache_dir
+from rollout.engine.hardware import fingerprint
+from rollout.engine.matmul import MatmulPlan
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LayerWeights:
+    ln1: torch.Tensor  # [D]
+    wqkv: torch.Tensor  # [(H + 2*KVH) * hd, D]
+    bqkv: torch.Tensor | None  # [(H + 2*KVH) * hd]
+    q_norm: torch.Tensor | None  # [hd]
+    k_norm: torch.Tensor | None  # [hd]
+    wo: torch.Tensor  # [D, H * hd]
+    bo: torch.Tensor | None  # [D]
+    ln2: torch.Tensor  # [D]
+    w_gate_up: torch.Tensor  # [2 * I, D]
+    b_gate_up: torch.Tensor | None  # [2 * I]
+    w_down: torch.Tensor  # [D, I]
+    b_down: torch.Tensor | None  # [D]
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim computed in fp32, as transformers' LlamaRMSNorm does."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [M, heads, hd], cos/sin [M, 1, hd]: rotate pairs (i, i + hd/2) as transformers' rotate_half does."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _checkpoint_tensors(folder: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    names: dict[str, Path] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            names.update({k: file for k in f.keys()})
+    return names
+
+
+class TargetModel:
+    """The policy's weights and a forward over a ForwardBatch."""
+
+    def __init__(self, config, max_model_len: int, dtype: torch.dtype, device: torch.device, biases: set[str]):
+        self.config = config
+        self.shape: ModelShape = shape_from_config(config, max_model_len)
+        self.max_model_len = max_model_len
+        self.dtype = dtype
+        self.device = device
+        s = self.shape
+        qkv = s.q_size + 2 * s.kv_size
+
+        def empty(*size):
+            return torch.empty(*size, dtype=dtype, device=device)
+
+        def bias(kind: str, size: int):
+            return torch.zeros(size, dtype=dtype, device=device) if kind in biases else None
+
+        self.embed = empty(s.vocab_size, s.hidden_size)
+        self.layers = [
+            LayerWeights(
+                ln1=empty(s.hidden_size),
+                wqkv=empty(qkv, s.hidden_size),
+                bqkv=bias("qkv", qkv),
+                q_norm=empty(s.head_dim) if s.qk_norm else None,
+                k_norm=empty(s.head_dim) if s.qk_norm else None,
+                wo=empty(s.hidden_size, s.q_size),
+                bo=bias("o", s.hidden_size),
+                ln2=empty(s.hidden_size),
+                w_gate_up=empty(2 * s.intermediate_size, s.hidden_size),
+                b_gate_up=bias("gate_up", 2 * s.intermediate_size),
+                w_down=empty(s.hidden_size, s.intermediate_size),
+                b_down=bias("down", s.hidden_size),
+            )
+            for _ in range(s.num_layers)
+        ]
+        self.norm = empty(s.hidden_size)
+        self.lm_head = self.embed if s.tie_word_embeddings else empty(s.vocab_size, s.hidden_size)
+        cos, sin = rope_tables(config, s, max_model_len)
+        self.cos = cos.to(device=device, dtype=dtype)  # [max_len, hd]
+        self.sin = sin.to(device=device, dtype=dtype)  # [max_len, hd]
+        self.plan = MatmulPlan(device, cache_dir() / "matmul" / f"{fingerprint(device)}.json")
+        self._views = self._param_views()
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | Path,
+        max_model_len: int = 2048,
+        dtype: str = "float32",
+        device: str = "cpu",
+        tune: bool = True,
+    ) -> "TargetModel":
+        from safetensors import safe_open
+        from transformers import AutoConfig
+
+        folder = Path(folder)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        config = AutoConfig.from_pretrained(folder)
+        files = _checkpoint_tensors(folder)
+        biases = {
+            kind
+            for name in files
+            for kind, marker in (
+                ("qkv", "q_proj.bias"),
+                ("o", "o_proj.bias"),
+                ("gate_up", "gate_proj.bias"),
+                ("down", "down_proj.bias"),
+            )
+            if name.endswith(marker)
+        }
+        model = cls(config, max_model_len, DTYPES[dtype], torch.device(device), biases)
+
+        def tensors():
+            for file in sorted(set(files.values())):
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+
+        loaded = model.load_weights(tensors(), strict=True)
+        missing = sorted(set(model._views) - loaded - {"lm_head.weight"})
+        if missing:
+            raise ValueError(f"checkpoint {folder} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        if tune:
+            model.tune()
+        return model
+
+    def _param_views(self) -> dict[str, torch.Tensor]:
+        """transformers parameter name -> the slice of our fused storage that holds it."""
+        s = self.shape
+        q, kv, inter = s.q_size, s.kv_size, s.intermediate_size
+        views = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm, "lm_head.weight": self.lm_head}
+        for i, w in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            views.update(
+                {
+                    p + "input_layernorm.weight": w.ln1,
+                    p + "post_attention_layernorm.weight": w.ln2,
+                    p + "self_attn.q_proj.weight": w.wqkv[:q],
+                    p + "self_attn.k_proj.weight": w.wqkv[q : q + kv],
+                    p + "self_attn.v_proj.weight": w.wqkv[q + kv :],
+                    p + "self_attn.o_proj.weight": w.wo,
+                    p + "mlp.gate_proj.weight": w.w_gate_up[:inter],
+                    p + "mlp.up_proj.weight": w.w_gate_up[inter:],
+                    p + "mlp.down_proj.weight": w.w_down,
+                }
+            )
+            if w.bqkv is not None:
+                views[p + "self_attn.q_proj.bias"] = w.bqkv[:q]
+                views[p + "self_attn.k_proj.bias"] = w.bqkv[q : q + kv]
+                views[p + "self_attn.v_proj.bias"] = w.bqkv[q + kv :]
+            if w.bo is not None:
+                views[p + "self_attn.o_proj.bias"] = w.bo
+            if w.b_gate_up is not None:
+                views[p + "mlp.gate_proj.bias"] = w.b_gate_up[:inter]
+                views[p + "mlp.up_proj.bias"] = w.b_gate_up[inter:]
+            if w.b_down is not None:
+                views[p + "mlp.down_proj.bias"] = w.b_down
+            if w.q_norm is not None:
+                views[p + "self_attn.q_norm.weight"] = w.q_norm
+                views[p + "self_attn.k_norm.weight"] = w.k_norm
+        return views
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in self._views.items()}
+
+    @torch.inference_mode()
+    def load_weights(self, named: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> set[str]:
+        """Copy transformers-named tensors into place; every name and shape is checked before anything is written.
+
+        Returns the names loaded. Unknown names raise when strict (a trainer pushing weights of another model must
+        not half-update this one); rotary buffers that some checkpoints carry are skipped.
+        """
+        staged: list[tuple[torch.Tensor, torch.Tensor]] = []
+        loaded: set[str] = set()
+        for name, tensor in named:
+            name = name.removeprefix("module.")  # DDP / DeepSpeed wrappers
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            target = self._views.get(name)
+            if target is None:
+                if strict:
+                    raise ValueError(f"unknown parameter {name!r} for {self.shape.architecture}")
+                continue
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"parameter {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"parameter {name!r}: shape {tuple(tensor.shape)} does not match the model's {tuple(target.shape)}"
+                )
+            if not tensor.is_floating_point():
+                raise TypeError(f"parameter {name!r}: dtype {tensor.dtype} is not a floating-point type")
+            staged.append((target, tensor))
+            loaded.add(name)
+        for target, tensor in staged:
+            target.copy_(tensor)
+        return loaded
+
+    def tune(self) -> None:
+        """Measure the matmul layout per weight shape (all layers share their shapes)."""
+        layers = self.layers
+        self.plan.tune(
+            [
+                [self.lm_head],
+                [w.wqkv for w in layers],
+                [w.wo for w in layers],
+                [w.w_gate_up for w in layers],
+                [w.w_down for w in layers],
+            ]
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def new_cache(self, num_slots: int) -> SlotKVCache:
+        s = self.shape
+        return SlotKVCache(
+            s.num_layers, num_slots, s.num_kv_heads, self.max_model_len, s.head_dim, self.dtype, self.device
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: SlotKVCache) -> torch.Tensor:
+        """Run the new tokens through the model; returns fp32 logits [R, vocab] for batch.logit_rows."""
+        s = self.shape
+        mm = self.plan.mm
+        eps = s.rms_norm_eps
+        inter = s.intermediate_size
+        m = batch.num_tokens
+        h = self.embed[batch.token_ids]  # [M, D]
+        cos = self.cos[batch.positions].unsqueeze(1)  # [M, 1, hd]
+        sin = self.sin[batch.positions].unsqueeze(1)  # [M, 1, hd]
+        for layer, w in enumerate(self.layers):
+            qkv = mm(w.wqkv, _rms_norm(h, w.ln1, eps))  # [M, (H + 2*KVH) * hd]
+            if w.bqkv is not None:
+                qkv = qkv + w.bqkv
+            q = qkv[:, : s.q_size].view(m, s.num_heads, s.head_dim)  # [M, H, hd]
+            k = qkv[:, s.q_size : s.q_size + s.kv_size].view(m, s.num_kv_heads, s.head_dim)  # [M, KVH, hd]
+            v = qkv[:, s.q_size + s.kv_size :].view(m, s.num_kv_heads, s.head_dim)  # [M, KVH, hd]
+            if w.q_norm is not None:
+                q = _rms_norm(q, w.q_norm, eps)
+                k = _rms_norm(k, w.k_norm, eps)
+            q = _rope(q, cos, sin)
+            k = _rope(k, cos, sin)
+            cache.write(layer, batch.write_slots, batch.write_pos, k, v)
+            o = mm(w.wo, self._attention(q, layer, batch, cache))  # [M, D]
+            h = h + (o if w.bo is None else o + w.bo)
+            gu = mm(w.w_gate_up, _rms_norm(h, w.ln2, eps))  # [M, 2I]
+            if w.b_gate_up is not None:
+                gu = gu + w.b_gate_up
+            d = mm(w.w_down, F.silu(gu[:, :inter]) * gu[:, inter:])  # [M, D]
+            h = h + (d if w.b_down is None else d + w.b_down)
+        x = _rms_norm(h[batch.logit_rows], self.norm, eps)  # [R, D]
+        return mm(self.lm_head, x).float()  # [R, V]
+
+    def _attention(self, q: torch.Tensor, layer: int, batch: ForwardBatch, cache: SlotKVCache) -> torch.Tensor:
+        """q [M, H, hd] -> attention output [M, H * hd] over the cache (which already holds the new keys)."""
+        s = self.shape
+        b, t, m = batch.num_seqs, batch.max_new, batch.num_tokens
+        keys, values = cache.view(layer, batch.slot_lo, batch.slot_lo + b, batch.ctx)  # [B, KVH, ctx, hd]
+        if batch.is_decode:
+            q_pad = q.unsqueeze(2)  # [B, H, 1, hd]
+        else:
+            q_pad = q.new_zeros(b * t, s.num_heads, s.head_dim)
+            q_pad[batch.padded_index] = q
+            q_pad = q_pad.view(b, t, s.num_heads, s.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        out = F.scaled_dot_product_attention(
+            q_pad, keys, values, attn_mask=batch.attn_mask, scale=s.head_dim**-0.5, enable_gqa=True
+        )  # [B, H, T, hd]
+        if batch.is_decode:
+            return out.reshape(m, s.q_size)  # [M, H * hd]
+        out = out.transpose(1, 2).reshape(b * t, s.q_size)  # [B * T, H * hd]
+        return out[batch.padded_index]  # [M, H * hd]

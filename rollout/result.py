@@ -1,0 +1,59 @@
+"""What a finished request returns."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class SpecStats:
+    """Speculation counters of one request (or, summed, of many)."""
+
+    drafted: int = 0  # draft tokens sent to the target for verification
+    accepted: int = 0  # of those, accepted
+    target_forwards: int = 0  # forwards of the target this request took part in (prefill included)
+    drafted_per_position: list[int] = field(default_factory=list)  # [d]: steps with a draft node at depth d + 1
+    accepted_per_position: list[int] = field(default_factory=list)  # [d]: steps that accepted a token at depth d + 1
+
+    def record(self, depths_drafted: int, accepted: int, drafted: int) -> None:
+        self.target_forwards += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        for counts, upto in ((self.drafted_per_position, depths_drafted), (self.accepted_per_position, accepted)):
+            if len(counts) < upto:
+                counts.extend([0] * (upto - len(counts)))
+            for d in range(upto):
+                counts[d] += 1
+
+    def merge(self, other: "SpecStats") -> "SpecStats":
+        out = SpecStats(
+            self.drafted + other.drafted, self.accepted + other.accepted, self.target_forwards + other.target_forwards
+        )
+        for name in ("drafted_per_position", "accepted_per_position"):
+            a, b = getattr(self, name), getattr(other, name)
+            setattr(out, name, [x + y for x, y in zip(a + [0] * (len(b) - len(a)), b + [0] * (len(a) - len(b)))])
+        return out
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RolloutResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated tokens, a stop token included when one ended the sequence
+    logprobs: list[float]  # log p(token) under the processed distribution, one per generated token
+    finish_reason: str  # "stop" | "length" | "abort"
+    spec: SpecStats
+    group: str | None = None
+    policy_version: int = 0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Generated tokens per target forward: the acceptance length, bonus token included."""
+        return len(self.token_ids) / self.spec.target_forwards if self.spec.target_forwards else 0.0

@@ -1,0 +1,104 @@
+"""Sampling parameters and the processed distribution they define.
+
+The processed distribution p is what a request samples from and what its returned logprobs are measured under:
+logits / temperature, then top-k (keep the k largest, ties at the k-th value kept), then top-p (keep the smallest
+set of most likely tokens whose mass reaches top_p), renormalised. Temperature 0 means greedy: the sample is the
+argmax of the raw logits, and logprobs are reported under temperature 1 with the same top-k/top-p, since a point
+mass would make every logprob 0 and tell a trainer nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _check_int(name: str, value, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False  # when False, the model's EOS token(s) also stop the sequence
+    seed: int | None = None
+
+    def __post_init__(self):
+        # Validate here so that a bad request fails when it is built, naming the field, before it reaches an engine.
+        object.__setattr__(self, "temperature", _check_float("temperature", self.temperature))
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        object.__setattr__(self, "top_k", _check_int("top_k", self.top_k, 0))
+        top_p = _check_float("top_p", self.top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        object.__setattr__(self, "top_p", top_p)
+        object.__setattr__(self, "max_tokens", _check_int("max_tokens", self.max_tokens, 1))
+        stops = self.stop_token_ids
+        if isinstance(stops, (str, bytes)) or not hasattr(stops, "__iter__"):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {stops!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(_check_int("stop_token_ids", t, 0) for t in stops))
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.seed is not None:
+            _check_int("seed", self.seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def process_logits(
+    logits: torch.Tensor,  # [R, V] fp32
+    temperature: torch.Tensor,  # [R]; 0 = greedy
+    top_k: torch.Tensor,  # [R] int; 0 = off
+    top_p: torch.Tensor,  # [R]; 1 = off
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (probs [R, V] to sample from, logprobs [R, V] to report).
+
+    Greedy rows sample from a point mass on the argmax of the raw logits; all other rows sample from exp(logprobs).
+    """
+    greedy = temperature == 0
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    neg_inf = float("-inf")
+    if bool((top_k > 0).any()):
+        vocab = scaled.shape[-1]
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+        top = scaled.topk(int(k.max()), dim=-1).values  # [R, kmax], descending
+        kth = top.gather(-1, (k - 1)[:, None])  # [R, 1]
+        scaled = scaled.masked_fill(scaled < kth, neg_inf)
+    if bool((top_p < 1).any()):
+        rows = (top_p < 1).nonzero().squeeze(1)
+        sub = scaled[rows]
+        sorted_logits, order = sub.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly more likely tokens
+        drop_sorted = mass_before >= top_p[rows, None]
+        drop_sorted[:, 0] = False  # the most likely token always stays
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        scaled[rows] = sub.masked_fill(drop, neg_inf)
+    logprobs = scaled.log_softmax(-1)
+    probs = logprobs.exp()
+    if bool(greedy.any()):
+        rows = greedy.nonzero().squeeze(1)
+        point = torch.zeros_like(probs[rows])
+        point.scatter_(-1, logits[rows].argmax(-1, keepdim=True), 1.0)
+        probs[rows] = point
+    return probs, logprobs

@@ -1,0 +1,102 @@
+"""Shared fixtures: the real SmolLM2 (embedded, offline) and tiny random models of each supported architecture."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from rollout.config import EngineConfig
+from rollout.engine.checkpoint import resolve_model
+from rollout.engine.engine import Engine
+from rollout.engine.model import TargetModel
+
+SMOL_MAX_LEN = 1024
+
+
+@pytest.fixture(scope="session")
+def smol_folder():
+    return resolve_model("smollm2-135m", log=print)
+
+
+@pytest.fixture(scope="session")
+def smol_model(smol_folder):
+    return TargetModel.from_folder(smol_folder, max_model_len=SMOL_MAX_LEN)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_folder)
+
+
+@pytest.fixture(scope="session")
+def hf_smol(smol_folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smol_folder, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def make_engine(model: TargetModel, max_num_seqs: int = 16, **kwargs) -> Engine:
+    """A fresh engine (own KV cache, own request ids) over an already loaded model."""
+    return Engine(model, EngineConfig(max_num_seqs=max_num_seqs, max_model_len=model.max_model_len), **kwargs)
+
+
+TINY_CONFIGS = {
+    # name: (transformers config class name, extra config fields)
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "mistral": ("MistralConfig", {"sliding_window": 4096, "head_dim": 16}),
+}
+
+
+def build_tiny(tmp_path_factory, name: str, scale_head: float = 1.0):
+    """Save a 2-layer random model of the named architecture; returns its folder."""
+    import transformers
+
+    config_cls, extra = TINY_CONFIGS[name]
+    config = getattr(transformers, config_cls)(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        **extra,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            # Non-trivial biases (Qwen2) and norm weights, so that a parity test would notice one being dropped.
+            if pname.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif "norm" in pname:
+                p.normal_(1, 0.1)
+        model.lm_head.weight.mul_(scale_head)
+    folder = tmp_path_factory.mktemp(f"tiny-{name}")
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    # A sharper lm_head keeps the argmax well separated, so batch-order rounding cannot flip greedy choices.
+    return build_tiny(tmp_path_factory, "llama", scale_head=40.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_folder):
+    return TargetModel.from_folder(tiny_folder, max_model_len=256, tune=False)

@@ -1,0 +1,333 @@
+"""The engine end to end: exact under greedy, same distribution under sampling, logprobs, batching, bad input."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import rollout.engine.engine as engine_module
+from conftest import make_engine
+from drafters.reference import ReferenceDrafter
+from helpers import RandomDrafter, WrongDrafter, WrongFirstTreeDrafter
+from rollout.budget import parse_budget
+from rollout.sampling import SamplingParams, process_logits
+
+CHAT = [
+    "Write a long story about a dragon who learns to paint.",
+    "Explain how a bicycle works, step by step, in detail.",
+    "List twenty animals that live in the ocean, one per line.",
+    "Write a Python function that sorts a list with merge sort, with comments.",
+]
+PLAIN = [
+    "The history of the Roman Empire",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+    "def quicksort(arr):\n    \"\"\"Sort a list.\"\"\"\n",
+    "Dear Sir or Madam, I am writing to complain about the noise that comes from the construction site next to",
+]
+
+
+def smol_prompts(tokenizer) -> list[list[int]]:
+    chat = [
+        tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True) for c in CHAT
+    ]
+    chat = [c["input_ids"] if isinstance(c, dict) or hasattr(c, "keys") else c for c in chat]
+    return [list(c) for c in chat] + [tokenizer(p).input_ids for p in PLAIN]
+
+
+# ---------------------------------------------------------------------------------------------- greedy exactness
+
+
+@pytest.mark.slow
+def test_greedy_is_exact_with_any_drafter(smol_model, hf_smol, smol_tokenizer):
+    prompts = smol_prompts(smol_tokenizer)
+    lengths = sorted(len(p) for p in prompts)
+    assert lengths[-1] > 2 * lengths[0], "prompts of mixed lengths in one batch"
+    params = SamplingParams(temperature=0.0, max_tokens=64)
+    eos = smol_tokenizer.eos_token_id
+
+    reference = {}
+    for p in prompts:
+        with torch.no_grad():
+            out = hf_smol.generate(torch.tensor([p]), max_new_tokens=64, do_sample=False, eos_token_id=eos)
+        reference[tuple(p)] = out[0, len(p) :].tolist()
+
+    vocab = smol_model.shape.vocab_size
+    drafters = {
+        "none": None,
+        "oracle": ReferenceDrafter(reference),
+        "random": RandomDrafter(vocab, seed=1),
+        "random-tree": RandomDrafter(vocab, seed=2, tree=True),
+        "wrong": WrongDrafter(reference, vocab),
+        "wrong-first-tree": WrongFirstTreeDrafter(reference, vocab),
+    }
+    outputs = {}
+    for name, drafter in drafters.items():
+        engine = make_engine(smol_model, max_num_seqs=8, drafter=drafter, budget=parse_budget("fixed:6"))
+        results = engine.generate(prompts, params)
+        outputs[name] = [r.token_ids for r in results]
+        forwards = sum(r.spec.target_forwards for r in results)
+        tokens = sum(len(r.token_ids) for r in results)
+        print(f"{name}: {tokens} tokens in {forwards} sequence-forwards ({tokens / forwards:.2f} per forward)")
+        if name == "oracle":
+            assert tokens / forwards > 4, "an always-right drafter must cut the forwards"
+
+    for i, p in enumerate(prompts):
+        ref = reference[tuple(p)]
+        assert len(ref) >= 8
+        for name in drafters:
+            assert outputs[name][i] == ref, f"prompt {i}: drafter {name} differs from transformers.generate"
+
+
+def test_greedy_is_exact_with_any_drafter_tiny(tiny_model):
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 384, (n,), generator=g).tolist() for n in (3, 40, 11, 25, 1, 60, 7, 18)]
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    base = [r.token_ids for r in make_engine(tiny_model, budget=parse_budget("off")).generate(prompts, params)]
+    refs = {tuple(p): out for p, out in zip(prompts, base)}
+    for drafter in (
+        ReferenceDrafter(refs),
+        RandomDrafter(384, seed=4),
+        RandomDrafter(384, seed=5, tree=True),
+        WrongDrafter(refs, 384),
+        WrongFirstTreeDrafter(refs, 384),
+    ):
+        got = make_engine(tiny_model, drafter=drafter, budget=parse_budget("fixed:8")).generate(prompts, params)
+        assert [r.token_ids for r in got] == base, type(drafter).__name__
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def first_two_token_counts(engine, prompt, n, temperature):
+    params = [SamplingParams(temperature=temperature, max_tokens=2, ignore_eos=True, seed=s) for s in range(n)]
+    results = engine.generate([prompt] * n, params)
+    return [tuple(r.token_ids[:2]) for r in results], sum(r.spec.accepted for r in results)
+
+
+def homogeneity_pvalue(a: list[tuple], b: list[tuple], min_expected: float = 5.0) -> float:
+    """Chi-square test that two samples of outcomes come from one distribution (rare outcomes pooled)."""
+    from scipy.stats import chi2_contingency
+
+    keys = sorted(set(a) | set(b))
+    table = np.array([[a.count(k) for k in keys], [b.count(k) for k in keys]], dtype=float)
+    expected = table.sum(0) * table.sum(1)[:, None] / table.sum()
+    common = (expected >= min_expected).all(0)
+    pooled = np.concatenate([table[:, common], table[:, ~common].sum(1, keepdims=True)], 1)
+    pooled = pooled[:, pooled.sum(0) > 0]
+    return float(chi2_contingency(pooled)[1])
+
+
+@pytest.mark.slow
+def test_sampled_tokens_have_the_no_spec_distribution(smol_model, smol_tokenizer, monkeypatch):
+    """T=0.8: the first two tokens with an often-right drafter are distributed as without speculation."""
+    prompt = smol_tokenizer("Q: What is 2+2?\nA:").input_ids
+    greedy = make_engine(smol_model).generate([prompt], SamplingParams(temperature=0, max_tokens=4))[0].token_ids
+    drafter = ReferenceDrafter({tuple(prompt): greedy})  # right about half the time at T=0.8 for this prompt
+    n = 1200
+
+    def run(drafter, budget):
+        engine = make_engine(smol_model, max_num_seqs=128, drafter=drafter, budget=parse_budget(budget))
+        return first_two_token_counts(engine, prompt, n, 0.8)
+
+    plain, _ = run(None, "off")
+    spec, accepted = run(drafter, "fixed:4")
+    p_spec = homogeneity_pvalue(plain, spec)
+    from test_verify import lossy_verify as lossy
+
+    monkeypatch.setattr(engine_module, "verify", lossy)
+    lossy_samples, _ = run(ReferenceDrafter({tuple(prompt): greedy}), "fixed:4")
+    p_lossy = homogeneity_pvalue(plain, lossy_samples)
+    share = lambda xs: sum(x[0] == greedy[0] for x in xs) / len(xs)  # noqa: E731
+    print(
+        f"accepted drafts {accepted}/{n}; P(first = greedy) plain {share(plain):.3f} spec {share(spec):.3f} "
+        f"lossy {share(lossy_samples):.3f}; p-values spec {p_spec:.3g} lossy {p_lossy:.3g}"
+    )
+    assert accepted > n // 4, "the drafter must be right often enough for the test to mean something"
+    assert p_spec > 1e-3
+    assert p_lossy < 1e-6
+
+
+def test_seeded_requests_are_reproducible(tiny_model):
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]] * 3
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=20, seed=s, ignore_eos=True) for s in range(6)]
+
+    def run(max_num_seqs, drafter=None, budget="off"):
+        engine = make_engine(tiny_model, max_num_seqs=max_num_seqs, drafter=drafter, budget=parse_budget(budget))
+        return engine.generate(prompts, params)
+
+    a, b = run(2, RandomDrafter(384, seed=7), "fixed:3"), run(2, RandomDrafter(384, seed=7), "fixed:3")
+    assert [r.token_ids for r in a] == [r.token_ids for r in b], "same seeds, same drafts: same rollouts"
+    assert [r.logprobs for r in a] == [r.logprobs for r in b]
+    assert a[0].token_ids != a[2].token_ids, "different seeds give different rollouts"
+    # Without drafts, each request's own generator decides its samples whatever its batch neighbours are.
+    assert [r.token_ids for r in run(2)] == [r.token_ids for r in run(5)]
+
+
+# ---------------------------------------------------------------------------------------------- logprobs
+
+
+def reference_logprobs(hf, prompt, output, params: SamplingParams) -> torch.Tensor:
+    """log p(token) from one full transformers forward over the final sequence, under the same processing.
+
+    (process_logits itself is checked against transformers' logits warpers and a numpy reference in
+    test_sampling.py and test_verify.py; here the question is whether the engine's incremental, drafted, cached
+    computation returns what one plain forward would.)
+    """
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + output])).logits[0, len(prompt) - 1 : -1].float()  # [n, V]
+    n = len(output)
+    _, logprobs = process_logits(
+        logits,
+        torch.full((n,), params.temperature),
+        torch.full((n,), params.top_k),
+        torch.full((n,), params.top_p),
+    )
+    return logprobs.gather(1, torch.tensor(output)[:, None]).squeeze(1)
+
+
+@pytest.mark.slow
+def test_logprobs_equal_a_full_forward(smol_model, hf_smol, smol_tokenizer):
+    prompts = smol_prompts(smol_tokenizer)[:4]
+    params = [
+        SamplingParams(temperature=0.8, top_k=20, max_tokens=40, seed=1),
+        SamplingParams(temperature=1.0, top_p=0.9, max_tokens=40, seed=2),
+        SamplingParams(temperature=0.0, max_tokens=40),
+        SamplingParams(temperature=0.6, top_k=50, top_p=0.95, max_tokens=40, seed=3),
+    ]
+    greedy = make_engine(smol_model).generate(prompts, SamplingParams(temperature=0, max_tokens=40))
+    drafter = ReferenceDrafter({tuple(p): r.token_ids for p, r in zip(prompts, greedy)})
+    results = make_engine(smol_model, drafter=drafter, budget=parse_budget("fixed:4")).generate(prompts, params)
+    assert sum(r.spec.accepted for r in results) > 20, "drafts must be accepted for the test to cover them"
+    worst = 0.0
+    for p, r, sp in zip(prompts, results, params):
+        ref = reference_logprobs(hf_smol, p, r.token_ids, sp)
+        assert len(r.logprobs) == len(r.token_ids)
+        worst = max(worst, (torch.tensor(r.logprobs) - ref).abs().max().item())
+    print(f"max |logprob - full forward| = {worst:.2e}")
+    assert worst <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+def random_requests(n: int, vocab: int, max_prompt: int, max_new: int, seed: int):
+    rng = random.Random(seed)
+    prompts, params = [], []
+    for i in range(n):
+        prompts.append([rng.randrange(vocab) for _ in range(rng.randint(1, max_prompt))])
+        temperature = 0.0 if i % 2 else 1.0
+        params.append(SamplingParams(temperature=temperature, max_tokens=rng.randint(1, max_new), seed=i))
+    return prompts, params
+
+
+def test_many_requests_through_few_slots_tiny(tiny_model):
+    """200 requests of random lengths through 16 slots: each answered once, each equal to running it alone."""
+    prompts, params = random_requests(200, 384, 60, 40, seed=0)
+    engine = make_engine(tiny_model, max_num_seqs=16, drafter=RandomDrafter(384, tree=True), budget=parse_budget("fixed:4"))
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    results, max_running = [], 0
+    while engine.has_unfinished():
+        results += engine.step()
+        max_running = max(max_running, len(engine.running))
+    assert max_running == 16
+    assert sorted(r.request_id for r in results) == sorted(ids)
+    by_id = {r.request_id: r for r in results}
+    for rid, p, sp in zip(ids, prompts, params):
+        alone = make_engine(tiny_model, max_num_seqs=1, drafter=RandomDrafter(384, tree=True),
+                            budget=parse_budget("fixed:4")).generate([p], sp)[0]
+        got = by_id[rid]
+        assert got.prompt_token_ids == p
+        assert got.token_ids == alone.token_ids
+
+
+@pytest.mark.slow
+def test_many_requests_through_few_slots_smollm2(smol_model):
+    """The same on SmolLM2, against a second run with another slot count and order.
+
+    The drafts are a function of each request's own tokens and each request samples from its own seeded generator,
+    so a request's rollout must not depend on which others share the batch or which slot it got.
+    """
+    prompts, params = random_requests(200, smol_model.shape.vocab_size, 48, 16, seed=1)
+    params = [SamplingParams(temperature=sp.temperature, max_tokens=sp.max_tokens, seed=sp.seed, ignore_eos=True)
+              for sp in params]
+    first = make_engine(smol_model, max_num_seqs=16, drafter=RandomDrafter(49152, tree=True),
+                        budget=parse_budget("fixed:4")).generate(prompts, params)
+    order = list(range(200))[::-1]
+    second = make_engine(smol_model, max_num_seqs=48, drafter=RandomDrafter(49152, tree=True),
+                         budget=parse_budget("fixed:4")).generate([prompts[i] for i in order], [params[i] for i in order])
+    second = [second[order.index(i)] for i in range(200)]
+    assert len({r.request_id for r in first}) == 200
+    assert [r.token_ids for r in first] == [r.token_ids for r in second]
+    assert all(len(r.token_ids) == sp.max_tokens for r, sp in zip(first, params))
+
+
+def test_finished_slot_goes_to_a_waiting_request_at_the_next_step(tiny_model):
+    engine = make_engine(tiny_model, max_num_seqs=2)
+    short = engine.add_request([1, 2], SamplingParams(max_tokens=1))
+    engine.add_request([3, 4], SamplingParams(max_tokens=5, ignore_eos=True))
+    waiting = engine.add_request([5, 6], SamplingParams(max_tokens=5, ignore_eos=True))
+    assert [r.request_id for r in engine.step()] == [short]  # prefill emits the single token
+    assert [s.request_id for s in engine.waiting] == [waiting]
+    engine.step()
+    assert not engine.waiting and waiting in [s.request_id for s in engine.running]
+
+
+def test_abort(tiny_model):
+    engine = make_engine(tiny_model, max_num_seqs=1)
+    a = engine.add_request([1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
+    b = engine.add_request([4, 5], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.abort(b).finish_reason == "abort"  # still waiting
+    r = engine.abort(a)  # running
+    assert r.finish_reason == "abort" and len(r.token_ids) == 1
+    assert not engine.has_unfinished() and engine.abort("nope") is None
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+BAD_REQUESTS = [
+    (dict(prompt=[]), "prompt_token_ids is empty"),
+    (dict(prompt=list(range(300))), "max_model_len is 256"),
+    (dict(prompt=[1, 2.5, 3]), r"prompt_token_ids\[1\] = 2.5 is not an integer"),
+    (dict(prompt=[1, "a"]), r"prompt_token_ids\[1\] = 'a' is not an integer"),
+    (dict(prompt="hello"), "prompt_token_ids must be a list of integers"),
+    (dict(prompt=[1, 99999]), "outside the vocabulary"),
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-1), "top_k must be >= 0"),
+    (dict(top_k=2.5), "top_k must be an integer"),
+    (dict(max_tokens=0), "max_tokens must be >= 1"),
+    (dict(stop_token_ids=[1, "x"]), "stop_token_ids must be an integer"),
+    (dict(stop_token_ids=[100000]), "stop_token_ids contains 100000"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_REQUESTS)
+def test_bad_input_is_rejected_and_the_engine_keeps_serving(tiny_model, bad, message):
+    engine = make_engine(tiny_model, max_num_seqs=4, drafter=RandomDrafter(384), budget=parse_budget("fixed:2"))
+    good = [[1, 2, 3], [9, 8, 7, 6]]
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    ids = [engine.add_request(p, greedy) for p in good]
+    engine.step()
+    bad = dict(bad)
+    prompt = bad.pop("prompt", [5, 6, 7])
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(prompt, SamplingParams(**{"temperature": 0.0, **bad}))
+    assert engine.num_unfinished() == 2
+    done = {}
+    while engine.has_unfinished():
+        done.update({r.request_id: r.token_ids for r in engine.step()})
+    expected = make_engine(tiny_model).generate(good, greedy)
+    assert [done[i] for i in ids] == [r.token_ids for r in expected]
+
+
+def test_duplicate_request_id_is_rejected(tiny_model):
+    engine = make_engine(tiny_model)
+    engine.add_request([1, 2], request_id="a")
+    with pytest.raises(ValueError, match="request_id 'a' is already in flight"):
+        engine.add_request([3, 4], request_id="a")

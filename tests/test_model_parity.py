@@ -1,0 +1,156 @@
+"""Our forward against transformers': prefill, decode, mixed batches, trees, rollback; and the loader's errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import build_tiny
+from rollout.engine.batch import SeqInput, build_batch
+from rollout.engine.checkpoint import resolve_model
+from rollout.engine.model import TargetModel
+
+TOL = 1e-4
+
+
+def hf_logits(hf, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].float()  # [T, V]
+
+
+def check_prefill_and_decode(model: TargetModel, hf, prompts: list[list[int]], steps: int = 3) -> float:
+    """Prefill all prompts in one forward (mixed lengths), then decode `steps` tokens for all of them together."""
+    cache = model.new_cache(len(prompts))
+    worst = 0.0
+    logits = model.forward(build_batch([SeqInput(0, p, None, 0) for p in prompts], 0), cache)
+    seqs = [list(p) for p in prompts]
+    offset = 0
+    for p in prompts:
+        ref = hf_logits(hf, p)
+        worst = max(worst, (logits[offset : offset + len(p)] - ref).abs().max().item())
+        offset += len(p)
+    for step in range(steps):
+        nxt = [int(hf_logits(hf, s)[-1].argmax()) for s in seqs]
+        batch = build_batch([SeqInput(len(s), [t], None, 0) for s, t in zip(seqs, nxt)], 0)
+        logits = model.forward(batch, cache)
+        for i, (s, t) in enumerate(zip(seqs, nxt)):
+            s.append(t)
+            worst = max(worst, (logits[i] - hf_logits(hf, s)[-1]).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_tiny_architectures_match_transformers(tmp_path_factory, arch):
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny(tmp_path_factory, arch)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = TargetModel.from_folder(folder, max_model_len=128, tune=False)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 384, (n,), generator=g).tolist() for n in (5, 17, 1, 33)]
+    assert check_prefill_and_decode(model, hf, prompts) <= TOL
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smol_model, hf_smol, smol_tokenizer):
+    texts = ["The capital of France is", "List the numbers from 1 to 20, separated by commas:", "Hi", "def f(x):"]
+    prompts = [smol_tokenizer(t).input_ids for t in texts]
+    worst = check_prefill_and_decode(smol_model, hf_smol, prompts, steps=4)
+    print(f"max |ours - transformers| = {worst:.2e}")
+    assert worst <= TOL
+
+
+def tree_vs_paths(model: TargetModel, prompt: list[int], tokens: list[int], parents: list[int]) -> float:
+    """Logits of every tree node == logits of the last token of its root-to-node path run as a chain."""
+    cache = model.new_cache(2)
+    model.forward(build_batch([SeqInput(0, prompt[:-1], None, 0)], 0), cache)
+    # New tokens: the last prompt token (index 0, the root) then the tree; parents index into the new tokens.
+    new_parents = [-1] + [0 if p < 0 else p + 1 for p in parents]
+    tree_logits = model.forward(
+        build_batch([SeqInput(len(prompt) - 1, [prompt[-1]] + tokens, new_parents, 0)], 0), cache
+    )
+    worst = 0.0
+    for node in range(len(tokens)):
+        path, j = [], node
+        while j >= 0:
+            path.append(tokens[j])
+            j = parents[j]
+        chain = prompt + path[::-1]
+        ref_cache = model.new_cache(1)
+        ref = model.forward(build_batch([SeqInput(0, chain, None, len(chain) - 1)], 0), ref_cache)[0]
+        worst = max(worst, (tree_logits[node + 1] - ref).abs().max().item())
+    return worst
+
+
+# Node lists: parents before children; -1 = child of the root.
+TREES = [
+    ([5, 6, 7], [-1, 0, 1]),  # a chain given as a tree
+    ([5, 9, 6, 7], [-1, -1, 0, 1]),  # two children of the root, each with a child
+    ([5, 9, 11, 6, 8, 7], [-1, -1, -1, 0, 0, 3]),  # three candidates, then two under the first
+]
+
+
+@pytest.mark.parametrize("tokens,parents", TREES)
+def test_tree_attention_equals_chains_tiny(tiny_model, tokens, parents):
+    assert tree_vs_paths(tiny_model, [3, 1, 4, 1, 5, 9, 2, 6], tokens, parents) <= TOL
+
+
+@pytest.mark.slow
+def test_tree_attention_equals_chains_smollm2(smol_model, smol_tokenizer):
+    prompt = smol_tokenizer("Count: one, two, three,").input_ids
+    assert tree_vs_paths(smol_model, prompt, [1000, 2000, 3000, 4000, 5000, 6000], [-1, -1, 0, 1, 1, 2]) <= TOL
+
+
+def test_rollback_by_shortening(tiny_model):
+    """Verify a wrong 4-token draft, keep one token, and the next forward equals a fresh run of the kept prefix."""
+    prompt = [7, 8, 9, 10, 11]
+    cache = tiny_model.new_cache(1)
+    tiny_model.forward(build_batch([SeqInput(0, prompt[:-1], None, 0)], 0), cache)
+    tiny_model.forward(build_batch([SeqInput(4, [prompt[-1], 50, 60, 70, 80], None, 0)], 0), cache)
+    # Keep prompt + [50]; drop 60, 70, 80 by continuing from length 6 with a different token.
+    after = tiny_model.forward(build_batch([SeqInput(6, [99], None, 0)], 0), cache)[0]
+    fresh = tiny_model.forward(
+        build_batch([SeqInput(0, prompt + [50, 99], None, 6)], 0), tiny_model.new_cache(1)
+    )[0]
+    assert (after - fresh).abs().max().item() <= TOL
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(NotImplementedError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM"):
+        TargetModel.from_folder(tmp_path, tune=False)
+
+
+def test_sliding_window_shorter_than_context_is_refused(tiny_folder, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_folder, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NotImplementedError, match="sliding attention window of 64"):
+        TargetModel.from_folder(tmp_path / "m", max_model_len=128, tune=False)
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads from a hub"):
+        resolve_model("meta-llama/Llama-3-8B")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_weight_updates_are_checked_before_anything_is_written(tiny_model):
+    name = "model.layers.0.mlp.down_proj.weight"
+    before = tiny_model.parameter_shapes()
+    good = torch.zeros(before[name])
+    with pytest.raises(ValueError, match="lm_head.weight.*shape \\(3, 3\\)"):
+        tiny_model.load_weights([(name, good), ("lm_head.weight", torch.zeros(3, 3))])
+    with pytest.raises(ValueError, match="unknown parameter 'model.layers.9.foo'"):
+        tiny_model.load_weights([("model.layers.9.foo", good)])
+    # The good tensor in the failed call was not applied.
+    assert tiny_model._views[name].abs().sum() > 0
