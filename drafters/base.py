@@ -150,8 +150,12 @@ def make_drafter(name: str, **options: Any) -> Drafter:
     return drafter
 
 
+BUILTIN_MODULES = ("drafters.ngram", "drafters.suffix", "drafters.arctic")
+
+
 def _load_builtin_drafters() -> None:
-    # Importing the modules runs their @register_drafter decorators.
-    importlib.import_module("drafters.reference")
+    # Importing the modules runs their @register_drafter decorators; their heavy imports stay lazy.
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
 
 

@@ -14,7 +14,8 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
-    tune_matmul: bool = True  # measure the fastest matmul layout per weight shape (cached per machine)
+    tune_matmul: bool = True  # measure the fastest matmul kernel per weight shape (cached per machine)
+    matmul: str = "fast"  # "fast": fastest kernels incl. oneDNN; "mkl": transformers' kernels (see matmul.py)
     seed: int = 0  # seeds requests that bring no seed of their own
 
 

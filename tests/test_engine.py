@@ -13,6 +13,7 @@ from conftest import make_engine
 from drafters.reference import ReferenceDrafter
 from helpers import RandomDrafter, WrongDrafter, WrongFirstTreeDrafter
 from rollout.budget import parse_budget
+from rollout.engine.batch import SeqInput, build_batch
 from rollout.sampling import SamplingParams, process_logits
 
 CHAT = [
@@ -245,10 +246,12 @@ def test_many_requests_through_few_slots_tiny(tiny_model):
 
 @pytest.mark.slow
 def test_many_requests_through_few_slots_smollm2(smol_model):
-    """The same on SmolLM2, against a second run with another slot count and order.
+    """200 requests through 16 slots on SmolLM2: each answered once; nothing leaks between sequences.
 
-    The drafts are a function of each request's own tokens and each request samples from its own seeded generator,
-    so a request's rollout must not depend on which others share the batch or which slot it got.
+    Greedy rollouts must equal a second run with another slot count and order. Sampled rollouts can legitimately
+    differ between two batch compositions (the kernels' rounding moves a CDF boundary by ~1e-5), so for every
+    request the returned logprobs are checked against one fresh forward over its own prompt + output instead: a
+    sequence that read another's cache would be far off.
     """
     prompts, params = random_requests(200, smol_model.shape.vocab_size, 48, 16, seed=1)
     params = [SamplingParams(temperature=sp.temperature, max_tokens=sp.max_tokens, seed=sp.seed, ignore_eos=True)
@@ -256,12 +259,25 @@ def test_many_requests_through_few_slots_smollm2(smol_model):
     first = make_engine(smol_model, max_num_seqs=16, drafter=RandomDrafter(49152, tree=True),
                         budget=parse_budget("fixed:4")).generate(prompts, params)
     order = list(range(200))[::-1]
-    second = make_engine(smol_model, max_num_seqs=48, drafter=RandomDrafter(49152, tree=True),
-                         budget=parse_budget("fixed:4")).generate([prompts[i] for i in order], [params[i] for i in order])
+    second = make_engine(smol_model, max_num_seqs=48).generate([prompts[i] for i in order], [params[i] for i in order])
     second = [second[order.index(i)] for i in range(200)]
     assert len({r.request_id for r in first}) == 200
-    assert [r.token_ids for r in first] == [r.token_ids for r in second]
     assert all(len(r.token_ids) == sp.max_tokens for r, sp in zip(first, params))
+    greedy = [i for i, sp in enumerate(params) if sp.temperature == 0]
+    assert [first[i].token_ids for i in greedy] == [second[i].token_ids for i in greedy]
+    worst = 0.0
+    for p, r, sp in zip(prompts, first, params):
+        seq = p + r.token_ids
+        cache = smol_model.new_cache(1)
+        logits = smol_model.forward(build_batch([SeqInput(0, seq, None, len(p) - 1)], 0), cache)[:-1]
+        n = len(r.token_ids)
+        _, logprobs = process_logits(
+            logits, torch.full((n,), sp.temperature), torch.zeros(n, dtype=torch.long), torch.ones(n)
+        )
+        ref = logprobs.gather(1, torch.tensor(r.token_ids)[:, None]).squeeze(1)
+        worst = max(worst, (torch.tensor(r.logprobs) - ref).abs().max().item())
+    print(f"max |logprob - own full forward| over 200 requests = {worst:.2e}")
+    assert worst <= 1e-3
 
 
 def test_finished_slot_goes_to_a_waiting_request_at_the_next_step(tiny_model):

@@ -53,13 +53,74 @@ def test_tiny_architectures_match_transformers(tmp_path_factory, arch):
     assert check_prefill_and_decode(model, hf, prompts) <= TOL
 
 
-@pytest.mark.slow
-def test_smollm2_logits_match_transformers(smol_model, hf_smol, smol_tokenizer):
-    texts = ["The capital of France is", "List the numbers from 1 to 20, separated by commas:", "Hi", "def f(x):"]
+def incremental_logits(model: TargetModel, prompts: list[list[int]], continuations: list[list[int]]) -> list:
+    """Prefill all prompts in one forward, then feed the continuations one token per step, all sequences together.
+
+    Returns, per sequence, logits [len(prompt) + len(continuation), V] aligned with a full forward over both.
+    """
+    cache = model.new_cache(len(prompts))
+    logits = model.forward(build_batch([SeqInput(0, p, None, 0) for p in prompts], 0), cache)
+    rows, offset = [], 0
+    for p in prompts:
+        rows.append([logits[offset : offset + len(p)]])
+        offset += len(p)
+    lengths = [len(p) for p in prompts]
+    for step in range(len(continuations[0])):
+        batch = build_batch([SeqInput(n + step, [c[step]], None, 0) for n, c in zip(lengths, continuations)], 0)
+        out = model.forward(batch, cache)
+        for i in range(len(prompts)):
+            rows[i].append(out[i : i + 1])
+    return [torch.cat(r) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def smol_parity_case(smol_folder, hf_smol, smol_tokenizer):
+    """Five prompts, their greedy continuations, and transformers' fp32 and fp64 logits over the result."""
+    from transformers import AutoModelForCausalLM
+
+    texts = [
+        "The capital of France is",
+        "List the numbers from 1 to 20, separated by commas:",
+        "Hi",
+        "def f(x):",
+        "Once upon a time, in a land far away, there lived a king who had three daughters.",
+    ]
     prompts = [smol_tokenizer(t).input_ids for t in texts]
-    worst = check_prefill_and_decode(smol_model, hf_smol, prompts, steps=4)
-    print(f"max |ours - transformers| = {worst:.2e}")
+    with torch.no_grad():
+        conts = [hf_smol.generate(torch.tensor([p]), max_new_tokens=4, min_new_tokens=4, do_sample=False)[0, len(p):]
+                 for p in prompts]
+    conts = [c.tolist() for c in conts]
+    hf64 = AutoModelForCausalLM.from_pretrained(smol_folder, dtype=torch.float64).eval()
+    seqs = [p + c for p, c in zip(prompts, conts)]
+    with torch.no_grad():
+        ref32 = [hf_smol(torch.tensor([s])).logits[0] for s in seqs]
+        ref64 = [hf64(torch.tensor([s])).logits[0] for s in seqs]
+    return prompts, conts, ref32, ref64
+
+
+def max_diff(ours, ref) -> float:
+    return max((a.double() - b.double()).abs().max().item() for a, b in zip(ours, ref))
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers_with_its_kernels(smol_folder, smol_parity_case):
+    """matmul="mkl" runs the products on MKL as transformers does: logits within 1e-4 of transformers'."""
+    prompts, conts, ref32, _ = smol_parity_case
+    model = TargetModel.from_folder(smol_folder, max_model_len=256, matmul="mkl")
+    worst = max_diff(incremental_logits(model, prompts, conts), ref32)
+    print(f"mkl: max |ours - transformers| = {worst:.2e}")
     assert worst <= TOL
+
+
+@pytest.mark.slow
+def test_smollm2_logits_with_fast_kernels_are_as_accurate_as_transformers(smol_model, smol_parity_case):
+    """matmul="fast" (default) sums in oneDNN's order: no farther from an fp64 forward than transformers' fp32 is."""
+    prompts, conts, ref32, ref64 = smol_parity_case
+    ours = incremental_logits(smol_model, prompts, conts)
+    to_hf, to_fp64, hf_to_fp64 = max_diff(ours, ref32), max_diff(ours, ref64), max_diff(ref32, ref64)
+    print(f"fast: |ours - transformers| {to_hf:.2e}; |ours - fp64| {to_fp64:.2e}; |transformers - fp64| {hf_to_fp64:.2e}")
+    assert to_hf <= 2.5 * TOL
+    assert to_fp64 <= 2 * hf_to_fp64
 
 
 def tree_vs_paths(model: TargetModel, prompt: list[int], tokens: list[int], parents: list[int]) -> float:

@@ -105,7 +105,7 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         folder = resolve_model(config.model, log=log)
         model = TargetModel.from_folder(
-            folder, config.max_model_len, config.dtype, config.device, tune=config.tune_matmul
+            folder, config.max_model_len, config.dtype, config.device, tune=config.tune_matmul, matmul=config.matmul
         )
         drafter = make_drafter(speculation.drafter, **speculation.drafter_options)
         return cls(model, config, drafter, parse_budget(speculation.budget), speculation.max_draft_tokens)

@@ -3,10 +3,12 @@
 Why not call transformers' model: its per-layer Python and cache bookkeeping costs ~80 ms per decode step for
 SmolLM2 on this CPU, the weights are streamed once per row on the small-GEMM path, and it has no notion of a batch
 where each sequence brings a different number of tokens arranged as a tree. This forward packs all new tokens of a
-step into one token-major matrix [M, hidden], picks each product's kernel by measurement (see matmul.py), fuses q/k/v and gate/up into single products,
-computes logits only for the rows that need them, and attends over a view of the slot cache.
+step into one token-major matrix [M, hidden], picks each product's kernel by measurement (see matmul.py), fuses
+q/k/v and gate/up into single products, computes logits only for the rows that need them, and attends over a view
+of the slot cache.
 
-Logits equal transformers' within fp32 rounding (tests/test_model_parity.py).
+Logits equal transformers' within fp32 rounding (tests/test_model_parity.py): within 1e-4 with matmul="mkl" (the
+kernels transformers uses), within ~2e-4 with the faster default matmul="fast".
 """
 
 from __future__ import annotations
@@ -76,7 +78,15 @@ def _checkpoint_tensors(folder: Path) -> dict[str, Path]:
 class TargetModel:
     """The policy's weights and a forward over a ForwardBatch."""
 
-    def __init__(self, config, max_model_len: int, dtype: torch.dtype, device: torch.device, biases: set[str]):
+    def __init__(
+        self,
+        config,
+        max_model_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        biases: set[str],
+        matmul: str = "fast",
+    ):
         self.config = config
         self.shape: ModelShape = shape_from_config(config, max_model_len)
         self.max_model_len = max_model_len
@@ -114,7 +124,7 @@ class TargetModel:
         cos, sin = rope_tables(config, s, max_model_len)
         self.cos = cos.to(device=device, dtype=dtype)  # [max_len, hd]
         self.sin = sin.to(device=device, dtype=dtype)  # [max_len, hd]
-        self.plan = MatmulPlan(device, cache_dir() / "matmul" / f"{fingerprint(device)}.json")
+        self.plan = MatmulPlan(device, cache_dir() / "matmul" / f"{fingerprint(device)}.json", matmul)
         self._views = self._param_views()
 
     # ------------------------------------------------------------------ loading
@@ -127,6 +137,7 @@ class TargetModel:
         dtype: str = "float32",
         device: str = "cpu",
         tune: bool = True,
+        matmul: str = "fast",
     ) -> "TargetModel":
         from safetensors import safe_open
         from transformers import AutoConfig
@@ -147,7 +158,7 @@ class TargetModel:
             )
             if name.endswith(marker)
         }
-        model = cls(config, max_model_len, DTYPES[dtype], torch.device(device), biases)
+        model = cls(config, max_model_len, DTYPES[dtype], torch.device(device), biases, matmul)
 
         def tensors():
             for file in sorted(set(files.values())):
@@ -232,20 +243,26 @@ class TargetModel:
             loaded.add(name)
         for target, tensor in staged:
             target.copy_(tensor)
+        if staged and self.plan.uses_onednn():
+            self.plan.pack([w for g in self._matmul_groups() for w in g])  # the oneDNN copies are now stale
         return loaded
 
-    def tune(self) -> None:
-        """Measure the matmul layout per weight shape (all layers share their shapes)."""
+    def _matmul_groups(self) -> list[list[torch.Tensor]]:
+        """Weights used in products, grouped by shape (one projection of every layer per group)."""
         layers = self.layers
-        self.plan.tune(
-            [
-                [self.lm_head],
-                [w.wqkv for w in layers],
-                [w.wo for w in layers],
-                [w.w_gate_up for w in layers],
-                [w.w_down for w in layers],
-            ]
-        )
+        return [
+            [self.lm_head],
+            [w.wqkv for w in layers],
+            [w.wo for w in layers],
+            [w.w_gate_up for w in layers],
+            [w.w_down for w in layers],
+        ]
+
+    def tune(self) -> None:
+        """Lay the weights out for oneDNN and measure the fastest product per shape (cached per machine)."""
+        groups = self._matmul_groups()
+        self.plan.pack([w for g in groups for w in g])
+        self.plan.tune(groups)
 
     # ------------------------------------------------------------------ forward
 

@@ -1,0 +1,209 @@
+"""The suffix drafter: continuations retrieved from the policy's own rollouts, group first.
+
+Sources, in the order they usually pay:
+1. the group: the GRPO siblings in flight (their tokens are visible as soon as the engine observes them) and the
+   earlier rollouts of the same prompt kept from the history window. Siblings sample the same distribution from
+   the same prompt, so where one has been, another is likely to go;
+2. the request itself (prompt and output so far): copied spans and repeated formats, as prompt lookup finds them;
+3. the global window: recent rollouts of all prompts, in a TokenIndex (token_index.py explains the structure).
+
+Every match is a candidate continuation, weighted by its source, by how recent the policy version that wrote it is
+(decay ** versions_old) and by how long the match is; drafters/matching.py merges the candidates into a trie and
+expands it best-first into a tree of at most max_tokens nodes, cut where the estimated path probability falls
+below min_prob. refresh() rebuilds the global window and the per-prompt store from the history; between refreshes,
+finished rollouts are added as they end.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from drafters.base import BaseDrafter, Draft, register_drafter
+from drafters.matching import Candidates, TreeConfig, build_draft, match_in_array
+from drafters.token_index import TokenIndex
+from rollout.history import prompt_key
+
+
+@dataclass
+class SuffixConfig:
+    decay: float = 0.5  # weight of a rollout one policy version old, relative to the current version
+    window_versions: int = 4  # global window and per-prompt store keep this many versions
+    group_weight: float = 4.0  # a match in a sibling counts this many times a global one
+    self_weight: float = 1.0
+    global_weight: float = 1.0
+    min_match_group: int = 1
+    min_match_self: int = 3
+    min_match_global: int = 3
+    max_rollouts_per_prompt: int = 64  # earlier rollouts of one prompt kept for its group
+    global_max_tokens: int = 2_000_000
+    prompt_tail: int = 16  # prompt tokens stored ahead of each rollout in the global index
+    tree: TreeConfig = field(default_factory=TreeConfig)
+
+
+class _Seq:
+    """A growing prompt + output array."""
+
+    def __init__(self, prompt: np.ndarray):
+        self.data = np.empty(max(64, 2 * len(prompt)), dtype=np.int32)
+        self.data[: len(prompt)] = prompt
+        self.n = len(prompt)
+        self.prompt_len = len(prompt)
+
+    def extend(self, tokens) -> None:
+        tokens = np.asarray(tokens, dtype=np.int32)
+        need = self.n + len(tokens)
+        if need > len(self.data):
+            grown = np.empty(max(need, 2 * len(self.data)), dtype=np.int32)
+            grown[: self.n] = self.data[: self.n]
+            self.data = grown
+        self.data[self.n : need] = tokens
+        self.n = need
+
+    @property
+    def view(self) -> np.ndarray:
+        return self.data[: self.n]
+
+
+@dataclass
+class _Request:
+    seq: _Seq
+    group: str
+    key: str  # prompt key
+
+
+@register_drafter("suffix")
+class SuffixDrafter(BaseDrafter):
+    def __init__(self, config: SuffixConfig | None = None, **overrides):
+        cfg = config or SuffixConfig()
+        for name, value in overrides.items():
+            target = cfg.tree if hasattr(cfg.tree, name) else cfg
+            if not hasattr(target, name):
+                raise ValueError(f"unknown suffix drafter option {name!r}")
+            setattr(target, name, type(getattr(target, name))(value))
+        if not 0 < cfg.decay <= 1:
+            raise ValueError(f"suffix drafter decay must be in (0, 1], got {cfg.decay}")
+        self.cfg = cfg
+        self.version = 0
+        self.requests: dict[str, _Request] = {}
+        self.groups: dict[str, set[str]] = {}  # group -> in-flight request ids
+        # prompt key -> finished rollouts (prompt + output array, version), newest last
+        self.by_prompt: dict[str, deque[tuple[np.ndarray, int, int]]] = {}
+        self.global_index = TokenIndex(max_tokens=cfg.global_max_tokens)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def begin(self, request_id, prompt_ids, group):
+        prompt = np.asarray(prompt_ids, dtype=np.int32)
+        key = prompt_key(prompt)
+        g = group if group is not None else key
+        self.requests[request_id] = _Request(_Seq(prompt), g, key)
+        self.groups.setdefault(g, set()).add(request_id)
+
+    def observe(self, request_id, token_ids):
+        if token_ids:
+            self.requests[request_id].seq.extend(token_ids)
+
+    def end(self, request_id):
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        members = self.groups.get(req.group)
+        if members is not None:
+            members.discard(request_id)
+            if not members:
+                del self.groups[req.group]
+        if req.seq.n > req.seq.prompt_len:
+            self._remember(req.key, req.seq.view.copy(), req.seq.prompt_len, self.version)
+
+    def _remember(self, key: str, tokens: np.ndarray, prompt_len: int, version: int) -> None:
+        store = self.by_prompt.setdefault(key, deque(maxlen=self.cfg.max_rollouts_per_prompt))
+        store.append((tokens, prompt_len, version))
+        tail = min(self.cfg.prompt_tail, prompt_len)
+        self.global_index.add(tokens[prompt_len - tail :], version, first_indexed=tail)
+
+    def refresh(self, history, policy_version: int) -> None:
+        """Rebuild the per-prompt store and the global window from the history's newest versions."""
+        self.version = int(policy_version)
+        if history is None:
+            return
+        table = history.window(self.cfg.window_versions) if hasattr(history, "window") else history
+        self.by_prompt.clear()
+        sequences = []
+        columns = table.select(["prompt_key", "policy_version", "prompt_ids", "token_ids"]).to_pydict()
+        for key, version, prompt, output in zip(
+            columns["prompt_key"], columns["policy_version"], columns["prompt_ids"], columns["token_ids"]
+        ):
+            if not output:
+                continue
+            tokens = np.asarray(prompt + output, dtype=np.int32)
+            store = self.by_prompt.setdefault(key, deque(maxlen=self.cfg.max_rollouts_per_prompt))
+            store.append((tokens, len(prompt), int(version)))
+            tail = min(self.cfg.prompt_tail, len(prompt))
+            sequences.append((tokens[len(prompt) - tail :], int(version), tail))
+        self.global_index.build(sequences)
+
+    # ------------------------------------------------------------------ drafting
+
+    def _recency(self, version: int) -> float:
+        return self.cfg.decay ** max(0, self.version - version)
+
+    def propose(self, request_id, max_tokens):
+        if max_tokens <= 0:
+            return Draft([])
+        cfg = self.cfg
+        req = self.requests[request_id]
+        context = req.seq.view
+        max_match = cfg.tree.max_match
+        sources: list[Candidates] = []
+
+        def add(array: np.ndarray, n: int, min_start: int, min_match: int, weight: float) -> None:
+            starts, lens = match_in_array(array, n, context, min_start, min_match, max_match)
+            if len(starts):
+                sources.append(Candidates(array, starts, lens, weight, n))
+
+        # The group: siblings in flight, then finished rollouts of this prompt (their own prompts are skipped:
+        # the request's own prompt already covers them).
+        for sid in self.groups.get(req.group, ()):
+            if sid != request_id:
+                sib = self.requests[sid].seq
+                add(sib.data, sib.n, sib.prompt_len, cfg.min_match_group, cfg.group_weight)
+        for tokens, plen, version in self.by_prompt.get(req.key, ()):
+            add(tokens, len(tokens), plen, cfg.min_match_group, cfg.group_weight * self._recency(version))
+        # The request itself: prompt lookup and repetition.
+        add(context, len(context), 1, cfg.min_match_self, cfg.self_weight)
+        # The global window.
+        starts, lens, versions = self.global_index.query(context, cfg.min_match_global, max_match)
+        if len(starts):
+            recency = cfg.decay ** np.maximum(0, self.version - versions)
+            for decay_value in np.unique(recency):
+                pick = recency == decay_value
+                sources.append(
+                    Candidates(
+                        self.global_index.tokens.view,
+                        starts[pick],
+                        lens[pick],
+                        cfg.global_weight * float(decay_value),
+                        self.global_index.tokens.n,
+                    )
+                )
+        return build_draft(sources, max_tokens, cfg.tree)
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def nbytes(self) -> int:
+        stored = sum(t.nbytes for store in self.by_prompt.values() for t, _, _ in store)
+        return self.global_index.nbytes + stored
+
+    def check_integrity(self) -> None:
+        self.global_index.check_integrity()
+        for g, members in self.groups.items():
+            assert members, f"group {g} is empty but kept"
+            for rid in members:
+                assert self.requests[rid].group == g
+        for rid, req in self.requests.items():
+            assert rid in self.groups[req.group]
+            assert req.seq.prompt_len <= req.seq.n

@@ -1,0 +1,170 @@
+"""Finished rollouts kept in Arrow: what the drafters learn from, what a trace file holds.
+
+One row per rollout: which prompt (a hash of its token ids, so rollouts of one prompt meet across steps whatever
+their request ids), which GRPO group, which policy version produced it, its tokens and logprobs. Rows arrive in
+record batches, one per append; eviction drops whole policy versions, oldest first, so a drafter never sees half a
+step. Parquet files written by `save` are the traces that `specrollout replay` reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("prompt_key", pa.string()),
+        ("group", pa.string()),
+        ("policy_version", pa.int64()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("token_ids", pa.list_(pa.int32())),
+        ("logprobs", pa.list_(pa.float32())),
+        ("length", pa.int32()),
+        ("finish_reason", pa.string()),
+    ]
+)
+
+
+def prompt_key(prompt_ids: Sequence[int]) -> str:
+    """A stable 16-hex-digit name for a prompt's token ids."""
+    return hashlib.blake2b(np.asarray(prompt_ids, dtype=np.int32).tobytes(), digest_size=8).hexdigest()
+
+
+def rows_to_batch(rows: Iterable[dict]) -> pa.RecordBatch:
+    rows = list(rows)
+    columns = {name: [r.get(name) for r in rows] for name in SCHEMA.names}
+    columns["prompt_key"] = [k or prompt_key(p) for k, p in zip(columns["prompt_key"], columns["prompt_ids"])]
+    columns["length"] = [len(t) for t in columns["token_ids"]]
+    columns["logprobs"] = [lp if lp is not None else [] for lp in columns["logprobs"]]
+    return pa.RecordBatch.from_pydict(columns, schema=SCHEMA)
+
+
+def results_to_batch(results: Iterable, policy_version: int | None = None) -> pa.RecordBatch:
+    """RolloutResults (rollout/result.py) -> one record batch."""
+    return rows_to_batch(
+        {
+            "request_id": r.request_id,
+            "prompt_key": None,
+            "group": r.group,
+            "policy_version": r.policy_version if policy_version is None else policy_version,
+            "prompt_ids": r.prompt_token_ids,
+            "token_ids": r.token_ids,
+            "logprobs": r.logprobs,
+            "finish_reason": r.finish_reason,
+        }
+        for r in results
+    )
+
+
+class RolloutHistory:
+    """Append-only record batches with a window over policy versions and a cap on memory."""
+
+    def __init__(self, max_bytes: int | None = None, window_versions: int | None = None):
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"history max_bytes must be positive, got {max_bytes}")
+        if window_versions is not None and window_versions < 1:
+            raise ValueError(f"history window_versions must be >= 1, got {window_versions}")
+        self.max_bytes = max_bytes
+        self.window_versions = window_versions
+        self._batches: list[pa.RecordBatch] = []
+
+    # ------------------------------------------------------------------ writing
+
+    def append(self, batch: pa.RecordBatch | pa.Table) -> None:
+        if isinstance(batch, pa.Table):
+            batch = batch.combine_chunks().to_batches()[0] if batch.num_rows else None
+            if batch is None:
+                return
+        if not batch.schema.equals(SCHEMA):
+            batch = batch.select(SCHEMA.names).cast(SCHEMA)
+        if batch.num_rows:
+            self._batches.append(batch)
+            self._evict()
+
+    def append_results(self, results: Iterable, policy_version: int | None = None) -> None:
+        self.append(results_to_batch(results, policy_version))
+
+    def _evict(self) -> None:
+        versions = self.versions()
+        if self.window_versions is not None and len(versions) > self.window_versions:
+            self._drop_versions_below(versions[-self.window_versions])
+        if self.max_bytes is None:
+            return
+        while self.nbytes > self.max_bytes and len(self.versions()) > 1:
+            self._drop_versions_below(self.versions()[1])
+        # A single version over the cap: drop its oldest batches, keeping at least the newest one.
+        while self.nbytes > self.max_bytes and len(self._batches) > 1:
+            self._batches.pop(0)
+
+    def _drop_versions_below(self, version: int) -> None:
+        kept = []
+        for b in self._batches:
+            v = b.column("policy_version").to_numpy()
+            if (v >= version).all():
+                kept.append(b)
+            elif (v >= version).any():
+                kept.append(b.filter(pa.array(v >= version)))
+        self._batches = kept
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._batches)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(b.num_rows for b in self._batches)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def versions(self) -> list[int]:
+        seen: set[int] = set()
+        for b in self._batches:
+            seen.update(np.unique(b.column("policy_version").to_numpy()).tolist())
+        return sorted(seen)
+
+    def table(self, min_version: int | None = None, max_version: int | None = None) -> pa.Table:
+        table = pa.Table.from_batches(self._batches, schema=SCHEMA)
+        if min_version is not None or max_version is not None:
+            import pyarrow.compute as pc
+
+            mask = pa.array(np.ones(table.num_rows, dtype=bool))
+            if min_version is not None:
+                mask = pc.and_(mask, pc.greater_equal(table["policy_version"], min_version))
+            if max_version is not None:
+                mask = pc.and_(mask, pc.less_equal(table["policy_version"], max_version))
+            table = table.filter(mask)
+        return table
+
+    def window(self, last_versions: int) -> pa.Table:
+        """Rows of the newest `last_versions` policy versions."""
+        versions = self.versions()
+        if not versions:
+            return self.table()
+        return self.table(min_version=versions[max(0, len(versions) - last_versions)])
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(self.table(), path, compression="zstd")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs) -> "RolloutHistory":
+        table = pq.read_table(path)
+        missing = [n for n in SCHEMA.names if n not in table.column_names]
+        if missing:
+            raise ValueError(f"{path} is not a rollout trace: missing columns {missing}")
+        history = cls(**kwargs)
+        history.append(table.select(SCHEMA.names).cast(SCHEMA))
+        return history
