@@ -38,7 +38,7 @@ class ArcticSuffixDrafter(BaseDrafter):
         self.cache.start_request(request_id, list(prompt_ids))
         self.tokens[request_id] = list(prompt_ids)
 
-    def observe(self, request_id, token_ids):
+    def observe(self, request_id, token_ids, logprobs=None):
         if token_ids:
             self.cache.add_active_response(request_id, list(token_ids))
             self.tokens[request_id].extend(token_ids)

@@ -1,7 +1,8 @@
 """What a drafter is: a request-lifecycle object that proposes token trees, plus a registry of drafters by name.
 
 The engine calls, per request, begin -> (propose -> observe)* -> end, and at every new policy version
-refresh(history, version). A drafter never sees logits: it proposes tokens, the target verifies them, and the engine
+refresh(history, version). observe() hands over the emitted tokens with the policy's logprobs of them (under the
+request's processed distribution): how sure the policy was is evidence about what its siblings will sample. A drafter never sees logits: it proposes tokens, the target verifies them, and the engine
 stays lossless whatever the drafter does. A bad draft only costs time.
 """
 
@@ -84,7 +85,9 @@ EMPTY_DRAFT = Draft([])
 class Drafter(Protocol):
     def begin(self, request_id: str, prompt_ids: Sequence[int], group: str | None) -> None: ...
 
-    def observe(self, request_id: str, token_ids: Sequence[int]) -> None: ...
+    def observe(
+        self, request_id: str, token_ids: Sequence[int], logprobs: Sequence[float] | None = None
+    ) -> None: ...
 
     def propose(self, request_id: str, max_tokens: int) -> Draft: ...
 
@@ -99,7 +102,9 @@ class BaseDrafter:
     def begin(self, request_id: str, prompt_ids: Sequence[int], group: str | None) -> None:
         pass
 
-    def observe(self, request_id: str, token_ids: Sequence[int]) -> None:
+    def observe(
+        self, request_id: str, token_ids: Sequence[int], logprobs: Sequence[float] | None = None
+    ) -> None:
         pass
 
     def propose(self, request_id: str, max_tokens: int) -> Draft:
@@ -130,6 +135,11 @@ def register_drafter(name: str):
 @register_drafter("none")
 class NoDrafter(BaseDrafter):
     """Plain decoding: every step verifies nothing and emits one token."""
+
+
+def known_drafters() -> list[str]:
+    _load_builtin_drafters()
+    return sorted(DRAFTERS)
 
 
 def make_drafter(name: str, **options: Any) -> Drafter:

@@ -30,6 +30,7 @@ class Candidates:
     match_lens: np.ndarray  # [n] how many tokens before each start equal the context's tail
     weight: float  # weight of a match of length 1 from this array (source x recency)
     end: int  # continuations stop here (exclusive)
+    probs: np.ndarray | None = None  # the policy's probability of each stored token when it was sampled (NaN: unknown)
 
 
 def match_lengths(array: np.ndarray, starts: np.ndarray, context: np.ndarray, max_len: int) -> np.ndarray:
@@ -68,18 +69,23 @@ def match_in_array(
 
 @dataclass
 class _Node:
-    weight: float = 0.0
+    weight: float = 0.0  # summed weight of the candidates whose continuation passes here
+    p_weight: float = 0.0  # of those, the weight of the ones that recorded the policy's probability of this token
+    p_sum: float = 0.0  # sum of weight x recorded probability
     children: dict[int, "_Node"] = field(default_factory=dict)
 
 
 @dataclass
 class TreeConfig:
     max_candidates: int = 32  # continuations merged into the trie, highest weight first
-    match_power: float = 1.0  # a candidate's weight grows as match_len ** match_power
+    match_power: float = 3.0  # a candidate's weight grows as match_len ** match_power: long matches dominate
     max_match: int = 32  # longer matches count as this long
     prior: float = 1.0  # pseudo-weight of "none of the stored continuations": tempers thin evidence
     min_prob: float = 0.05  # drop nodes whose estimated path probability is below this
     max_depth: int = 32
+    # How much a node's estimate trusts the policy's own recorded probability of the token (when the candidates
+    # carry one) over the candidates' vote: 0 = votes only, 1 = recorded probability only.
+    logprob_trust: float = 0.5
 
 
 def build_draft(sources: list[Candidates], max_tokens: int, cfg: TreeConfig) -> Draft:
@@ -110,13 +116,18 @@ def build_draft(sources: list[Candidates], max_tokens: int, cfg: TreeConfig) -> 
         w = float(w_all[i])
         root.weight += w
         node = root
-        for t in src.array[s : min(s + depth, src.end)].tolist():
+        stop = min(s + depth, src.end)
+        recorded = src.probs[s:stop].tolist() if src.probs is not None else [float("nan")] * (stop - s)
+        for t, p_rec in zip(src.array[s:stop].tolist(), recorded):
             if t < 0:  # separator: the stored sequence ended
                 break
             child = node.children.get(t)
             if child is None:
                 child = node.children[t] = _Node()
             child.weight += w
+            if p_rec == p_rec:  # not NaN
+                child.p_weight += w
+                child.p_sum += w * p_rec
             node = child
 
     tokens: list[int] = []
@@ -131,6 +142,8 @@ def build_draft(sources: list[Candidates], max_tokens: int, cfg: TreeConfig) -> 
         total = node.weight + cfg.prior
         for t, child in node.children.items():
             cond = child.weight / total
+            if cfg.logprob_trust > 0 and child.p_weight > 0:
+                cond = (1 - cfg.logprob_trust) * cond + cfg.logprob_trust * child.p_sum / child.p_weight
             p = path_prob * cond
             if p >= cfg.min_prob:
                 heapq.heappush(heap, (-p, counter, t, index, cond, child))

@@ -36,7 +36,7 @@ class NgramDrafter(BaseDrafter):
     def begin(self, request_id, prompt_ids, group):
         self.tokens[request_id] = list(prompt_ids)
 
-    def observe(self, request_id, token_ids):
+    def observe(self, request_id, token_ids, logprobs=None):
         self.tokens[request_id].extend(token_ids)
 
     def end(self, request_id):

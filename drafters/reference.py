@@ -20,7 +20,7 @@ class ReferenceDrafter(BaseDrafter):
     def begin(self, request_id, prompt_ids, group):
         self._state[request_id] = (self.references.get(tuple(prompt_ids), []), [])
 
-    def observe(self, request_id, token_ids):
+    def observe(self, request_id, token_ids, logprobs=None):
         self._state[request_id][1].extend(token_ids)
 
     def propose(self, request_id, max_tokens):

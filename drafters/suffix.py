@@ -5,7 +5,8 @@ Sources, in the order they usually pay:
    earlier rollouts of the same prompt kept from the history window. Siblings sample the same distribution from
    the same prompt, so where one has been, another is likely to go;
 2. the request itself (prompt and output so far): copied spans and repeated formats, as prompt lookup finds them;
-3. the global window: recent rollouts of all prompts, in a TokenIndex (token_index.py explains the structure).
+3. other groups in flight (formats shared across prompts), indexed by their last three tokens;
+4. the global window: recent rollouts of all prompts, in a TokenIndex (token_index.py explains the structure).
 
 Every match is a candidate continuation, weighted by its source, by how recent the policy version that wrote it is
 (decay ** versions_old) and by how long the match is; drafters/matching.py merges the candidates into a trie and
@@ -33,33 +34,39 @@ class SuffixConfig:
     window_versions: int = 4  # global window and per-prompt store keep this many versions
     group_weight: float = 4.0  # a match in a sibling counts this many times a global one
     self_weight: float = 1.0
-    global_weight: float = 1.0
+    global_weight: float = 1.0  # finished rollouts of other prompts, and in-flight outputs of other groups
     min_match_group: int = 1
     min_match_self: int = 3
     min_match_global: int = 3
     max_rollouts_per_prompt: int = 64  # earlier rollouts of one prompt kept for its group
     global_max_tokens: int = 2_000_000
     prompt_tail: int = 16  # prompt tokens stored ahead of each rollout in the global index
+    max_walk: int = 32  # candidates examined per query of the global window and of other groups in flight
     tree: TreeConfig = field(default_factory=TreeConfig)
 
 
 class _Seq:
-    """A growing prompt + output array."""
+    """A growing prompt + output array, with the policy's probability of each output token (NaN: unknown)."""
 
     def __init__(self, prompt: np.ndarray):
-        self.data = np.empty(max(64, 2 * len(prompt)), dtype=np.int32)
+        capacity = max(64, 2 * len(prompt))
+        self.data = np.empty(capacity, dtype=np.int32)
+        self.probs = np.full(capacity, np.nan, dtype=np.float32)
         self.data[: len(prompt)] = prompt
         self.n = len(prompt)
         self.prompt_len = len(prompt)
 
-    def extend(self, tokens) -> None:
+    def extend(self, tokens, logprobs=None) -> None:
         tokens = np.asarray(tokens, dtype=np.int32)
         need = self.n + len(tokens)
         if need > len(self.data):
-            grown = np.empty(max(need, 2 * len(self.data)), dtype=np.int32)
-            grown[: self.n] = self.data[: self.n]
-            self.data = grown
+            size = max(need, 2 * len(self.data))
+            data, probs = np.empty(size, dtype=np.int32), np.full(size, np.nan, dtype=np.float32)
+            data[: self.n], probs[: self.n] = self.data[: self.n], self.probs[: self.n]
+            self.data, self.probs = data, probs
         self.data[self.n : need] = tokens
+        if logprobs is not None and len(logprobs) == len(tokens):
+            self.probs[self.n : need] = np.exp(np.asarray(logprobs, dtype=np.float32))
         self.n = need
 
     @property
@@ -72,6 +79,54 @@ class _Request:
     seq: _Seq
     group: str
     key: str  # prompt key
+    alive: bool = True
+
+
+class _InflightIndex:
+    """Which in-flight outputs (of every group) have continued the last three tokens, newest first.
+
+    In-flight sequences grow in place, so they cannot live in the flat TokenIndex; entries are (request, position)
+    under the key of the three tokens before the position. Ended requests are skipped and swept at refresh.
+    """
+
+    def __init__(self, max_match: int):
+        self.entries: dict[tuple[int, int, int], list[tuple[_Request, int]]] = {}
+        self.max_match = max_match
+
+    def add(self, req: _Request, start: int) -> None:
+        """Index positions [start, n) of the request's output; each becomes a continuation start."""
+        seq = req.seq
+        data = seq.data
+        for p in range(max(start, seq.prompt_len, 3), seq.n):
+            key = (int(data[p - 3]), int(data[p - 2]), int(data[p - 1]))
+            self.entries.setdefault(key, []).append((req, p))
+
+    def query(self, context: np.ndarray, exclude_group: str, max_walk: int) -> list[tuple[_Request, int, int]]:
+        """(request, start, match length >= 3) of live entries matching the context's tail, newest first."""
+        if len(context) < 3:
+            return []
+        found = self.entries.get((int(context[-3]), int(context[-2]), int(context[-1])))
+        if not found:
+            return []
+        picked = []
+        for req, p in reversed(found):
+            if req.alive and req.group != exclude_group:
+                picked.append((req, p))
+                if len(picked) == max_walk:
+                    break
+        if not picked:
+            return []
+        width = min(self.max_match, len(context))
+        windows = np.full((len(picked), width), -2, dtype=np.int64)  # -2 never equals a token
+        for i, (req, p) in enumerate(picked):
+            lo = max(0, p - width)
+            windows[i, width - (p - lo) :] = req.seq.data[lo:p]
+        same = windows[:, ::-1] == context[-width:][::-1]  # [E, width], column d: d + 1 tokens back
+        lens = np.where(same.all(1), width, same.argmin(1))
+        return [(req, p, int(n)) for (req, p), n in zip(picked, lens.tolist())]
+
+    def sweep(self) -> None:
+        self.entries = {k: kept for k, v in self.entries.items() if (kept := [e for e in v if e[0].alive])}
 
 
 @register_drafter("suffix")
@@ -89,9 +144,10 @@ class SuffixDrafter(BaseDrafter):
         self.version = 0
         self.requests: dict[str, _Request] = {}
         self.groups: dict[str, set[str]] = {}  # group -> in-flight request ids
-        # prompt key -> finished rollouts (prompt + output array, version), newest last
-        self.by_prompt: dict[str, deque[tuple[np.ndarray, int, int]]] = {}
+        # prompt key -> finished rollouts (prompt + output tokens, their probabilities, prompt length, version)
+        self.by_prompt: dict[str, deque[tuple[np.ndarray, np.ndarray, int, int]]] = {}
         self.global_index = TokenIndex(max_tokens=cfg.global_max_tokens)
+        self.inflight = _InflightIndex(cfg.tree.max_match)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -102,47 +158,60 @@ class SuffixDrafter(BaseDrafter):
         self.requests[request_id] = _Request(_Seq(prompt), g, key)
         self.groups.setdefault(g, set()).add(request_id)
 
-    def observe(self, request_id, token_ids):
+    def observe(self, request_id, token_ids, logprobs=None):
         if token_ids:
-            self.requests[request_id].seq.extend(token_ids)
+            req = self.requests[request_id]
+            start = req.seq.n
+            req.seq.extend(token_ids, logprobs)
+            self.inflight.add(req, start)
 
     def end(self, request_id):
         req = self.requests.pop(request_id, None)
         if req is None:
             return
+        req.alive = False
         members = self.groups.get(req.group)
         if members is not None:
             members.discard(request_id)
             if not members:
                 del self.groups[req.group]
-        if req.seq.n > req.seq.prompt_len:
-            self._remember(req.key, req.seq.view.copy(), req.seq.prompt_len, self.version)
+        seq = req.seq
+        if seq.n > seq.prompt_len:
+            self._remember(req.key, seq.view.copy(), seq.probs[: seq.n].copy(), seq.prompt_len, self.version)
 
-    def _remember(self, key: str, tokens: np.ndarray, prompt_len: int, version: int) -> None:
+    def _remember(self, key: str, tokens: np.ndarray, probs: np.ndarray, prompt_len: int, version: int) -> None:
         store = self.by_prompt.setdefault(key, deque(maxlen=self.cfg.max_rollouts_per_prompt))
-        store.append((tokens, prompt_len, version))
+        store.append((tokens, probs, prompt_len, version))
         tail = min(self.cfg.prompt_tail, prompt_len)
-        self.global_index.add(tokens[prompt_len - tail :], version, first_indexed=tail)
+        self.global_index.add(tokens[prompt_len - tail :], version, tail, probs[prompt_len - tail :])
 
     def refresh(self, history, policy_version: int) -> None:
         """Rebuild the per-prompt store and the global window from the history's newest versions."""
         self.version = int(policy_version)
+        self.inflight.sweep()
         if history is None:
             return
         table = history.window(self.cfg.window_versions) if hasattr(history, "window") else history
         self.by_prompt.clear()
         sequences = []
-        columns = table.select(["prompt_key", "policy_version", "prompt_ids", "token_ids"]).to_pydict()
-        for key, version, prompt, output in zip(
-            columns["prompt_key"], columns["policy_version"], columns["prompt_ids"], columns["token_ids"]
+        columns = table.select(["prompt_key", "policy_version", "prompt_ids", "token_ids", "logprobs"]).to_pydict()
+        for key, version, prompt, output, logprobs in zip(
+            columns["prompt_key"],
+            columns["policy_version"],
+            columns["prompt_ids"],
+            columns["token_ids"],
+            columns["logprobs"],
         ):
             if not output:
                 continue
             tokens = np.asarray(prompt + output, dtype=np.int32)
+            probs = np.full(len(tokens), np.nan, dtype=np.float32)
+            if logprobs and len(logprobs) == len(output):
+                probs[len(prompt) :] = np.exp(np.asarray(logprobs, dtype=np.float32))
             store = self.by_prompt.setdefault(key, deque(maxlen=self.cfg.max_rollouts_per_prompt))
-            store.append((tokens, len(prompt), int(version)))
+            store.append((tokens, probs, len(prompt), int(version)))
             tail = min(self.cfg.prompt_tail, len(prompt))
-            sequences.append((tokens[len(prompt) - tail :], int(version), tail))
+            sequences.append((tokens[len(prompt) - tail :], int(version), tail, probs[len(prompt) - tail :]))
         self.global_index.build(sequences)
 
     # ------------------------------------------------------------------ drafting
@@ -159,23 +228,31 @@ class SuffixDrafter(BaseDrafter):
         max_match = cfg.tree.max_match
         sources: list[Candidates] = []
 
-        def add(array: np.ndarray, n: int, min_start: int, min_match: int, weight: float) -> None:
+        def add(array, probs, n: int, min_start: int, min_match: int, weight: float) -> None:
             starts, lens = match_in_array(array, n, context, min_start, min_match, max_match)
             if len(starts):
-                sources.append(Candidates(array, starts, lens, weight, n))
+                sources.append(Candidates(array, starts, lens, weight, n, probs))
 
         # The group: siblings in flight, then finished rollouts of this prompt (their own prompts are skipped:
         # the request's own prompt already covers them).
         for sid in self.groups.get(req.group, ()):
             if sid != request_id:
                 sib = self.requests[sid].seq
-                add(sib.data, sib.n, sib.prompt_len, cfg.min_match_group, cfg.group_weight)
-        for tokens, plen, version in self.by_prompt.get(req.key, ()):
-            add(tokens, len(tokens), plen, cfg.min_match_group, cfg.group_weight * self._recency(version))
+                add(sib.data, sib.probs, sib.n, sib.prompt_len, cfg.min_match_group, cfg.group_weight)
+        for tokens, probs, plen, version in self.by_prompt.get(req.key, ()):
+            weight = cfg.group_weight * self._recency(version)
+            add(tokens, probs, len(tokens), plen, cfg.min_match_group, weight)
         # The request itself: prompt lookup and repetition.
-        add(context, len(context), 1, cfg.min_match_self, cfg.self_weight)
+        add(context, req.seq.probs, len(context), 1, cfg.min_match_self, cfg.self_weight)
+        # Other groups in flight.
+        for other, start, n in self.inflight.query(context, req.group, cfg.max_walk):
+            if n >= cfg.min_match_global:
+                seq = other.seq
+                sources.append(
+                    Candidates(seq.data, np.array([start]), np.array([n]), cfg.global_weight, seq.n, seq.probs)
+                )
         # The global window.
-        starts, lens, versions = self.global_index.query(context, cfg.min_match_global, max_match)
+        starts, lens, versions = self.global_index.query(context, cfg.min_match_global, max_match, cfg.max_walk)
         if len(starts):
             recency = cfg.decay ** np.maximum(0, self.version - versions)
             for decay_value in np.unique(recency):
@@ -187,6 +264,7 @@ class SuffixDrafter(BaseDrafter):
                         lens[pick],
                         cfg.global_weight * float(decay_value),
                         self.global_index.tokens.n,
+                        self.global_index.probs.view,
                     )
                 )
         return build_draft(sources, max_tokens, cfg.tree)
@@ -195,7 +273,7 @@ class SuffixDrafter(BaseDrafter):
 
     @property
     def nbytes(self) -> int:
-        stored = sum(t.nbytes for store in self.by_prompt.values() for t, _, _ in store)
+        stored = sum(t.nbytes + p.nbytes for store in self.by_prompt.values() for t, p, _, _ in store)
         return self.global_index.nbytes + stored
 
     def check_integrity(self) -> None:

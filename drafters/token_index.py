@@ -6,8 +6,8 @@ is rebuilt at each refresh, between which it only grows (finished rollouts are a
 that but costs tens of bytes per token in nodes and hash maps and cannot drop old text; a suffix automaton cannot
 delete at all. Here the text is one flat int32 array, each indexable position is chained to the previous position
 with the same two preceding tokens (bucketed by hash into a fixed table), and the match is extended backwards with a
-vectorised comparison. Memory is 10 bytes per stored token plus the bucket table (4 MiB): ~14 MB per million
-tokens, against the 64 MB budget. Queries walk a chain newest-first, so recency comes for free; a capped walk
+vectorised comparison. Memory is 12 bytes per stored token (token, chain link, version, the policy's probability
+of the token) plus the bucket table (4 MiB): ~16 MB per million tokens, against the 64 MB budget. Queries walk a chain newest-first, so recency comes for free; a capped walk
 bounds the cost of very common pairs. Rebuilding from arrays is vectorised (a stable argsort of the keys).
 """
 
@@ -51,11 +51,13 @@ class TokenIndex:
     def clear(self) -> None:
         self.tokens = _Grow(np.int32)
         self.versions = _Grow(np.int16)  # policy version mod 2**15 is enough to tell recency within a window
+        self.probs = _Grow(np.float16)  # the policy's probability of each token when sampled (NaN: unknown)
         self.prev = _Grow(np.int32)  # previous indexed position with the same bucket, -1 = none
         self.head = np.full(1 << self.bucket_bits, -1, dtype=np.int32)
         self.segments: list[tuple[int, int, int]] = []  # (start, first indexed position, end) per sequence
         self.tokens.extend(np.array([SEP], np.int32))  # position 0 is a separator so every start has a left
         self.versions.extend(np.zeros(1, np.int16))
+        self.probs.extend(np.full(1, np.nan, np.float16))
         self.prev.extend(np.array([-1], np.int32))
 
     def _keys(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -64,9 +66,10 @@ class TokenIndex:
 
     # ------------------------------------------------------------------ writing
 
-    def add(self, tokens, version: int, first_indexed: int = 0) -> None:
+    def add(self, tokens, version: int, first_indexed: int = 0, probs=None) -> None:
         """Store one sequence; positions from `first_indexed` on become continuation starts."""
         seq = np.asarray(tokens, dtype=np.int32)
+        p = np.full(len(seq), np.nan, np.float16) if probs is None else np.asarray(probs, dtype=np.float16)
         if len(seq) == 0:
             return
         if self.max_tokens is not None and self.num_tokens + len(seq) > self.max_tokens:
@@ -74,6 +77,7 @@ class TokenIndex:
         start = self.tokens.n
         self.tokens.extend(np.append(seq, np.int32(SEP)))
         self.versions.extend(np.full(len(seq) + 1, version, np.int16))
+        self.probs.extend(np.append(p, np.float16(np.nan)))
         self.prev.extend(np.full(len(seq) + 1, -1, np.int32))
         first = start + max(first_indexed, 2)
         end = start + len(seq)
@@ -87,8 +91,8 @@ class TokenIndex:
                 prev[p] = self.head[k]
                 self.head[k] = p
 
-    def build(self, sequences: list[tuple[np.ndarray, int, int]]) -> None:
-        """Replace the contents with (tokens, version, first_indexed) sequences, oldest first, in one pass."""
+    def build(self, sequences: list[tuple]) -> None:
+        """Replace the contents with (tokens, version, first_indexed[, probs]) sequences, oldest first, in one pass."""
         self.clear()
         if not sequences:
             return
@@ -100,16 +104,19 @@ class TokenIndex:
                     break
                 keep = i
             sequences = sequences[keep:]
-        parts, vers, firsts = [], [], []
+        parts, vers, probs = [], [], []
         pos = 1
-        for toks, version, first_indexed in sequences:
+        for toks, version, first_indexed, *rest in sequences:
             toks = np.asarray(toks, dtype=np.int32)
             parts.append(np.append(toks, np.int32(SEP)))
             vers.append(np.full(len(toks) + 1, version, np.int16))
+            p = rest[0] if rest and rest[0] is not None else np.full(len(toks), np.nan)
+            probs.append(np.append(np.asarray(p, dtype=np.float16), np.float16(np.nan)))
             self.segments.append((pos, pos + max(first_indexed, 2), pos + len(toks)))
             pos += len(toks) + 1
         self.tokens.extend(np.concatenate(parts))
         self.versions.extend(np.concatenate(vers))
+        self.probs.extend(np.concatenate(probs))
         self.prev.extend(np.full(pos - 1, -1, np.int32))
         starts = np.concatenate([np.arange(f, e) for _, f, e in self.segments if f < e] or [np.empty(0, np.int64)])
         if len(starts) == 0:
@@ -133,8 +140,8 @@ class TokenIndex:
             s, _, e = self.segments[cut]
             freed += e - s + 1
             cut += 1
-        toks, vers = self.tokens.view, self.versions.view
-        kept = [(toks[s:e].copy(), int(vers[s]), f - s) for s, f, e in self.segments[cut:]]
+        toks, vers, probs = self.tokens.view, self.versions.view, self.probs.view
+        kept = [(toks[s:e].copy(), int(vers[s]), f - s, probs[s:e].copy()) for s, f, e in self.segments[cut:]]
         self.build(kept)
 
     # ------------------------------------------------------------------ reading
@@ -146,7 +153,11 @@ class TokenIndex:
     @property
     def nbytes(self) -> int:
         return (
-            self.tokens.data.nbytes + self.versions.data.nbytes + self.prev.data.nbytes + self.head.nbytes
+            self.tokens.data.nbytes
+            + self.versions.data.nbytes
+            + self.probs.data.nbytes
+            + self.prev.data.nbytes
+            + self.head.nbytes
         )
 
     def query(
@@ -172,7 +183,7 @@ class TokenIndex:
     def check_integrity(self) -> None:
         """Every indexable position sits exactly once in its bucket's chain, chains run newest to oldest."""
         toks, prev = self.tokens.view, self.prev.view
-        assert len(toks) == len(prev) == len(self.versions.view)
+        assert len(toks) == len(prev) == len(self.versions.view) == len(self.probs.view)
         expected = np.concatenate([np.arange(f, e) for _, f, e in self.segments if f < e] or [np.empty(0, np.int64)])
         assert (toks[expected] != SEP).all() and (toks[expected - 1] != SEP).all() and (toks[expected - 2] != SEP).all()
         seen = np.zeros(len(toks), dtype=bool)

@@ -24,7 +24,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rollout.engine.engine import Engine
     from rollout.result import SpecStats
     from rollout.sampling import SamplingParams
-    from rollout.tasks import list_tasks
+    from rollout.tasks import chat_prompt_ids, list_tasks
 
     engine_cfg = EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs, max_model_len=1024)
     spec_cfg = SpeculationConfig(drafter=args.drafter, budget=args.budget)
@@ -36,10 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     tasks = list_tasks(args.prompts, seed=args.seed)
     prompts, groups, params = [], [], []
     for i, task in enumerate(tasks):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": task.prompt}], add_generation_prompt=True, tokenize=True
-        )
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        ids = chat_prompt_ids(tokenizer, task.prompt)
         for g in range(args.group_size):
             prompts.append(ids)
             groups.append(f"task{i}")
@@ -62,6 +59,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_options(pairs: list[str]) -> dict:
+    """--option key=value pairs; values parsed as YAML scalars (numbers, booleans, strings)."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects key=value, got {pair!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Replay a recorded trace through one or more drafters and print acceptance figures."""
+    import json
+
+    from drafters.base import make_drafter
+    from drafters.replay import replay
+    from rollout.history import RolloutHistory
+
+    trace = RolloutHistory.load(args.trace)
+    options = _parse_options(args.option)
+    report = {}
+    for name in args.drafter:
+        stats = replay(trace, make_drafter(name, **options), args.max_draft_tokens, name=name)
+        report[name] = stats.summary()
+        print(
+            f"{name:>14}: acceptance length {stats.acceptance_length:.3f} | tokens per batched forward "
+            f"{stats.tokens_per_forward:.2f} | drafted {stats.drafted} rejected {stats.rejected} | "
+            f"{stats.draft_us_per_token:.1f} us drafting per token"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specrollout", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,12 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-num-seqs", type=int, default=32)
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("replay", help="replay a rollout trace (Parquet) through drafters, without the model")
+    rep.add_argument("trace", help="Parquet file written by RolloutHistory.save / specrollout run")
+    rep.add_argument("--drafter", action="append", default=None, help="drafter name or dotted path (repeatable)")
+    rep.add_argument("--max-draft-tokens", type=int, default=8)
+    rep.add_argument("--option", action="append", default=[], help="drafter option key=value (repeatable)")
+    rep.add_argument("--json", help="also write the figures to this JSON file")
+    rep.set_defaults(func=cmd_replay)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     _offline()
     args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "replay" and not args.drafter:
+        args.drafter = ["suffix"]
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError, NotImplementedError) as exc:

@@ -25,3 +25,10 @@ class SpeculationConfig:
     drafter_options: dict[str, Any] = field(default_factory=dict)
     budget: str = "fixed:4"  # "off" | "fixed:K"
     max_draft_tokens: int = 16  # hard cap on nodes per draft, whatever the budget says
+
+
+@dataclass
+class HistoryConfig:
+    record: bool = True  # keep finished rollouts for the drafter's refresh (and for trace files)
+    max_bytes: int = 512 * 2**20  # oldest policy versions are evicted first beyond this
+    window_versions: int = 8  # versions kept at most

@@ -43,3 +43,12 @@ def count_task(start: int, length: int) -> Task:
 def list_tasks(n: int, seed: int = 0) -> list[Task]:
     rng = random.Random(seed)
     return [count_task(rng.randint(1, 60), rng.randint(5, 12)) for _ in range(n)]
+
+
+def chat_prompt_ids(tokenizer, content: str) -> list[int]:
+    """Token ids of a one-turn chat prompt, ready for the assistant's reply.
+
+    (transformers 5 returns a BatchEncoding from apply_chat_template, 4.x a plain list.)
+    """
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -15,6 +15,7 @@ from helpers import RandomDrafter, WrongDrafter, WrongFirstTreeDrafter
 from rollout.budget import parse_budget
 from rollout.engine.batch import SeqInput, build_batch
 from rollout.sampling import SamplingParams, process_logits
+from rollout.tasks import chat_prompt_ids
 
 CHAT = [
     "Write a long story about a dragon who learns to paint.",
@@ -31,11 +32,7 @@ PLAIN = [
 
 
 def smol_prompts(tokenizer) -> list[list[int]]:
-    chat = [
-        tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True) for c in CHAT
-    ]
-    chat = [c["input_ids"] if isinstance(c, dict) or hasattr(c, "keys") else c for c in chat]
-    return [list(c) for c in chat] + [tokenizer(p).input_ids for p in PLAIN]
+    return [chat_prompt_ids(tokenizer, c) for c in CHAT] + [tokenizer(p).input_ids for p in PLAIN]
 
 
 # ---------------------------------------------------------------------------------------------- greedy exactness

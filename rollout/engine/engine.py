@@ -20,10 +20,11 @@ import torch
 
 from drafters.base import EMPTY_DRAFT, Draft, Drafter, NoDrafter, make_drafter
 from rollout.budget import Budget, parse_budget
-from rollout.config import EngineConfig, SpeculationConfig
+from rollout.config import EngineConfig, HistoryConfig, SpeculationConfig
 from rollout.engine.batch import SeqInput, build_batch
 from rollout.engine.checkpoint import resolve_model
 from rollout.engine.model import TargetModel
+from rollout.history import RolloutHistory
 from rollout.result import RolloutResult, SpecStats
 from rollout.sampling import SamplingParams, process_logits
 from rollout.verify import verify
@@ -77,6 +78,7 @@ class Engine:
         drafter: Drafter | None = None,
         budget: Budget | None = None,
         max_draft_tokens: int = 16,
+        history: HistoryConfig | None = None,
     ):
         self.config = config or EngineConfig()
         self.model = model
@@ -91,13 +93,20 @@ class Engine:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []  # running[i] occupies KV slot i
         self.policy_version = 0
+        history = history or HistoryConfig()
+        self.history = RolloutHistory(history.max_bytes, history.window_versions) if history.record else None
+        self._unrecorded: list[RolloutResult] = []  # finished since the last flush into the history
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(self.config.seed)
         self.total_forwards = 0
 
     @classmethod
     def from_config(
-        cls, config: EngineConfig | None = None, speculation: SpeculationConfig | None = None, log=lambda s: None
+        cls,
+        config: EngineConfig | None = None,
+        speculation: SpeculationConfig | None = None,
+        history: HistoryConfig | None = None,
+        log=lambda s: None,
     ) -> "Engine":
         config = config or EngineConfig()
         speculation = speculation or SpeculationConfig()
@@ -108,7 +117,8 @@ class Engine:
             folder, config.max_model_len, config.dtype, config.device, tune=config.tune_matmul, matmul=config.matmul
         )
         drafter = make_drafter(speculation.drafter, **speculation.drafter_options)
-        return cls(model, config, drafter, parse_budget(speculation.budget), speculation.max_draft_tokens)
+        budget = parse_budget(speculation.budget)
+        return cls(model, config, drafter, budget, speculation.max_draft_tokens, history)
 
     # ------------------------------------------------------------------ requests
 
@@ -190,7 +200,19 @@ class Engine:
             )
         self.model.load_weights(named_tensors, strict=True)
         self.policy_version = self.policy_version + 1 if version is None else int(version)
+        self.refresh_drafter()
         return self.policy_version
+
+    def flush_history(self) -> None:
+        """Move rollouts finished since the last flush into the history, as one record batch."""
+        if self.history is not None and self._unrecorded:
+            self.history.append_results(self._unrecorded)
+        self._unrecorded = []
+
+    def refresh_drafter(self) -> None:
+        """Record finished rollouts and let the drafter rebuild from the history at the current policy version."""
+        self.flush_history()
+        self.drafter.refresh(self.history, self.policy_version)
 
     # ------------------------------------------------------------------ the step
 
@@ -301,9 +323,10 @@ class Engine:
         finished = []
         offset = 0
         for s, emitted in zip(seqs, emitted_all):
-            kept = self._append(s, emitted, token_logprobs[offset : offset + len(emitted)])
+            lps = token_logprobs[offset : offset + len(emitted)]
+            kept = self._append(s, emitted, lps)
             offset += len(emitted)
-            self.drafter.observe(s.request_id, emitted[:kept])
+            self.drafter.observe(s.request_id, emitted[:kept], lps[:kept])
             if s.finish_reason is not None:
                 finished.append(s)
         return finished
@@ -341,6 +364,8 @@ class Engine:
         for s in finished:
             self.drafter.end(s.request_id)
             results.append(self._result(s))
+        if self.history is not None:
+            self._unrecorded.extend(r for r in results if r.finish_reason != "abort")
         return results
 
     def _result(self, s: Sequence) -> RolloutResult:

@@ -1,0 +1,151 @@
+"""Offline replay of recorded rollouts through a drafter: acceptance without running the model.
+
+The trace is replayed version by version, as training produced it: before each policy version the drafter is
+refreshed with the history of the versions before it; then all rollouts of that version are in flight together,
+advancing in lockstep as the engine would run them: every sequence proposes a draft, the draft is checked against
+what the policy actually sampled, the accepted tokens plus one more (the target's own next token) are emitted and
+observed. Siblings therefore see each other's tokens as soon as they are generated.
+
+Exact-match acceptance of a recorded *sampled* trace is an unbiased estimate of lossless acceptance: with a
+deterministic draft, speculative sampling accepts a drafted token x with probability p(x), which is exactly the
+probability that the policy samples x. (Several candidates at a node: accepted iff the sample is one of them.)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from drafters.base import Draft, Drafter
+from rollout.history import RolloutHistory
+
+
+@dataclass
+class ReplayStats:
+    drafter: str
+    sequences: int = 0
+    tokens: int = 0
+    sequence_steps: int = 0  # target forwards summed over sequences
+    batch_steps: int = 0  # lockstep forwards of the whole in-flight batch
+    drafted: int = 0
+    accepted: int = 0
+    propose_seconds: float = 0.0
+    propose_ms: list[float] = field(default_factory=list, repr=False)
+    per_version: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def acceptance_length(self) -> float:
+        """Tokens emitted per target forward of a sequence, the bonus token included."""
+        return self.tokens / self.sequence_steps if self.sequence_steps else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Tokens emitted per batched forward (all sequences of a version in flight together)."""
+        return self.tokens / self.batch_steps if self.batch_steps else 0.0
+
+    @property
+    def rejected(self) -> int:
+        return self.drafted - self.accepted
+
+    @property
+    def draft_us_per_token(self) -> float:
+        return 1e6 * self.propose_seconds / self.tokens if self.tokens else 0.0
+
+    def summary(self) -> dict:
+        ms = np.asarray(self.propose_ms) if self.propose_ms else np.zeros(1)
+        out = {k: v for k, v in asdict(self).items() if k not in ("propose_ms", "per_version")}
+        out.update(
+            acceptance_length=round(self.acceptance_length, 4),
+            tokens_per_forward=round(self.tokens_per_forward, 4),
+            rejected=self.rejected,
+            draft_us_per_token=round(self.draft_us_per_token, 2),
+            propose_ms_p50=round(float(np.percentile(ms, 50)), 4),
+            propose_ms_p99=round(float(np.percentile(ms, 99)), 4),
+            per_version=self.per_version,
+        )
+        return out
+
+
+def accepted_length(draft: Draft, actual: list[int], pos: int) -> int:
+    """How many draft tokens verification keeps when the policy's tokens from `pos` on are `actual[pos:]`."""
+    if not len(draft):
+        return 0
+    parents = draft.parent_list()
+    cur, n = -1, 0
+    for i, (t, p) in enumerate(zip(draft.token_ids, parents)):
+        if p == cur and pos + n < len(actual) and t == actual[pos + n]:
+            cur, n = i, n + 1
+    return n
+
+
+def replay(
+    trace: RolloutHistory | pa.Table,
+    drafter: Drafter,
+    max_draft_tokens: int = 8,
+    name: str = "",
+    refresh: bool = True,
+) -> ReplayStats:
+    table = trace.table() if isinstance(trace, RolloutHistory) else trace
+    stats = ReplayStats(drafter=name or type(drafter).__name__)
+    history = RolloutHistory()
+    columns = table.to_pydict()
+    versions = sorted(set(columns["policy_version"]))
+    for version in versions:
+        rows = [i for i, v in enumerate(columns["policy_version"]) if v == version]
+        if refresh:
+            drafter.refresh(history, version)
+        before = (stats.tokens, stats.sequence_steps, stats.batch_steps, stats.drafted, stats.accepted)
+        ids = [f"v{version}-{columns['request_id'][i] or i}" for i in rows]
+        outputs = [list(columns["token_ids"][i]) for i in rows]
+        logprobs = [list(columns["logprobs"][i] or []) for i in rows]
+        for rid, i in zip(ids, rows):
+            drafter.begin(rid, list(columns["prompt_ids"][i]), columns["group"][i])
+        pos = [0] * len(rows)
+        active = [j for j in range(len(rows)) if outputs[j]]
+        for j in range(len(rows)):
+            if not outputs[j]:
+                drafter.end(ids[j])
+        while active:
+            drafts = []
+            for j in active:
+                room = min(max_draft_tokens, len(outputs[j]) - pos[j] - 1)
+                t0 = time.perf_counter()
+                d = drafter.propose(ids[j], room) if room > 0 else Draft([])
+                dt = time.perf_counter() - t0
+                stats.propose_seconds += dt
+                stats.propose_ms.append(dt * 1e3)
+                drafts.append(d.truncated(room, room) if room > 0 else Draft([]))
+            stats.batch_steps += 1
+            emitted = []
+            for j, d in zip(active, drafts):
+                n = accepted_length(d, outputs[j], pos[j])
+                emitted.append((outputs[j][pos[j] : pos[j] + n + 1], logprobs[j][pos[j] : pos[j] + n + 1] or None))
+                stats.drafted += len(d)
+                stats.accepted += n
+                stats.sequence_steps += 1
+                stats.tokens += n + 1
+                pos[j] += n + 1
+            for j, (toks, lps) in zip(active, emitted):
+                drafter.observe(ids[j], toks, lps)
+            still = []
+            for j in active:
+                if pos[j] >= len(outputs[j]):
+                    drafter.end(ids[j])
+                else:
+                    still.append(j)
+            active = still
+        stats.sequences += len(rows)
+        d_tok, d_seq, d_batch, d_draft, d_acc = (
+            a - b for a, b in zip((stats.tokens, stats.sequence_steps, stats.batch_steps, stats.drafted, stats.accepted), before)
+        )
+        stats.per_version[int(version)] = {
+            "acceptance_length": round(d_tok / d_seq, 4) if d_seq else 0.0,
+            "tokens_per_forward": round(d_tok / d_batch, 4) if d_batch else 0.0,
+            "drafted": d_draft,
+            "accepted": d_acc,
+        }
+        history.append(table.filter(pa.array([v == version for v in columns["policy_version"]])))
+    return stats

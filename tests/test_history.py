@@ -1,0 +1,85 @@
+"""The rollout history: windows over policy versions, eviction under a memory cap, Parquet round trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from rollout.history import RolloutHistory, prompt_key, rows_to_batch
+from rollout.result import RolloutResult, SpecStats
+
+
+def rows(version: int, n: int = 3, length: int = 50):
+    return rows_to_batch(
+        {
+            "request_id": f"{version}-{i}",
+            "prompt_key": None,
+            "group": f"g{version}",
+            "policy_version": version,
+            "prompt_ids": [1, 2, i],
+            "token_ids": list(range(length)),
+            "logprobs": [-0.5] * length,
+            "finish_reason": "stop",
+        }
+        for i in range(n)
+    )
+
+
+def test_window_and_versions():
+    h = RolloutHistory()
+    for v in range(5):
+        h.append(rows(v))
+    assert h.versions() == [0, 1, 2, 3, 4] and h.num_rows == 15
+    assert h.window(2)["policy_version"].to_pylist() == [3] * 3 + [4] * 3
+    assert h.table(min_version=1, max_version=2).num_rows == 6
+
+
+def test_window_versions_cap_drops_the_oldest():
+    h = RolloutHistory(window_versions=2)
+    for v in range(4):
+        h.append(rows(v))
+    assert h.versions() == [2, 3]
+
+
+def test_memory_cap_evicts_oldest_versions_first():
+    one = rows(0).nbytes
+    h = RolloutHistory(max_bytes=int(2.5 * one))
+    for v in range(5):
+        h.append(rows(v))
+        assert h.nbytes <= 2.5 * one
+    assert h.versions() == [3, 4]
+
+
+def test_a_single_version_over_the_cap_keeps_its_newest_batch():
+    h = RolloutHistory(max_bytes=1)
+    h.append(rows(0))
+    h.append(rows(0, n=1))
+    assert h.num_rows == 1
+
+
+def test_parquet_round_trip(tmp_path):
+    h = RolloutHistory()
+    h.append(rows(0))
+    h.append_results(
+        [RolloutResult("r", [5, 6], [7, 8, 9], [-0.1, -0.2, -0.3], "length", SpecStats(), group="g", policy_version=7)]
+    )
+    path = h.save(tmp_path / "trace.parquet")
+    back = RolloutHistory.load(path)
+    assert back.table().equals(h.table())
+    last = back.table().to_pylist()[-1]
+    assert last["prompt_key"] == prompt_key([5, 6]) and last["length"] == 3 and last["policy_version"] == 7
+
+
+def test_not_a_trace_is_a_clear_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "x.parquet")
+    with pytest.raises(ValueError, match="not a rollout trace: missing columns"):
+        RolloutHistory.load(tmp_path / "x.parquet")
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="max_bytes must be positive"):
+        RolloutHistory(max_bytes=0)
+    with pytest.raises(ValueError, match="window_versions must be >= 1"):
+        RolloutHistory(window_versions=0)
