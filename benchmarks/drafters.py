@@ -72,8 +72,10 @@ def record(temperature: float) -> Path:
         results = engine.generate(batch, params, groups)
         tokens = sum(len(r.token_ids) for r in results)
         forwards = sum(r.spec.target_forwards for r in results)
-        print(f"T={temperature} round {rnd}: {tokens} tokens in {time.perf_counter() - t0:.1f}s, "
-              f"{tokens / forwards:.2f} tokens per sequence-forward")
+        print(
+            f"T={temperature} round {rnd}: {tokens} tokens in {time.perf_counter() - t0:.1f}s, "
+            f"{tokens / forwards:.2f} tokens per sequence-forward"
+        )
         trace.append_results(results)
     path = trace.save(trace_path(temperature))
     print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
@@ -91,9 +93,7 @@ def chain_oracle(trace: RolloutHistory, max_draft: int) -> float:
     from drafters.suffix import SuffixDrafter
 
     columns = trace.table().to_pydict()
-    truth = {
-        f"v{v}-{r}": o for v, r, o in zip(columns["policy_version"], columns["request_id"], columns["token_ids"])
-    }
+    truth = {f"v{v}-{r}": o for v, r, o in zip(columns["policy_version"], columns["request_id"], columns["token_ids"])}
 
     class Oracle(SuffixDrafter):
         def propose(self, request_id, max_tokens):
@@ -171,9 +171,11 @@ def main() -> None:
             detail[f"{name}/{key}"] = stats.summary()
             if name == "suffix":
                 propose_ms += stats.propose_ms
-            print(f"T={t} {name:>14}: acceptance length {stats.acceptance_length:.3f}, "
-                  f"tokens/forward {stats.tokens_per_forward:.2f}, by round "
-                  f"{[v['acceptance_length'] for v in stats.per_version.values()]}")
+            print(
+                f"T={t} {name:>14}: acceptance length {stats.acceptance_length:.3f}, "
+                f"tokens/forward {stats.tokens_per_forward:.2f}, by round "
+                f"{[v['acceptance_length'] for v in stats.per_version.values()]}"
+            )
     ratio = {k: round(acceptance["suffix"][k] / acceptance["arctic_suffix"][k], 3) for k in acceptance["suffix"]}
     ratio_16 = {k: round(at_16["suffix"][k] / at_16["arctic_suffix"][k], 3) for k in at_16["suffix"]}
     print("suffix / arctic_suffix acceptance length:", ratio, "at 16 draft tokens:", ratio_16)
@@ -198,7 +200,9 @@ def main() -> None:
                 "rounds": ROUNDS,
                 "max_tokens": MAX_TOKENS,
                 "max_draft_tokens": args.max_draft,
-                "traces": {f"t{t}": str(trace_path(t).relative_to(Path(__file__).resolve().parents[1])) for t in TEMPERATURES},
+                "traces": {
+                    f"t{t}": str(trace_path(t).relative_to(Path(__file__).resolve().parents[1])) for t in TEMPERATURES
+                },
             },
             "detail": detail,
             "machine": machine(),

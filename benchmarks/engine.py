@@ -107,10 +107,14 @@ def vllm_no_spec(folder, prompts) -> tuple[dict[str, float] | None, str]:
     cmd = [
         python,
         str(Path(__file__).with_name("vllm_peer.py")),
-        "--model", str(folder),
-        "--prompts-json", f.name,
-        "--batches", ",".join(map(str, BATCHES)),
-        "--new-tokens", ",".join(map(str, BATCHES.values())),
+        "--model",
+        str(folder),
+        "--prompts-json",
+        f.name,
+        "--batches",
+        ",".join(map(str, BATCHES)),
+        "--new-tokens",
+        ",".join(map(str, BATCHES.values())),
     ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if run.returncode != 0:

@@ -2,8 +2,9 @@
 
 The engine calls, per request, begin -> (propose -> observe)* -> end, and at every new policy version
 refresh(history, version). observe() hands over the emitted tokens with the policy's logprobs of them (under the
-request's processed distribution): how sure the policy was is evidence about what its siblings will sample. A drafter never sees logits: it proposes tokens, the target verifies them, and the engine
-stays lossless whatever the drafter does. A bad draft only costs time.
+request's processed distribution): how sure the policy was is evidence about what its siblings will sample. A
+drafter never sees logits: it proposes tokens, the target verifies them, and the engine stays lossless whatever the
+drafter does. A bad draft only costs time.
 """
 
 from __future__ import annotations
@@ -85,9 +86,7 @@ EMPTY_DRAFT = Draft([])
 class Drafter(Protocol):
     def begin(self, request_id: str, prompt_ids: Sequence[int], group: str | None) -> None: ...
 
-    def observe(
-        self, request_id: str, token_ids: Sequence[int], logprobs: Sequence[float] | None = None
-    ) -> None: ...
+    def observe(self, request_id: str, token_ids: Sequence[int], logprobs: Sequence[float] | None = None) -> None: ...
 
     def propose(self, request_id: str, max_tokens: int) -> Draft: ...
 
@@ -102,9 +101,7 @@ class BaseDrafter:
     def begin(self, request_id: str, prompt_ids: Sequence[int], group: str | None) -> None:
         pass
 
-    def observe(
-        self, request_id: str, token_ids: Sequence[int], logprobs: Sequence[float] | None = None
-    ) -> None:
+    def observe(self, request_id: str, token_ids: Sequence[int], logprobs: Sequence[float] | None = None) -> None:
         pass
 
     def propose(self, request_id: str, max_tokens: int) -> Draft:
@@ -167,5 +164,3 @@ def _load_builtin_drafters() -> None:
     # Importing the modules runs their @register_drafter decorators; their heavy imports stay lazy.
     for module in BUILTIN_MODULES:
         importlib.import_module(module)
-
-

@@ -139,7 +139,10 @@ def replay(
             active = still
         stats.sequences += len(rows)
         d_tok, d_seq, d_batch, d_draft, d_acc = (
-            a - b for a, b in zip((stats.tokens, stats.sequence_steps, stats.batch_steps, stats.drafted, stats.accepted), before)
+            a - b
+            for a, b in zip(
+                (stats.tokens, stats.sequence_steps, stats.batch_steps, stats.drafted, stats.accepted), before
+            )
         )
         stats.per_version[int(version)] = {
             "acceptance_length": round(d_tok / d_seq, 4) if d_seq else 0.0,

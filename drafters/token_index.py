@@ -7,8 +7,9 @@ that but costs tens of bytes per token in nodes and hash maps and cannot drop ol
 delete at all. Here the text is one flat int32 array, each indexable position is chained to the previous position
 with the same two preceding tokens (bucketed by hash into a fixed table), and the match is extended backwards with a
 vectorised comparison. Memory is 12 bytes per stored token (token, chain link, version, the policy's probability
-of the token) plus the bucket table (4 MiB): ~16 MB per million tokens, against the 64 MB budget. Queries walk a chain newest-first, so recency comes for free; a capped walk
-bounds the cost of very common pairs. Rebuilding from arrays is vectorised (a stable argsort of the keys).
+of the token) plus the bucket table (4 MiB): ~16 MB per million tokens, against the 64 MB budget. Queries walk a
+chain newest-first, so recency comes for free; a capped walk bounds the cost of very common pairs. Rebuilding from
+arrays is vectorised (a stable argsort of the keys).
 """
 
 from __future__ import annotations

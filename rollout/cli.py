@@ -16,7 +16,9 @@ def _offline() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Generate a GRPO-shaped batch of rollouts on the embedded default and report what speculation did."""
+    """Sample a GRPO-shaped batch for a few rounds on the embedded default; report what speculation did."""
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
     from rollout.config import EngineConfig, SpeculationConfig
@@ -34,28 +36,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; drafter={args.drafter} budget={args.budget}")
 
     tasks = list_tasks(args.prompts, seed=args.seed)
-    prompts, groups, params = [], [], []
-    for i, task in enumerate(tasks):
-        ids = chat_prompt_ids(tokenizer, task.prompt)
-        for g in range(args.group_size):
-            prompts.append(ids)
-            groups.append(f"task{i}")
-            params.append(SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed + g))
-    t0 = time.perf_counter()
-    results = engine.generate(prompts, params, groups)
-    seconds = time.perf_counter() - t0
-    tokens = sum(len(r.token_ids) for r in results)
-    stats = SpecStats()
-    for r in results:
-        stats = stats.merge(r.spec)
-    first = results[0]
-    print(f"\nprompt: {tasks[0].prompt}\nrollout: {tokenizer.decode(first.token_ids)!r}\n")
-    print(
-        f"{len(results)} rollouts ({len(tasks)} prompts x {args.group_size}), {tokens} tokens in {seconds:.1f}s "
-        f"= {tokens / seconds:.1f} tok/s; {engine.total_forwards} target forwards; "
-        f"{tokens / max(stats.target_forwards, 1):.2f} tokens per sequence-forward; "
-        f"draft acceptance {stats.acceptance_rate:.1%} of {stats.drafted}"
-    )
+    prompts = [chat_prompt_ids(tokenizer, task.prompt) for task in tasks]
+    for rnd in range(args.rounds):
+        # Each round stands for one RL step; the weights stay put here, the drafter learns from the rounds before.
+        engine.policy_version = rnd
+        engine.refresh_drafter()
+        batch = [p for p in prompts for _ in range(args.group_size)]
+        groups = [f"{rnd}-{i // args.group_size}" for i in range(len(batch))]
+        params = [
+            SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed + 1000 * rnd + i)
+            for i in range(len(batch))
+        ]
+        t0 = time.perf_counter()
+        results = engine.generate(batch, params, groups)
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(r.token_ids) for r in results)
+        stats = SpecStats()
+        for r in results:
+            stats = stats.merge(r.spec)
+        reward = sum(
+            t.reward(tokenizer.decode(r.token_ids, skip_special_tokens=True))
+            for t, r in zip((t for t in tasks for _ in range(args.group_size)), results)
+        ) / len(results)
+        print(
+            f"round {rnd}: {len(results)} rollouts, {tokens} tokens in {seconds:.1f}s = {tokens / seconds:.1f} tok/s; "
+            f"{tokens / max(stats.target_forwards, 1):.2f} tokens per sequence-forward; "
+            f"{stats.acceptance_rate:.1%} of {stats.drafted} drafted tokens accepted; mean reward {reward:.2f}"
+        )
+    print(f"\nprompt: {tasks[0].prompt}\nrollout: {tokenizer.decode(results[0].token_ids)!r}")
+    engine.flush_history()
+    out = Path(args.out)
+    engine.history.save(out)
+    print(f"trace: {out} (replay with `specrollout replay {out} --drafter suffix --drafter ngram`)")
     return 0
 
 
@@ -100,13 +112,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specrollout", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="generate a GRPO-shaped batch of rollouts on the embedded default model")
+    run = sub.add_parser("run", help="sample GRPO-shaped rollouts for a few rounds on the embedded default model")
     run.add_argument("--model", default="smollm2-135m", help="embedded name or local checkpoint folder")
     run.add_argument("--prompts", type=int, default=8, help="distinct prompts")
     run.add_argument("--group-size", type=int, default=4, help="samples per prompt (GRPO's G)")
     run.add_argument("--max-tokens", type=int, default=96)
     run.add_argument("--temperature", type=float, default=1.0)
-    run.add_argument("--drafter", default="none", help="registered drafter name or dotted path")
+    run.add_argument("--rounds", type=int, default=3, help="rounds of the same prompts (stand-ins for RL steps)")
+    run.add_argument("--drafter", default="suffix", help="registered drafter name or dotted path")
+    run.add_argument("--out", default="runs/rollouts.parquet", help="where to save the rollout trace")
     run.add_argument("--budget", default="fixed:4", help="'off' or 'fixed:K'")
     run.add_argument("--max-num-seqs", type=int, default=32)
     run.add_argument("--seed", type=int, default=0)

@@ -72,7 +72,8 @@ def check_tree(d: Draft):
 
 
 TREE_CASES = [
-    # (-1 separates stored sequences.) Three candidates agree on "7 8", one says "9": 7 first (p = 3/(4+1)), its child 8, then the 9 branch.
+    # (-1 separates stored sequences.) Three candidates agree on "7 8", one says "9": 7 first (p = 3/(4+1)),
+    # its child 8, then the 9 branch.
     (
         [candidates([0, 7, 8, -1, 7, 8, -1, 7, 8, -1, 9], [1, 4, 7, 10], [1, 1, 1, 1])],
         dict(min_prob=0.1, prior=1.0),
@@ -194,8 +195,10 @@ def test_token_index_integrity_after_random_inserts_and_evictions():
 
 def test_token_index_build_equals_incremental_adds():
     rng = random.Random(1)
-    seqs = [([rng.randrange(30) for _ in range(rng.randint(3, 40))], rng.randint(0, 3), rng.randint(0, 4))
-            for _ in range(200)]
+    seqs = [
+        ([rng.randrange(30) for _ in range(rng.randint(3, 40))], rng.randint(0, 3), rng.randint(0, 4))
+        for _ in range(200)
+    ]
     a, b = TokenIndex(bucket_bits=8), TokenIndex(bucket_bits=8)
     for s, v, f in seqs:
         a.add(s, v, f)
@@ -329,6 +332,7 @@ class Recorder(BaseDrafter):
 
 def test_new_policy_version_refreshes_the_drafter_with_the_history(tiny_model):
     from conftest import make_engine
+
     from rollout.sampling import SamplingParams
 
     recorder = Recorder()
@@ -344,6 +348,7 @@ def test_new_policy_version_refreshes_the_drafter_with_the_history(tiny_model):
 def test_acceptance_rises_across_rounds_on_smollm2(smol_model, smol_tokenizer):
     """8 prompts x 8 samples at T=0.7 for 4 rounds with the suffix drafter: round 4 beats round 1."""
     from conftest import make_engine
+
     from rollout.budget import parse_budget
     from rollout.sampling import SamplingParams
     from rollout.tasks import chat_prompt_ids, list_tasks

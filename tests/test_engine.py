@@ -7,11 +7,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import make_engine
+from helpers import RandomDrafter, WrongDrafter, WrongFirstTreeDrafter
 
 import rollout.engine.engine as engine_module
-from conftest import make_engine
 from drafters.reference import ReferenceDrafter
-from helpers import RandomDrafter, WrongDrafter, WrongFirstTreeDrafter
 from rollout.budget import parse_budget
 from rollout.engine.batch import SeqInput, build_batch
 from rollout.sampling import SamplingParams, process_logits
@@ -26,7 +26,7 @@ CHAT = [
 PLAIN = [
     "The history of the Roman Empire",
     "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
-    "def quicksort(arr):\n    \"\"\"Sort a list.\"\"\"\n",
+    'def quicksort(arr):\n    """Sort a list."""\n',
     "Dear Sir or Madam, I am writing to complain about the noise that comes from the construction site next to",
 ]
 
@@ -224,7 +224,9 @@ def random_requests(n: int, vocab: int, max_prompt: int, max_new: int, seed: int
 def test_many_requests_through_few_slots_tiny(tiny_model):
     """200 requests of random lengths through 16 slots: each answered once, each equal to running it alone."""
     prompts, params = random_requests(200, 384, 60, 40, seed=0)
-    engine = make_engine(tiny_model, max_num_seqs=16, drafter=RandomDrafter(384, tree=True), budget=parse_budget("fixed:4"))
+    engine = make_engine(
+        tiny_model, max_num_seqs=16, drafter=RandomDrafter(384, tree=True), budget=parse_budget("fixed:4")
+    )
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     results, max_running = [], 0
     while engine.has_unfinished():
@@ -234,8 +236,9 @@ def test_many_requests_through_few_slots_tiny(tiny_model):
     assert sorted(r.request_id for r in results) == sorted(ids)
     by_id = {r.request_id: r for r in results}
     for rid, p, sp in zip(ids, prompts, params):
-        alone = make_engine(tiny_model, max_num_seqs=1, drafter=RandomDrafter(384, tree=True),
-                            budget=parse_budget("fixed:4")).generate([p], sp)[0]
+        alone = make_engine(
+            tiny_model, max_num_seqs=1, drafter=RandomDrafter(384, tree=True), budget=parse_budget("fixed:4")
+        ).generate([p], sp)[0]
         got = by_id[rid]
         assert got.prompt_token_ids == p
         assert got.token_ids == alone.token_ids
@@ -251,10 +254,13 @@ def test_many_requests_through_few_slots_smollm2(smol_model):
     sequence that read another's cache would be far off.
     """
     prompts, params = random_requests(200, smol_model.shape.vocab_size, 48, 16, seed=1)
-    params = [SamplingParams(temperature=sp.temperature, max_tokens=sp.max_tokens, seed=sp.seed, ignore_eos=True)
-              for sp in params]
-    first = make_engine(smol_model, max_num_seqs=16, drafter=RandomDrafter(49152, tree=True),
-                        budget=parse_budget("fixed:4")).generate(prompts, params)
+    params = [
+        SamplingParams(temperature=sp.temperature, max_tokens=sp.max_tokens, seed=sp.seed, ignore_eos=True)
+        for sp in params
+    ]
+    first = make_engine(
+        smol_model, max_num_seqs=16, drafter=RandomDrafter(49152, tree=True), budget=parse_budget("fixed:4")
+    ).generate(prompts, params)
     order = list(range(200))[::-1]
     second = make_engine(smol_model, max_num_seqs=48).generate([prompts[i] for i in order], [params[i] for i in order])
     second = [second[order.index(i)] for i in range(200)]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import build_tiny
+
 from rollout.engine.batch import SeqInput, build_batch
 from rollout.engine.checkpoint import resolve_model
 from rollout.engine.model import TargetModel
@@ -87,8 +87,10 @@ def smol_parity_case(smol_folder, hf_smol, smol_tokenizer):
     ]
     prompts = [smol_tokenizer(t).input_ids for t in texts]
     with torch.no_grad():
-        conts = [hf_smol.generate(torch.tensor([p]), max_new_tokens=4, min_new_tokens=4, do_sample=False)[0, len(p):]
-                 for p in prompts]
+        conts = [
+            hf_smol.generate(torch.tensor([p]), max_new_tokens=4, min_new_tokens=4, do_sample=False)[0, len(p) :]
+            for p in prompts
+        ]
     conts = [c.tolist() for c in conts]
     hf64 = AutoModelForCausalLM.from_pretrained(smol_folder, dtype=torch.float64).eval()
     seqs = [p + c for p, c in zip(prompts, conts)]
@@ -118,7 +120,9 @@ def test_smollm2_logits_with_fast_kernels_are_as_accurate_as_transformers(smol_m
     prompts, conts, ref32, ref64 = smol_parity_case
     ours = incremental_logits(smol_model, prompts, conts)
     to_hf, to_fp64, hf_to_fp64 = max_diff(ours, ref32), max_diff(ours, ref64), max_diff(ref32, ref64)
-    print(f"fast: |ours - transformers| {to_hf:.2e}; |ours - fp64| {to_fp64:.2e}; |transformers - fp64| {hf_to_fp64:.2e}")
+    print(
+        f"fast: |ours - transformers| {to_hf:.2e}; |ours - fp64| {to_fp64:.2e}; |transformers - fp64| {hf_to_fp64:.2e}"
+    )
     assert to_hf <= 2.5 * TOL
     assert to_fp64 <= 2 * hf_to_fp64
 
@@ -172,9 +176,7 @@ def test_rollback_by_shortening(tiny_model):
     tiny_model.forward(build_batch([SeqInput(4, [prompt[-1], 50, 60, 70, 80], None, 0)], 0), cache)
     # Keep prompt + [50]; drop 60, 70, 80 by continuing from length 6 with a different token.
     after = tiny_model.forward(build_batch([SeqInput(6, [99], None, 0)], 0), cache)[0]
-    fresh = tiny_model.forward(
-        build_batch([SeqInput(0, prompt + [50, 99], None, 6)], 0), tiny_model.new_cache(1)
-    )[0]
+    fresh = tiny_model.forward(build_batch([SeqInput(0, prompt + [50, 99], None, 6)], 0), tiny_model.new_cache(1))[0]
     assert (after - fresh).abs().max().item() <= TOL
 
 

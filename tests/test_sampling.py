@@ -47,7 +47,9 @@ def test_greedy_rows_are_point_masses_with_informative_logprobs():
 
 def test_rows_keep_their_own_parameters():
     logits = torch.randn(3, 50)
-    probs, _ = process_logits(logits, torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0, 2, 0]), torch.tensor([1.0, 1.0, 1e-6]))
+    probs, _ = process_logits(
+        logits, torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0, 2, 0]), torch.tensor([1.0, 1.0, 1e-6])
+    )
     assert (probs[0] > 0).sum() == 50 and (probs[1] > 0).sum() == 2 and (probs[2] > 0).sum() == 1
 
 

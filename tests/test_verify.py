@@ -106,6 +106,7 @@ def test_verify_is_a_pure_function_of_its_uniforms():
 
 # ---------------------------------------------------------------------------------------------- statistics
 
+
 def reference_processed(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
     """Independent numpy implementation of temperature -> top-k -> top-p, one row at a time."""
     out = np.zeros_like(logits, dtype=np.float64)
@@ -246,8 +247,10 @@ def test_sampled_distribution_matches_target(processing, kind):
     # A clearly wrong distribution: the same chain at a 25% higher temperature.
     wrong = joint_target(reference_processed(logits, temperature * 1.25, top_k, top_p))
     wrong_tv = tv(np.bincount(samples[:, 0] * V + samples[:, 1], minlength=V * V), wrong)
-    print(f"{processing}/{kind}: TV {['%.4f' % t for t in tvs]} bounds {['%.4f' % b for b in bounds]} "
-          f"slope {slope:.2f} wrong {wrong_tv:.4f}")
+    print(
+        f"{processing}/{kind}: TV {['%.4f' % t for t in tvs]} bounds {['%.4f' % b for b in bounds]} "
+        f"slope {slope:.2f} wrong {wrong_tv:.4f}"
+    )
     assert all(t <= b for t, b in zip(tvs, bounds))
     assert -0.8 <= slope <= -0.3
     assert wrong_tv > 5 * tvs[-1]

@@ -14,7 +14,8 @@ from __future__ import annotations
 import itertools
 import numbers
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence as Seq
+from typing import Iterable
+from typing import Sequence as Seq
 
 import torch
 
@@ -144,9 +145,7 @@ class Engine:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
         stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
-        self.waiting.append(
-            Sequence(request_id, prompt, params, group, torch.Generator().manual_seed(seed), stop)
-        )
+        self.waiting.append(Sequence(request_id, prompt, params, group, torch.Generator().manual_seed(seed), stop))
         return request_id
 
     def abort(self, request_id: str) -> RolloutResult | None:

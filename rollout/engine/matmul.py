@@ -96,7 +96,9 @@ MATMUL_MODES = {
 
 
 class MatmulPlan:
-    """Per (weight shape, M bucket): the fastest allowed kernel. Untuned shapes: `columns` below 16 rows, else `linear`."""
+    """Per (weight shape, M bucket): the fastest allowed kernel.
+
+    Untuned shapes use `columns` below 16 rows, else `linear`."""
 
     def __init__(self, device: torch.device, cache_file: Path | None = None, mode: str = "fast"):
         if mode not in MATMUL_MODES:
@@ -160,9 +162,7 @@ class MatmulPlan:
                 x = torch.randn(m, group[0].shape[1], dtype=group[0].dtype)
                 candidates = names + (["columns_pad2"] if m == 1 else [])
                 times[m] = {
-                    n: round(
-                        _time_ms(lambda n=n: [KERNELS[n](w, x, p) for w, p in zip(group, packed)]) / len(group), 4
-                    )
+                    n: round(_time_ms(lambda n=n: [KERNELS[n](w, x, p) for w, p in zip(group, packed)]) / len(group), 4)
                     for n in candidates
                 }
             self.timings[key] = times

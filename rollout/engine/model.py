@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from rollout.engine.architectures import ModelShape, rope_tables, shape_from_config
 from rollout.engine.batch import ForwardBatch
-from rollout.engine.kv_cache import SlotKVCache
 from rollout.engine.checkpoint import cache_dir
 from rollout.engine.hardware import fingerprint
+from rollout.engine.kv_cache import SlotKVCache
 from rollout.engine.matmul import MatmulPlan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -178,7 +178,11 @@ class TargetModel:
         """transformers parameter name -> the slice of our fused storage that holds it."""
         s = self.shape
         q, kv, inter = s.q_size, s.kv_size, s.intermediate_size
-        views = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm, "lm_head.weight": self.lm_head}
+        views = {
+            "model.embed_tokens.weight": self.embed,
+            "model.norm.weight": self.norm,
+            "lm_head.weight": self.lm_head,
+        }
         for i, w in enumerate(self.layers):
             p = f"model.layers.{i}."
             views.update(

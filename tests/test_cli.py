@@ -1,0 +1,55 @@
+"""The `specrollout` command end to end, in a subprocess as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACE = ROOT / "benchmarks" / "traces" / "smollm2_t0.6.parquet"
+
+
+def specrollout(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "rollout.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
+
+
+def test_replay_a_committed_trace(tmp_path):
+    out = tmp_path / "replay.json"
+    run = specrollout("replay", str(TRACE), "--drafter", "ngram", "--drafter", "none", "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    assert "ngram: acceptance length" in run.stdout
+    report = json.loads(out.read_text())
+    assert report["none"]["acceptance_length"] == 1.0
+    assert report["ngram"]["acceptance_length"] > 1.0
+
+
+def test_unknown_drafter_is_a_clear_error():
+    run = specrollout("replay", str(TRACE), "--drafter", "nope")
+    assert run.returncode == 2
+    assert "unknown drafter 'nope'; known drafters:" in run.stderr
+
+
+def test_bad_option_is_a_clear_error():
+    run = specrollout("replay", str(TRACE), "--drafter", "suffix", "--option", "decay")
+    assert run.returncode == 2 and "--option expects key=value" in run.stderr
+
+
+@pytest.mark.slow
+def test_run_on_the_embedded_default(tmp_path):
+    trace = tmp_path / "t.parquet"
+    run = specrollout(
+        "run", "--rounds", "2", "--prompts", "2", "--group-size", "2", "--max-tokens", "24", "--out", str(trace)
+    )
+    assert run.returncode == 0, run.stderr
+    assert "round 1: 4 rollouts" in run.stdout
+    assert trace.exists()
+    replayed = specrollout("replay", str(trace), "--drafter", "suffix")
+    assert replayed.returncode == 0 and "suffix: acceptance length" in replayed.stdout
