@@ -54,6 +54,14 @@ class Draft:
             out.append(1 if p < 0 else out[p] + 1)
         return out
 
+    def path_probs(self, default: float = 0.5) -> list[float]:
+        """Estimated chance that each node is accepted (its conditional probs multiplied down the path)."""
+        cond = self.probs if self.probs is not None else [default] * len(self.token_ids)
+        out: list[float] = []
+        for c, p in zip(cond, self.parent_list()):
+            out.append(c * (out[p] if p >= 0 else 1.0))
+        return out
+
     def truncated(self, max_nodes: int, max_depth: int) -> "Draft":
         """The first nodes (in order) that fit both limits; a node whose parent was cut is cut too."""
         if max_nodes <= 0 or max_depth <= 0 or not self.token_ids:

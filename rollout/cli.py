@@ -109,6 +109,115 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_prompts(path: str) -> list[dict]:
+    """JSONL, one prompt per line: {"prompt": text} | {"messages": [...]} | {"prompt_ids": [...]}, plus optional
+    "id", "n", "temperature", "top_p", "top_k", "max_tokens", "seed". Errors name the line."""
+    import json
+
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or not ({"prompt", "messages", "prompt_ids"} & set(row)):
+                raise ValueError(f"{path}:{lineno}: each line needs one of 'prompt', 'messages' or 'prompt_ids'")
+            row.setdefault("id", str(lineno))
+            rows.append(row)
+    return rows
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate rollouts for a JSONL file of prompts on the Ray service; resumable, Parquet out."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from rollout.cluster import RolloutCluster
+    from rollout.config import load_config
+    from rollout.engine.checkpoint import resolve_model
+    from rollout.history import RolloutHistory
+    from rollout.sampling import SamplingParams
+    from rollout.worker import RolloutRequest
+
+    config = load_config(args.config, args.overrides)
+    rows = _read_prompts(args.prompts)
+    out = Path(args.out)
+    done: set[str] = set()
+    history = RolloutHistory()
+    if out.exists():  # resume: keep what is there, skip prompts whose samples are all present
+        history = RolloutHistory.load(out)
+        counts: dict[str, int] = {}
+        for rid in history.table()["request_id"].to_pylist():
+            counts[rid.rsplit(":", 1)[0]] = counts.get(rid.rsplit(":", 1)[0], 0) + 1
+        done = {str(r["id"]) for r in rows if counts.get(str(r["id"]), 0) >= int(r.get("n", args.n))}
+        print(f"resuming {out}: {len(done)} of {len(rows)} prompts already done")
+    todo = [r for r in rows if str(r["id"]) not in done]
+    if not todo:
+        print("nothing to do")
+        return 0
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.engine.model))
+
+    def prompt_ids(row: dict) -> list[int]:
+        if "prompt_ids" in row:
+            return list(row["prompt_ids"])
+        messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+        if args.raw and "prompt" in row:
+            return tokenizer(row["prompt"]).input_ids
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    cluster = RolloutCluster(config)
+    bar = tqdm(total=sum(int(r.get("n", args.n)) for r in todo), unit="rollout")
+    try:
+        for start in range(0, len(todo), args.chunk):
+            reqs = []
+            for row in todo[start : start + args.chunk]:
+                ids = prompt_ids(row)
+                for i in range(int(row.get("n", args.n))):
+                    params = SamplingParams(
+                        temperature=float(row.get("temperature", args.temperature)),
+                        top_p=float(row.get("top_p", args.top_p)),
+                        top_k=int(row.get("top_k", 0)),
+                        max_tokens=int(row.get("max_tokens", args.max_tokens)),
+                        seed=int(row["seed"]) + i if "seed" in row else None,
+                    )
+                    reqs.append(RolloutRequest(f"{row['id']}:{i}", ids, params, group=str(row["id"])))
+            results = cluster.generate(reqs)
+            history.append_results(results)
+            history.save(out)  # after every chunk: a rerun resumes from here
+            bar.update(len(results))
+    finally:
+        bar.close()
+        cluster.shutdown()
+    print(f"wrote {history.num_rows} rollouts to {out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Bring the rollout cluster up and keep it serving until interrupted."""
+    from rollout.cluster import RolloutCluster
+    from rollout.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    cluster = RolloutCluster(config)
+    for h in cluster.health():
+        print(f"worker {h['worker']}: pid {h['pid']}, policy version {h['policy_version']}")
+    print("serving; Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specrollout", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--option", action="append", default=[], help="drafter option key=value (repeatable)")
     rep.add_argument("--json", help="also write the figures to this JSON file")
     rep.set_defaults(func=cmd_replay)
+
+    gen = sub.add_parser("generate", help="generate rollouts for a JSONL of prompts on the Ray service (resumable)")
+    gen.add_argument("--config", default="configs/default.yaml")
+    gen.add_argument("--prompts", required=True, help="JSONL: prompt | messages | prompt_ids, optional id, n, ...")
+    gen.add_argument("--out", required=True, help="Parquet file; rerunning skips prompts already in it")
+    gen.add_argument("--n", type=int, default=1, help="samples per prompt unless the line says")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--chunk", type=int, default=16, help="prompts per checkpoint of the output file")
+    gen.add_argument("--raw", action="store_true", help="tokenize 'prompt' as plain text, no chat template")
+    gen.add_argument("overrides", nargs="*", help="config overrides, e.g. speculation.budget=fixed:4")
+    gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="bring the rollout cluster up and wait")
+    srv.add_argument("--config", default="configs/default.yaml")
+    srv.add_argument("overrides", nargs="*", help="config overrides, e.g. cluster.num_workers=2")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,8 +1,14 @@
-"""One dataclass per component."""
+"""One dataclass per component, and the loader that fills them from YAML plus `key.sub=value` overrides.
+
+The YAML in configs/ mirrors ServiceConfig: sections engine, speculation, history, cluster. OmegaConf merges the
+file and the dotlist overrides onto the dataclass defaults and checks types; an unknown key is an error that names
+the key and lists the keys that section knows.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -21,9 +27,9 @@ class EngineConfig:
 
 @dataclass
 class SpeculationConfig:
-    drafter: str = "none"  # registered name or dotted path
+    drafter: str = "suffix"  # registered name or dotted path
     drafter_options: dict[str, Any] = field(default_factory=dict)
-    budget: str = "fixed:4"  # "off" | "fixed:K"
+    budget: str = "auto"  # "auto" | "off" | "fixed:K"
     max_draft_tokens: int = 16  # hard cap on nodes per draft, whatever the budget says
 
 
@@ -32,3 +38,100 @@ class HistoryConfig:
     record: bool = True  # keep finished rollouts for the drafter's refresh (and for trace files)
     max_bytes: int = 512 * 2**20  # oldest policy versions are evicted first beyond this
     window_versions: int = 8  # versions kept at most
+
+
+@dataclass
+class ClusterConfig:
+    num_workers: int = 1  # engine replicas, one Ray actor each
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+    placement_strategy: str = "PACK"  # Ray placement group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    weight_bucket_mb: int = 256  # weights travel in buckets of about this size, one call per bucket
+    max_worker_restarts: int = 3  # per worker; beyond this a dead worker's requests fail loudly
+    ray_address: str | None = None  # None: start or join a local Ray
+
+
+@dataclass
+class ServiceConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def validate(self) -> "ServiceConfig":
+        """Checks OmegaConf's types cannot express; raises ValueError naming the field."""
+        from drafters.base import known_drafters
+        from rollout.budget import parse_budget
+
+        e, s, c = self.engine, self.speculation, self.cluster
+        if e.max_num_seqs < 1:
+            raise ValueError(f"engine.max_num_seqs must be >= 1, got {e.max_num_seqs}")
+        if e.max_model_len < 2:
+            raise ValueError(f"engine.max_model_len must be >= 2, got {e.max_model_len}")
+        if e.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"engine.dtype must be float32, bfloat16 or float16, got {e.dtype!r}")
+        if e.matmul not in ("fast", "mkl"):
+            raise ValueError(f"engine.matmul must be 'fast' or 'mkl', got {e.matmul!r}")
+        if s.budget.strip().lower() != "auto":
+            parse_budget(s.budget)
+        if s.max_draft_tokens < 0:
+            raise ValueError(f"speculation.max_draft_tokens must be >= 0, got {s.max_draft_tokens}")
+        if "." not in s.drafter and ":" not in s.drafter and s.drafter not in known_drafters():
+            raise ValueError(
+                f"speculation.drafter: unknown drafter {s.drafter!r}; known drafters: {', '.join(known_drafters())}"
+            )
+        if c.num_workers < 1:
+            raise ValueError(f"cluster.num_workers must be >= 1, got {c.num_workers}")
+        if c.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"cluster.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                             f"got {c.placement_strategy!r}")
+        if c.weight_bucket_mb < 1:
+            raise ValueError(f"cluster.weight_bucket_mb must be >= 1, got {c.weight_bucket_mb}")
+        return self
+
+
+def _known_keys(cls, dotted: str) -> list[str]:
+    """The field names of the section that `dotted` (e.g. 'engine.bogus') points into."""
+    import typing
+
+    node = cls
+    for part in dotted.split(".")[:-1]:
+        hint = typing.get_type_hints(node).get(part)
+        if hint is None or not is_dataclass(hint):
+            break
+        node = hint
+    return [f.name for f in fields(node)]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ServiceConfig:
+    """ServiceConfig from a YAML file (optional) and dotlist overrides like `speculation.budget=fixed:4`."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    base = OmegaConf.structured(ServiceConfig)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as exc:  # a YAML syntax error: say which file
+            raise ValueError(f"cannot parse config file {path}: {exc}") from exc
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+    if overrides:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        config = OmegaConf.to_object(merged)
+    except ConfigKeyError as exc:
+        key = getattr(exc, "full_key", None) or str(exc)
+        known = _known_keys(ServiceConfig, key)
+        raise ValueError(f"unknown config key {key!r}; known keys here: {', '.join(known)}") from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "?")
+        message = str(exc).splitlines()[0]
+        raise ValueError(f"config key {key!r}: {message}") from None
+    return config.validate()

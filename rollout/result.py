@@ -52,6 +52,7 @@ class RolloutResult:
     spec: SpecStats
     group: str | None = None
     policy_version: int = 0
+    worker: int | None = None  # which engine replica generated it (set by the Ray service)
 
     @property
     def tokens_per_forward(self) -> float:

@@ -1,26 +1,39 @@
-"""Lossless acceptance of drafted tokens: a pure function of the target's distributions and uniform draws.
+"""Lossless acceptance of drafted tokens: a pure function of the target's distributions and one uniform per position.
 
-Drafts here are deterministic: a drafter names tokens, it does not sample them, so its proposal is a point mass q
-on the drafted token x. Speculative sampling's rule min(1, p(x)/q(x)) then becomes "accept x with probability p(x)",
-and the residual max(0, p - q) normalised is "p with x removed, renormalised". Several candidates at one tree node
-are tried in turn, each against the residual left by the ones before it; by induction the emitted token is
-distributed exactly as p. Greedy requests pass a point mass on the argmax as p, which turns the same loop into
-"accept while the draft equals the argmax".
+Drafts are deterministic: a drafter names tokens, it does not sample them, so its proposal is a point mass q on the
+drafted token x. Speculative sampling's rule min(1, p(x)/q(x)) becomes "accept x with probability p(x)", and the
+residual max(0, p - q), normalised, is "p with x removed, renormalised". Several candidates at one tree node are
+tried in turn, each against the residual the ones before it left.
+
+We run that rejection sampler with common random numbers: the token at output position t is decided by one
+uniform u_t, through p's inverse CDF. Accepting x "with probability p(x)" is the test "u_t falls in x's interval of
+the CDF" (an interval of length p(x)); on rejection the same u_t, now uniform over the rest of [0, 1), lands in
+another token's interval with probability proportional to its mass: a draw from the renormalised residual. Trying
+several candidates in turn is the same test against each candidate's interval. So at every tree node the emitted
+token y = F_p^{-1}(u_t) is computed once, the child whose token equals y (if any) is accepted and verification goes
+on from it with u_{t+1}, and otherwise y is emitted and the step ends.
+
+Two consequences. Every token is distributed exactly as under p, so speculation changes nothing about what is
+sampled. And since u_t belongs to the position, not to the draft, a request's rollout is the same token for token
+whatever it drafted: plain decoding, any drafter and any batch give one rollout per seed (up to the last bits of the
+logits). Greedy requests pass a point mass on the argmax as p, which is "accept while the draft equals the argmax".
 
 Nodes of a draft are numbered 0..N-1 and listed parents first, siblings in the order they are to be tried; parent -1
 is the root (the last token already emitted). The target's distribution at the root is row 0 of the sequence's block
-of rows, at draft node j it is row j + 1.
-
-The loop runs over node indices, vectorised over the batch, so the work per node is O(batch), not O(batch x vocab):
-a residual is never materialised until the final draw. That makes 1e5 independent trials per call cheap, which is
-what the statistical tests rely on.
+of rows, at draft node j it is row j + 1. The loop runs over depths, vectorised over the batch; each step draws
+through the inverse CDF once per emitted token, as plain sampling does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Union
 
 import torch
+
+# The target's processed distributions, either all rows at once [R, V] or a function giving the rows asked for
+# (the engine processes logits lazily: only the nodes verification reaches need their distribution).
+Distributions = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
 
 @dataclass
@@ -42,47 +55,42 @@ def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def verify(
-    probs: torch.Tensor,  # [R, V] processed target distributions, rows of one sequence contiguous
+    probs: Distributions,  # [R, V] processed target distributions (or rows -> [A, V]), one sequence's rows contiguous
     row_start: torch.Tensor,  # [B] int64: row of each sequence's root
     draft_tokens: torch.Tensor,  # [B, N] int64, -1 where a sequence has fewer nodes
     draft_parents: torch.Tensor,  # [B, N] int64, parent node index, -1 = root
-    uniforms: torch.Tensor,  # [B, N + 1] float in [0, 1): column j tests node j, column N draws the next token
+    uniforms: torch.Tensor,  # [B, D + 1] float in [0, 1): column d decides the token at depth d (D = deepest node)
 ) -> VerifyResult:
     b, n = draft_tokens.shape
-    device = probs.device
-    batch = torch.arange(b, device=device)
+    device = row_start.device
+    rows_of = probs.__getitem__ if isinstance(probs, torch.Tensor) else probs
     cur = torch.full((b,), -1, dtype=torch.int64, device=device)  # current node, -1 = root
     cur_row = row_start.clone()  # row of probs holding the current node's distribution
-    mass = probs[cur_row].double().sum(-1)  # [B] remaining mass of the residual at the current node
-    rejected = torch.zeros((b, n), dtype=torch.bool, device=device)  # tried and rejected at the current node
     accepted = torch.full((b, n), -1, dtype=torch.int64, device=device)
     num_accepted = torch.zeros(b, dtype=torch.int64, device=device)
-
-    for j in range(n):
-        tok = draft_tokens[:, j]
-        active = (tok >= 0) & (draft_parents[:, j] == cur)  # node j is a child of where each sequence stands
-        if not bool(active.any()):
-            continue
-        p_x = probs[cur_row, tok.clamp(min=0)].double()
-        # A sibling with the same token was already rejected here: x has no mass left in the residual.
-        seen = (rejected[:, :j] & (draft_tokens[:, :j] == tok[:, None])).any(1)
-        p_x = torch.where(seen, 0.0, p_x)
-        ok = active & (uniforms[:, j].double() * mass < p_x)
-        no = active & ~ok
-        # Rejected: x leaves the residual at this node.
-        mass = torch.where(no, mass - p_x, mass)
-        rejected[:, j] |= no
-        # Accepted: step down to node j; its siblings' rejections no longer matter.
-        if bool(ok.any()):
-            accepted[batch[ok], num_accepted[ok]] = j
-            num_accepted += ok.long()
-            cur = torch.where(ok, j, cur)
-            cur_row = torch.where(ok, row_start + j + 1, cur_row)
-            rejected[ok] = False
-            mass = torch.where(ok, probs[cur_row].double().sum(-1), mass)
-
-    residual = probs[cur_row].clone()  # [B, V]
-    rows, cols = rejected.nonzero(as_tuple=True)
-    residual[rows, draft_tokens[rows, cols]] = 0.0
-    next_token = sample_inverse_cdf(residual, uniforms[:, n])
+    next_token = torch.full((b,), -1, dtype=torch.int64, device=device)
+    active = torch.arange(b, device=device)
+    for depth in range(uniforms.shape[1]):
+        if active.numel() == 0:
+            break
+        # The target's own token at this position, from this position's uniform.
+        y = sample_inverse_cdf(rows_of(cur_row[active]), uniforms[active, depth])  # [A]
+        if n == 0:
+            next_token[active] = y
+            active = active[:0]
+            break
+        children = (draft_parents[active] == cur[active, None]) & (draft_tokens[active] >= 0)  # [A, N]
+        hit = children & (draft_tokens[active] == y[:, None])
+        found = hit.any(1)
+        j = hit.int().argmax(1)  # the first candidate carrying y (duplicates among siblings change nothing)
+        moved = active[found]
+        accepted[moved, num_accepted[moved]] = j[found]
+        num_accepted[moved] += 1
+        cur[moved] = j[found]
+        cur_row[moved] = row_start[moved] + j[found] + 1
+        stopped = active[~found]
+        next_token[stopped] = y[~found]
+        active = moved
+    if active.numel():
+        raise ValueError(f"uniforms has {uniforms.shape[1]} columns; drafts are deeper than that")
     return VerifyResult(accepted, num_accepted, next_token, cur)

@@ -53,3 +53,40 @@ def test_run_on_the_embedded_default(tmp_path):
     assert trace.exists()
     replayed = specrollout("replay", str(trace), "--drafter", "suffix")
     assert replayed.returncode == 0 and "suffix: acceptance length" in replayed.stdout
+
+
+@pytest.mark.slow
+def test_generate_is_resumable(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        '{"id": "a", "prompt": "Count to five.", "n": 2}\n{"id": "b", "prompt_ids": [1, 2, 3], "n": 1}\n'
+    )
+    out = tmp_path / "r.parquet"
+    args = ["generate", "--prompts", str(prompts), "--out", str(out), "--max-tokens", "8",
+            "speculation.budget=fixed:2", "engine.max_model_len=256"]
+    first = specrollout(*args)
+    assert first.returncode == 0, first.stderr
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out)
+    assert sorted(table["request_id"].to_pylist()) == ["a:0", "a:1", "b:0"]
+    again = specrollout(*args)
+    assert again.returncode == 0 and "2 of 2 prompts already done" in again.stdout
+
+
+def test_bad_prompts_file_names_the_line(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"oops": 1}\n')
+    run = specrollout("generate", "--prompts", str(prompts), "--out", str(tmp_path / "r.parquet"))
+    assert run.returncode == 2 and "p.jsonl:2: each line needs one of" in run.stderr
+
+
+@pytest.mark.slow
+def test_ray_job_submission_example(tmp_path):
+    out = tmp_path / "job.parquet"
+    run = subprocess.run(["bash", "examples/ray_job.sh", str(out)], capture_output=True, text=True, timeout=900,
+                         cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled"))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out).num_rows == 32

@@ -65,15 +65,44 @@ def test_certain_and_impossible_tokens():
     p = torch.tensor([[0.0, 1.0] + [0.0] * (V - 2), [0.5, 0.5] + [0.0] * (V - 2)])
     # p(x) = 1 is accepted whatever the uniform; the bonus row is then p's second row.
     assert run_one(p, [1], [-1], [0.999999, 0.1]).num_accepted.item() == 1
-    # p(x) = 0 is never accepted, even with u = 0.
-    assert run_one(p, [0], [-1], [0.0, 0.1]).num_accepted.item() == 0
+    # p(x) = 0 is never accepted, whatever the uniform.
+    for u in (0.0, 0.3, 0.99):
+        assert run_one(p, [0], [-1], [u, 0.1]).num_accepted.item() == 0
 
 
 def test_rejected_token_leaves_the_residual():
     p = torch.tensor([[0.5, 0.5] + [0.0] * (V - 2), [1.0] + [0.0] * (V - 1)])
-    for u in np.linspace(0.5, 0.999, 20):  # u >= p(x) = 0.5: token 0 rejected
+    for u in np.linspace(0.5, 0.999, 20):  # u outside token 0's interval [0, 0.5): rejected, token 1 emitted
         res = run_one(p, [0], [-1], [float(u), float(u)])
         assert res.num_accepted.item() == 0 and res.next_token.item() == 1
+    for u in np.linspace(0.0, 0.499, 20):  # u inside it: accepted, and the next position uses the next uniform
+        res = run_one(p, [0], [-1], [float(u), 0.5])
+        assert res.num_accepted.item() == 1 and res.next_token.item() == 0
+
+
+def test_the_rollout_does_not_depend_on_the_draft():
+    """With one uniform per position, any draft leaves the emitted tokens as plain sampling would make them."""
+    g = torch.Generator().manual_seed(4)
+    table = torch.softmax(torch.randn(V, V, generator=g) * 2, -1)  # p(next | last) of a Markov chain
+    u = torch.rand(40, generator=g, dtype=torch.float64)
+
+    def rollout(draft_fn):
+        out, last = [], 0
+        while len(out) < 30:
+            toks, pars = draft_fn(last)
+            rows = table[torch.tensor([last] + toks, dtype=torch.long)]  # root, then each node's distribution
+            # len(toks) + 1 uniforms cover the deepest possible path; unused ones are simply not read.
+            res = verify(rows, torch.tensor([0]), torch.tensor([toks or [-1]]), torch.tensor([pars or [-1]]),
+                         u[len(out) : len(out) + len(toks) + 1][None])
+            path = res.accepted[0, : res.num_accepted[0]].tolist()
+            out += [toks[j] for j in path] + [res.next_token.item()]
+            last = out[-1]
+        return out[:30]
+
+    plain = rollout(lambda last: ([], []))
+    rng = np.random.default_rng(0)
+    assert rollout(lambda last: (rng.integers(0, V, 4).tolist(), [-1, 0, 1, 2])) == plain
+    assert rollout(lambda last: (rng.integers(0, V, 4).tolist(), [-1, -1, 0, 1])) == plain
 
 
 def test_batch_with_different_draft_lengths():
@@ -144,21 +173,36 @@ def drafts_for(kind: str, target: np.ndarray) -> tuple[np.ndarray, list[int]]:
 
 
 def lossy_verify(probs, row_start, draft_tokens, draft_parents, uniforms) -> VerifyResult:
-    """Negative control: accepts x with probability p(x) but, on rejection, samples from p itself (no residual)."""
+    """Negative control: accepts a candidate x when u < p(x), but on rejection samples from p itself (no residual).
+
+    A rejected x can then be drawn again, so drafted tokens come out too often.
+    """
+    rows_of = probs.__getitem__ if isinstance(probs, torch.Tensor) else probs  # the engine passes a function
     b, n = draft_tokens.shape
     cur = torch.full((b,), -1)
     cur_row = row_start.clone()
     accepted = torch.full((b, n), -1)
     num = torch.zeros(b, dtype=torch.int64)
-    for j in range(n):
-        tok = draft_tokens[:, j]
-        active = (tok >= 0) & (draft_parents[:, j] == cur)
-        ok = active & (uniforms[:, j].double() < probs[cur_row, tok.clamp(min=0)].double())
-        accepted[torch.arange(b)[ok], num[ok]] = j
-        num += ok.long()
-        cur = torch.where(ok, j, cur)
-        cur_row = torch.where(ok, row_start + j + 1, cur_row)
-    return VerifyResult(accepted, num, sample_inverse_cdf(probs[cur_row], uniforms[:, n]), cur)
+    next_token = torch.full((b,), -1)
+    active = torch.ones(b, dtype=torch.bool)
+    for depth in range(uniforms.shape[1]):
+        u = uniforms[:, depth].double()
+        moved = torch.zeros(b, dtype=torch.bool)
+        for j in range(n):
+            tok = draft_tokens[:, j]
+            ok = active & ~moved & (tok >= 0) & (draft_parents[:, j] == cur)
+            ok &= u < rows_of(cur_row).double().gather(1, tok.clamp(min=0)[:, None]).squeeze(1)
+            accepted[ok, num[ok]] = j
+            num += ok.long()
+            moved |= ok
+            cur = torch.where(ok, j, cur)
+            cur_row = torch.where(ok, row_start + j + 1, cur_row)
+        stop = active & ~moved
+        fresh = (u * 9301.0 + 0.5) % 1.0  # an independent-looking second draw
+        drawn = sample_inverse_cdf(rows_of(cur_row), fresh)
+        next_token = torch.where(stop, drawn, next_token)
+        active &= moved
+    return VerifyResult(accepted, num, next_token, cur)
 
 
 def simulate_two_tokens(verifier, target: np.ndarray, kind: str, n: int, seed: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
+import time
 from dataclasses import dataclass, field
 from typing import Iterable
 from typing import Sequence as Seq
@@ -20,12 +21,12 @@ from typing import Sequence as Seq
 import torch
 
 from drafters.base import EMPTY_DRAFT, Draft, Drafter, NoDrafter, make_drafter
-from rollout.budget import Budget, parse_budget
+from rollout.budget import Budget, BudgetItem, measure_cost_model, parse_budget
 from rollout.config import EngineConfig, HistoryConfig, SpeculationConfig
 from rollout.engine.batch import SeqInput, build_batch
 from rollout.engine.checkpoint import resolve_model
 from rollout.engine.model import TargetModel
-from rollout.history import RolloutHistory
+from rollout.history import RolloutHistory, prompt_key
 from rollout.result import RolloutResult, SpecStats
 from rollout.sampling import SamplingParams, process_logits
 from rollout.verify import verify
@@ -39,15 +40,36 @@ class Sequence:
     group: str | None
     generator: torch.Generator
     stop_ids: frozenset[int]
+    prompt_key: str
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     cache_len: int = 0
     output: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stats: SpecStats = field(default_factory=SpecStats)
     finish_reason: str | None = None
+    noise: list[float] = field(default_factory=list)  # u_t for output position t, drawn from `generator` in order
 
     def __post_init__(self):
         self.tokens = list(self.prompt)
+
+    def uniforms(self, start: int, count: int) -> list[float]:
+        """The uniforms of output positions [start, start + count): the same numbers whatever was drafted."""
+        while len(self.noise) < start + count:
+            self.noise.extend(torch.rand(64, generator=self.generator, dtype=torch.float64).tolist())
+        return self.noise[start : start + count]
+
+
+def cost_model_file(folder, config: EngineConfig):
+    """Where this machine's cost model for this model (and kernels) is cached."""
+    import hashlib
+    from pathlib import Path
+
+    from rollout.engine.checkpoint import cache_dir
+    from rollout.engine.hardware import fingerprint
+
+    text = (Path(folder) / "config.json").read_text() + f"|{config.dtype}|{config.matmul}|{config.device}"
+    model_id = hashlib.sha1(text.encode()).hexdigest()[:10]
+    return cache_dir() / "cost" / f"{fingerprint(torch.device(config.device))}-{model_id}.json"
 
 
 def _validate_prompt(prompt: object, vocab_size: int, max_model_len: int) -> list[int]:
@@ -118,7 +140,11 @@ class Engine:
             folder, config.max_model_len, config.dtype, config.device, tune=config.tune_matmul, matmul=config.matmul
         )
         drafter = make_drafter(speculation.drafter, **speculation.drafter_options)
-        budget = parse_budget(speculation.budget)
+        budget = parse_budget(
+            speculation.budget,
+            cost=lambda: measure_cost_model(model, config.max_num_seqs, cost_model_file(folder, config), log=log),
+            max_nodes=speculation.max_draft_tokens,
+        )
         return cls(model, config, drafter, budget, speculation.max_draft_tokens, history)
 
     # ------------------------------------------------------------------ requests
@@ -145,7 +171,8 @@ class Engine:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
         stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
-        self.waiting.append(Sequence(request_id, prompt, params, group, torch.Generator().manual_seed(seed), stop))
+        generator = torch.Generator().manual_seed(seed)
+        self.waiting.append(Sequence(request_id, prompt, params, group, generator, stop, prompt_key(prompt)))
         return request_id
 
     def abort(self, request_id: str) -> RolloutResult | None:
@@ -212,6 +239,7 @@ class Engine:
         """Record finished rollouts and let the drafter rebuild from the history at the current policy version."""
         self.flush_history()
         self.drafter.refresh(self.history, self.policy_version)
+        self.budget.refresh(self.history)
 
     # ------------------------------------------------------------------ the step
 
@@ -239,21 +267,35 @@ class Engine:
         return self.max_model_len - len(s.tokens), can_emit - 1
 
     def _drafts(self, seqs: list[Sequence]) -> list[Draft]:
-        rooms = [self._room(s) for s in seqs]
-        wanted = [min(self.max_draft_tokens, nodes, depth) for nodes, depth in rooms]
-        lengths = self.budget.draft_lengths(len(self.running), wanted)
-        drafts = []
-        for s, k, (nodes, depth) in zip(seqs, lengths, rooms):
+        """Ask the drafter for each sequence's draft, then let the budget decide how much of each to verify."""
+        prefill = any(s.cache_len == 0 for s in seqs)
+        ask = min(self.max_draft_tokens, self.budget.max_draft(len(seqs), prefill))
+        drafts, items = [], []
+        for s in seqs:
+            nodes, depth = self._room(s)
+            k = min(ask, nodes, depth)
             d = self.drafter.propose(s.request_id, k) if k > 0 else EMPTY_DRAFT
             if d is None or len(d) == 0:
-                drafts.append(EMPTY_DRAFT)
-                continue
-            if any(not 0 <= t < self.vocab_size for t in d.token_ids):
-                raise RuntimeError(f"drafter {type(self.drafter).__name__} proposed a token outside the vocabulary")
-            drafts.append(d.truncated(min(k, nodes), depth))
-        return drafts
+                d = EMPTY_DRAFT
+            else:
+                if any(not 0 <= t < self.vocab_size for t in d.token_ids):
+                    name = type(self.drafter).__name__
+                    raise RuntimeError(f"drafter {name} proposed a token outside the vocabulary")
+                d = d.truncated(k, depth)
+            drafts.append(d)
+            items.append(BudgetItem(s.request_id, d, len(s.tokens) - s.cache_len, s.prompt_key, len(s.output)))
+        counts = self.budget.select(items) if any(len(d) for d in drafts) else [0] * len(drafts)
+        return [d if n >= len(d) else d.truncated(n, n) for d, n in zip(drafts, counts)]
 
     def _run(self, seqs: list[Sequence], slot_lo: int) -> list[Sequence]:
+        started = time.perf_counter()
+        emitted_before = sum(len(s.output) for s in seqs)
+        finished = self._verify_step(seqs, slot_lo)
+        tokens = sum(len(s.output) for s in seqs) - emitted_before
+        self.budget.observe_step(time.perf_counter() - started, tokens)
+        return finished
+
+    def _verify_step(self, seqs: list[Sequence], slot_lo: int) -> list[Sequence]:
         drafts = self._drafts(seqs)
         inputs = []
         for s, d in zip(seqs, drafts):
@@ -269,30 +311,33 @@ class Engine:
         self.total_forwards += 1
 
         rows_per_seq = torch.tensor(batch.logit_counts)
-        temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
-        top_k = torch.tensor([s.params.top_k for s in seqs])
-        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32)
-        probs, logprobs = process_logits(
-            logits,
-            temperature.repeat_interleave(rows_per_seq),
-            top_k.repeat_interleave(rows_per_seq),
-            top_p.repeat_interleave(rows_per_seq),
-        )
+        row_params = [
+            torch.tensor([getattr(s.params, name) for s in seqs], dtype=dtype).repeat_interleave(rows_per_seq)
+            for name, dtype in (("temperature", torch.float32), ("top_k", torch.int64), ("top_p", torch.float32))
+        ]
+        processed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (probs, logprobs), as reached
+
+        def distributions(rows: torch.Tensor) -> torch.Tensor:
+            """Processed distributions of the rows verification reaches: one per emitted token, not per node."""
+            probs, logprobs = process_logits(logits[rows], *(p[rows] for p in row_params))
+            for r, pr, lp in zip(rows.tolist(), probs, logprobs):
+                processed[r] = (pr, lp)
+            return probs
+
         b, n = len(seqs), max(len(d) for d in drafts)
+        depth = max(max(d.depths(), default=0) for d in drafts)
         row_start = torch.cumsum(rows_per_seq, 0) - rows_per_seq
         tokens = torch.full((b, n), -1, dtype=torch.int64)
         parents = torch.full((b, n), -1, dtype=torch.int64)
-        uniforms = torch.empty((b, n + 1), dtype=torch.float64)
-        for i, (s, d) in enumerate(zip(seqs, drafts)):
+        # One uniform per output position, from the request's own generator (see verify.py): its rollout depends
+        # neither on its batch neighbours nor on what was drafted.
+        uniforms = torch.tensor([s.uniforms(len(s.output), depth + 1) for s in seqs], dtype=torch.float64)
+        for i, d in enumerate(drafts):
             k = len(d)
             if k:
                 tokens[i, :k] = torch.tensor(d.token_ids)
                 parents[i, :k] = torch.tensor(d.parent_list())
-            # Each request draws from its own generator, so its samples do not depend on its batch neighbours.
-            u = torch.rand(k + 1, generator=s.generator, dtype=torch.float64)
-            uniforms[i, :k] = u[:k]
-            uniforms[i, n] = u[k]
-        result = verify(probs, row_start, tokens, parents, uniforms)
+        result = verify(distributions, row_start, tokens, parents, uniforms)
 
         accepted = result.accepted.tolist()
         num_accepted = result.num_accepted.tolist()
@@ -315,9 +360,11 @@ class Engine:
                     move_dst.append(s.cache_len + p + depth)
             s.cache_len += p + len(path)
             s.stats.record(max(d.depths(), default=0), len(path), len(d))
+            if len(d):
+                self.budget.feedback(s.request_id, sum(d.path_probs()), len(path))
         if move_slots:
             self.cache.move_positions(torch.tensor(move_slots), torch.tensor(move_src), torch.tensor(move_dst))
-        token_logprobs = logprobs[torch.tensor(lp_rows), torch.tensor(lp_cols)].tolist()
+        token_logprobs = [float(processed[r][1][c]) for r, c in zip(lp_rows, lp_cols)]
 
         finished = []
         offset = 0
@@ -362,6 +409,7 @@ class Engine:
         results = []
         for s in finished:
             self.drafter.end(s.request_id)
+            self.budget.finished(s.request_id, s.prompt_key, len(s.output))
             results.append(self._result(s))
         if self.history is not None:
             self._unrecorded.extend(r for r in results if r.finish_reason != "abort")

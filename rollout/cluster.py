@@ -1,0 +1,254 @@
+"""RolloutCluster: N engine replicas on Ray, group-affine dispatch, versioned weight broadcast, restarts.
+
+- Dispatch: all samples of a prompt (its GRPO group) go to one worker, in one call, so that worker's drafter sees
+  every sibling; groups go to the worker with the fewest outstanding tokens.
+- Weights: the trainer's named tensors are cut into buckets of about `cluster.weight_bucket_mb`; each bucket is put
+  in Ray's object store once and staged on every worker with one call; `commit(version)` then applies them
+  atomically everywhere. A wrong name or shape is refused at staging, on every worker, before anything changes.
+- History: at each weight sync the rollouts finished on each worker are shared with all the others, so every
+  drafter learns from the whole batch; the cluster keeps the merged window for workers that restart.
+- Faults: a worker that dies mid-rollout is replaced, brought to the current weights, version and history before
+  it serves again, and the groups it had not answered are dispatched again. Every request is answered once.
+
+Ray is imported lazily, so the engine and drafters work without it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import pyarrow as pa
+
+from rollout.config import ServiceConfig
+from rollout.history import RolloutHistory, prompt_key
+from rollout.result import RolloutResult
+from rollout.worker import RolloutRequest
+
+WORKER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SPECROLLOUT_CACHE", "HOME")
+
+
+@dataclass
+class _Weights:
+    """The latest value of every parameter pushed so far, as object-store buckets, for workers that restart."""
+
+    version: int = 0
+    buckets: list[tuple[object, set[str]]] = field(default_factory=list)  # (object ref, names it still provides)
+
+    def add(self, ref, names: set[str]) -> None:
+        for _, held in self.buckets:
+            held -= names
+        self.buckets = [(r, held) for r, held in self.buckets if held] + [(ref, set(names))]
+
+
+def _bucketize(named: Iterable[tuple[str, object]], bucket_bytes: int) -> Iterable[list[tuple[str, object]]]:
+    bucket, size = [], 0
+    for name, tensor in named:
+        t = tensor.detach().to("cpu").contiguous() if hasattr(tensor, "detach") else tensor
+        nbytes = t.numel() * t.element_size() if hasattr(t, "numel") else 0
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+class RolloutCluster:
+    def __init__(self, config: ServiceConfig):
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self.config = config.validate()
+        self._ray = ray
+        if not ray.is_initialized():
+            ray.init(address=config.cluster.ray_address, ignore_reinit_error=True, log_to_driver=False)
+        c = config.cluster
+        bundle = {"CPU": c.num_cpus_per_worker}
+        if c.num_gpus_per_worker:
+            bundle["GPU"] = c.num_gpus_per_worker
+        self._pg = placement_group([dict(bundle)] * c.num_workers, strategy=c.placement_strategy)
+        ray.get(self._pg.ready(), timeout=600)
+        self._actor_cls = ray.remote(max_restarts=0)(_worker_class())
+        self.workers = [self._spawn(i) for i in range(c.num_workers)]
+        self.restarts = [0] * c.num_workers
+        self._outstanding = [0] * c.num_workers
+        self._weights = _Weights()
+        self.history = RolloutHistory(config.history.max_bytes, config.history.window_versions)
+        self.info = ray.get(self.workers[0].info.remote())
+        ray.get([w.health.remote() for w in self.workers])
+
+    def _spawn(self, index: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        c = self.config.cluster
+        env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        return self._actor_cls.options(
+            num_cpus=c.num_cpus_per_worker,
+            num_gpus=c.num_gpus_per_worker,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self._pg, placement_group_bundle_index=index
+            ),
+            runtime_env={"env_vars": env},
+        ).remote(self.config, index)
+
+    # ------------------------------------------------------------------ generation
+
+    def _validate(self, requests: list[RolloutRequest]) -> None:
+        from rollout.engine.engine import _validate_prompt
+
+        seen = set()
+        for r in requests:
+            _validate_prompt(r.prompt_token_ids, self.info["vocab_size"], self.info["max_model_len"])
+            if r.request_id in seen:
+                raise ValueError(f"request_id {r.request_id!r} appears twice in one call")
+            seen.add(r.request_id)
+
+    def generate(self, requests: list[RolloutRequest]) -> list[RolloutResult]:
+        """Run the requests to completion across the workers; results in request order, each exactly once."""
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+        requests = [
+            r if r.request_id else RolloutRequest(uuid.uuid4().hex, r.prompt_token_ids, r.params, r.group)
+            for r in requests
+        ]
+        self._validate(requests)  # every bad request is refused before any is dispatched
+        groups: OrderedDict[str, list[RolloutRequest]] = OrderedDict()
+        for r in requests:
+            groups.setdefault(r.group or prompt_key(r.prompt_token_ids), []).append(r)
+        pending: dict[object, tuple[int, object, list[RolloutRequest], int]] = {}
+
+        def submit(reqs: list[RolloutRequest]) -> None:
+            w = min(range(len(self.workers)), key=lambda i: self._outstanding[i])
+            tokens = sum(r.params.max_tokens for r in reqs)
+            self._outstanding[w] += tokens
+            actor = self.workers[w]
+            pending[actor.generate.remote(reqs)] = (w, actor, reqs, tokens)
+
+        for reqs in groups.values():
+            submit(reqs)
+        results: dict[str, RolloutResult] = {}
+        while pending:
+            ready, _ = self._ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
+            w, actor, reqs, tokens = pending.pop(ref)
+            self._outstanding[w] -= tokens
+            try:
+                out = self._ray.get(ref)
+            except (RayActorError, ActorUnavailableError):
+                if self.workers[w] is actor:  # first failure seen from this incarnation: replace it
+                    self._restart(w)
+                submit(reqs)
+                continue
+            except RayTaskError as exc:
+                raise exc.as_instanceof_cause() from None
+            for r in out:
+                if r.request_id in results:
+                    raise RuntimeError(f"request {r.request_id} was answered twice")
+                results[r.request_id] = r
+        return [results[r.request_id] for r in requests]
+
+    # ------------------------------------------------------------------ weights and history
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, object]], version: int | None = None) -> int:
+        """Broadcast new policy weights (one call per bucket per worker), then switch every worker to `version`."""
+        from ray.exceptions import RayTaskError
+
+        version = self._weights.version + 1 if version is None else int(version)
+        self.sync_history()
+        refs = []
+        try:
+            for bucket in _bucketize(named_tensors, self.config.cluster.weight_bucket_mb * 2**20):
+                ref = self._ray.put(bucket)
+                refs.append((ref, {name for name, _ in bucket}))
+                self._ray.get([w.stage_weights.remote(ref) for w in self.workers])
+            self._ray.get([w.commit_weights.remote(version) for w in self.workers])
+        except RayTaskError as exc:
+            self._ray.get([w.discard_weights.remote() for w in self.workers])
+            raise exc.as_instanceof_cause() from None
+        for ref, names in refs:
+            self._weights.add(ref, names)
+        self._weights.version = version
+        return version
+
+    def sync_history(self) -> int:
+        """Share the rollouts each worker finished since the last sync with all the others."""
+        tables = self._ray.get([w.export_rollouts.remote() for w in self.workers])
+        calls = []
+        for i, w in enumerate(self.workers):
+            others = [t for j, t in enumerate(tables) if j != i and t.num_rows]
+            if others:
+                calls.append(w.import_rollouts.remote(pa.concat_tables(others)))
+        self._ray.get(calls)
+        for t in tables:
+            if t.num_rows:
+                self.history.append(t)
+        return sum(t.num_rows for t in tables)
+
+    def refresh(self) -> None:
+        """Share histories and refresh every drafter at the current version (between rounds without new weights)."""
+        self.sync_history()
+        self._ray.get([w.refresh.remote() for w in self.workers])
+
+    # ------------------------------------------------------------------ faults
+
+    def _restart(self, index: int) -> None:
+        c = self.config.cluster
+        self.restarts[index] += 1
+        if self.restarts[index] > c.max_worker_restarts:
+            raise RuntimeError(f"worker {index} died {self.restarts[index]} times; giving up")
+        try:
+            self._ray.kill(self.workers[index], no_restart=True)
+        except Exception:
+            pass  # already gone
+        worker = self._spawn(index)
+        self._ray.get(worker.health.remote())
+        if self.history.num_rows:
+            self._ray.get(worker.import_rollouts.remote(self.history.table()))
+        for ref, _ in self._weights.buckets:
+            self._ray.get(worker.stage_weights.remote(ref))
+        self._ray.get(worker.commit_weights.remote(self._weights.version))
+        self.workers[index] = worker
+        self._outstanding[index] = 0
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def policy_version(self) -> int:
+        return self._weights.version
+
+    def health(self) -> list[dict]:
+        return self._ray.get([w.health.remote() for w in self.workers])
+
+    def stats(self) -> list[dict]:
+        return self._ray.get([w.stats.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for w in self.workers:
+            try:
+                self._ray.kill(w, no_restart=True)
+            except Exception:
+                pass
+        remove_placement_group(self._pg)
+
+
+def _worker_class():
+    """The actor class: RolloutWorker plus what the cluster needs to know about the model."""
+    from rollout.worker import RolloutWorker
+
+    class RolloutWorkerActor(RolloutWorker):
+        def info(self) -> dict:
+            return {
+                "vocab_size": self.engine.vocab_size,
+                "max_model_len": self.engine.max_model_len,
+                "architecture": self.engine.model.shape.architecture,
+            }
+
+    return RolloutWorkerActor

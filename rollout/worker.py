@@ -1,0 +1,163 @@
+"""One engine replica as a Ray actor: thin, every method delegates to the engine.
+
+The actor is asynchronous: `generate` queues its requests into the engine and awaits them while one background
+task steps the engine, so requests from concurrent calls share each step (continuous batching across calls).
+`generate_stream` yields each result as it finishes. Weights arrive in buckets (`stage_weights`, one call per
+bucket) and take effect atomically at `commit_weights(version)`, which also refreshes the drafter; a bucket with a
+wrong name, shape or dtype is refused when staged, before anything changes.
+
+The class is plain Python; rollout/cluster.py wraps it with `ray.remote`, so importing this module needs no Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import pyarrow as pa
+
+from rollout.config import ServiceConfig
+from rollout.engine.engine import Engine
+from rollout.history import SCHEMA, results_to_batch
+from rollout.result import RolloutResult
+from rollout.sampling import SamplingParams
+
+
+@dataclass
+class RolloutRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    group: str | None = None
+
+
+class RolloutWorker:
+    def __init__(self, config: ServiceConfig, index: int = 0):
+        self.index = index
+        self.engine = Engine.from_config(config.engine, config.speculation, config.history)
+        self._futures: dict[str, asyncio.Future] = {}
+        self._stream_queues: dict[str, asyncio.Queue] = {}
+        self._stepper: asyncio.Task | None = None
+        self._staged: list[tuple[str, object]] = []
+
+    # ------------------------------------------------------------------ generation
+
+    def _add(self, requests: list[RolloutRequest]) -> list[str]:
+        """Queue all requests or none: a bad one aborts those of its call already queued."""
+        added: list[str] = []
+        try:
+            for r in requests:
+                added.append(self.engine.add_request(r.prompt_token_ids, r.params, r.request_id, r.group))
+        except Exception:
+            for rid in added:
+                self.engine.abort(rid)
+            raise
+        return added
+
+    def _ensure_stepping(self) -> None:
+        if self._stepper is None or self._stepper.done():
+            self._stepper = asyncio.get_running_loop().create_task(self._step_loop())
+
+    async def _step_loop(self) -> None:
+        while self.engine.has_unfinished():
+            try:
+                finished = self.engine.step()
+            except Exception as exc:  # a drafter or engine fault: fail the waiting calls, keep the actor alive
+                for rid in list(self._futures):
+                    self.engine.abort(rid)
+                    self._futures.pop(rid).set_exception(exc)
+                return
+            for result in finished:
+                result.worker = self.index
+                future = self._futures.pop(result.request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(result)
+            # Let other calls (new requests, health checks) in between steps.
+            await asyncio.sleep(0)
+
+    async def generate(self, requests: list[RolloutRequest]) -> list[RolloutResult]:
+        loop = asyncio.get_running_loop()
+        ids = self._add(requests)
+        futures = [self._futures.setdefault(rid, loop.create_future()) for rid in ids]
+        self._ensure_stepping()
+        return list(await asyncio.gather(*futures))
+
+    async def generate_stream(self, requests: list[RolloutRequest]) -> AsyncIterator[RolloutResult]:
+        """Yield results in the order they finish."""
+        loop = asyncio.get_running_loop()
+        ids = self._add(requests)
+        futures = [self._futures.setdefault(rid, loop.create_future()) for rid in ids]
+        self._ensure_stepping()
+        for next_done in asyncio.as_completed(futures):
+            yield await next_done
+
+    # ------------------------------------------------------------------ weights
+
+    def stage_weights(self, bucket: list[tuple[str, object]]) -> int:
+        """Check one bucket of (name, tensor) against the model and keep it until commit; returns tensors staged."""
+        shapes = self.engine.model.parameter_shapes()
+        for name, tensor in bucket:
+            name = name.removeprefix("module.")
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name not in shapes:
+                raise ValueError(f"unknown parameter {name!r} for {self.engine.model.shape.architecture}")
+            shape = tuple(getattr(tensor, "shape", ()))
+            if shape != shapes[name]:
+                raise ValueError(f"parameter {name!r}: shape {shape} does not match the model's {shapes[name]}")
+            if not getattr(tensor, "is_floating_point", lambda: False)():
+                raise TypeError(f"parameter {name!r}: dtype {getattr(tensor, 'dtype', type(tensor))} is not floating")
+        self._staged.extend(bucket)
+        return len(self._staged)
+
+    def commit_weights(self, version: int) -> int:
+        """Apply the staged buckets as policy `version` and refresh the drafter."""
+        staged, self._staged = self._staged, []
+        return self.engine.update_weights(staged, version)
+
+    def discard_weights(self) -> None:
+        self._staged = []
+
+    # ------------------------------------------------------------------ history
+
+    def export_rollouts(self) -> pa.Table:
+        """Rollouts finished here since the last export (they also enter this worker's own history)."""
+        new = list(self.engine._unrecorded)
+        self.engine.flush_history()
+        if not new:
+            return SCHEMA.empty_table()
+        return pa.Table.from_batches([results_to_batch(new)])
+
+    def import_rollouts(self, table: pa.Table) -> int:
+        """Other workers' rollouts: appended to the history the drafter refreshes from."""
+        if table.num_rows and self.engine.history is not None:
+            self.engine.history.append(table)
+        return table.num_rows
+
+    def refresh(self) -> int:
+        self.engine.refresh_drafter()
+        return self.engine.policy_version
+
+    # ------------------------------------------------------------------ introspection
+
+    def health(self) -> dict:
+        return {
+            "worker": self.index,
+            "ok": True,
+            "policy_version": self.engine.policy_version,
+            "unfinished": self.engine.num_unfinished(),
+            "pid": os.getpid(),
+        }
+
+    def stats(self) -> dict:
+        e = self.engine
+        return {
+            "worker": self.index,
+            "policy_version": e.policy_version,
+            "running": len(e.running),
+            "waiting": len(e.waiting),
+            "target_forwards": e.total_forwards,
+            "history_rows": 0 if e.history is None else e.history.num_rows,
+        }
