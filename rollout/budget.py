@@ -13,9 +13,9 @@ Modes: `auto` (default) chooses per step from a measured cost model and per-sequ
   the lengths recorded for its prompt, relative to the other running sequences. The longest rollouts set the
   makespan, so their tokens are worth more;
 - nodes are taken in order of weighted gain, and the prefix that maximises (weighted expected tokens emitted) /
-  (step time) is kept, where the step time is t(M, B) plus what drafting and verifying add per drafted token and
-  per sequence, fitted online from the durations of the steps actually run. Where verifying costs more than it
-  brings, nothing is drafted.
+  t(M, B) is kept. Where verifying costs more than it brings, nothing is drafted;
+- whether to draft at all at a batch size (drafting itself takes time the cost model does not see) is measured:
+  see max_draft().
 """
 
 from __future__ import annotations
@@ -192,13 +192,6 @@ class AutoBudget:
     _global_pred: float = 1.0
     _global_acc: float = 0.5  # drafters are overconfident until shown otherwise
     _lengths: dict[str, list[int]] = field(default_factory=dict)
-    # What a step costs beyond the forward the cost model measured (drafting, verification, bookkeeping), fitted
-    # online as seconds per drafted token and per sequence: t_step = t(M, B) + per_draft (M - B) + per_seq B.
-    _steps: list[tuple[float, float, float]] = field(default_factory=list)  # (draft tokens, sequences, overhead s)
-    per_draft: float = 0.0
-    per_seq: float = 0.0
-    _last: tuple[int, int, int] | None = None
-
     # Whether drafting pays at all at a batch size is settled by measurement: per batch-size bucket (powers of two;
     # prefill steps apart), the running tokens-per-second of steps that drafted and of steps that did not. The
     # better arm is played; the other again at the bucket's 2^k-th play, so a losing arm costs O(log steps).
@@ -206,41 +199,42 @@ class AutoBudget:
     _arms: dict[tuple[bool, int], dict[bool, list[float]]] = field(default_factory=dict)  # arm -> [ema, count]
     _plays: dict[tuple[bool, int], int] = field(default_factory=dict)
     _arm: tuple[tuple[bool, int], bool] | None = None
+    # Seconds per sequence a step spends outside the forward the cost model times (processing logits, sampling,
+    # bookkeeping), learnt from steps without drafts. It is paid whatever is drafted, so it makes drafting cheaper
+    # in relative terms: it belongs in the denominator.
+    per_seq: float = 0.0
+    _plain_steps: int = 0
+    _plain_batch: int = 0
 
     def max_draft(self, batch: int, prefill: bool = False) -> int:
         bucket = (prefill, max(batch, 1).bit_length())
         arms = self._arms.setdefault(bucket, {True: [0.0, 0], False: [0.0, 0]})
         plays = self._plays[bucket] = self._plays.get(bucket, 0) + 1
         if arms[True][1] < 2 or arms[False][1] < 2:
-            draft = arms[True][1] <= arms[False][1]  # try both arms before judging
+            # Try both arms before judging; a prefill starts plain (drafts beside a long prompt are a gamble the
+            # first measurement should not take on the whole batch).
+            draft = arms[True][1] < arms[False][1] or (arms[True][1] == arms[False][1] and not prefill)
         else:
             best = arms[True][0] >= arms[False][0]
             draft = (not best) if plays & (plays - 1) == 0 else best
         self._arm = (bucket, draft)
         return self.max_nodes if draft else 0
 
-    def step_time(self, m: np.ndarray, b: int, base: int) -> np.ndarray:
-        return self.cost.times(m, b) + self.per_draft * (m - base) + self.per_seq * b
-
     def observe_step(self, seconds: float, tokens: int) -> None:
-        """A step's duration and tokens: update its arm's throughput; refit the overhead terms of select()."""
+        """A step's duration and tokens: update the throughput of the arm (drafting or not) it played, and from
+        plain steps the per-sequence time a step spends outside the forward (sampling, bookkeeping)."""
+        if self._plain_batch and seconds > 0:
+            b = self._plain_batch
+            overhead = max(0.0, seconds - float(self.cost.times(np.array([b]), b)[0])) / b
+            self.per_seq = overhead if self._plain_steps == 0 else 0.9 * self.per_seq + 0.1 * overhead
+            self._plain_steps += 1
+        self._plain_batch = 0
         if self._arm is not None and seconds > 0:
             bucket, draft = self._arm
             ema, count = self._arms[bucket][draft]
             rate = tokens / seconds
             self._arms[bucket][draft] = [rate if count == 0 else 0.7 * ema + 0.3 * rate, count + 1]
             self._arm = None
-        if self._last is None:
-            return
-        m, b, base = self._last
-        self._last = None
-        self._steps.append((m - base, b, seconds - float(self.cost.times(np.array([m]), b)[0])))
-        del self._steps[:-256]
-        if len(self._steps) >= 8:
-            x = np.array([[d, n] for d, n, _ in self._steps], dtype=np.float64)
-            y = np.array([o for _, _, o in self._steps])
-            coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-            self.per_draft, self.per_seq = (max(0.0, float(c)) for c in coef)
 
     def _ratio(self, rid: str) -> float:
         glob = self._global_acc / self._global_pred
@@ -262,6 +256,8 @@ class AutoBudget:
         if not items:
             return []
         b = len(items)
+        if all(it.pending == 1 for it in items) and not any(len(it.draft) for it in items):
+            self._plain_batch = b
         base_tokens = sum(it.pending for it in items)
         if self.length_aware:
             remaining = np.array([self._expected_remaining(it) for it in items])
@@ -285,9 +281,8 @@ class AutoBudget:
         order = np.lexsort((position, -capped))
         base = float(weights.sum())  # every sequence emits one token per step whatever is drafted
         taken_gain = base + np.concatenate([[0.0], np.cumsum(capped[order])])
-        times = self.step_time(base_tokens + np.arange(len(order) + 1), b, base_tokens)
+        times = self.cost.times(base_tokens + np.arange(len(order) + 1), b) + self.per_seq * b
         best = int(np.argmax(taken_gain / times))
-        self._last = (base_tokens + best, b, base_tokens)
         counts = np.bincount(owner[order[:best]], minlength=b)
         return counts.tolist()
 

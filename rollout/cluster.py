@@ -190,6 +190,11 @@ class RolloutCluster:
                 self.history.append(t)
         return sum(t.num_rows for t in tables)
 
+    def rollouts(self) -> RolloutHistory:
+        """Every rollout the workers finished (within the history window), shared first."""
+        self.sync_history()
+        return self.history
+
     def refresh(self) -> None:
         """Share histories and refresh every drafter at the current version (between rounds without new weights)."""
         self.sync_history()

@@ -198,6 +198,7 @@ class Engine:
         prompts: Seq[Seq[int]],
         params: SamplingParams | Seq[SamplingParams] | None = None,
         groups: Seq[str | None] | None = None,
+        request_ids: Seq[str] | None = None,
     ) -> list[RolloutResult]:
         """Run a batch to completion; results in prompt order. All prompts are validated before any is queued."""
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -206,7 +207,9 @@ class Engine:
         for p in prompts:
             _validate_prompt(p, self.vocab_size, self.max_model_len)
         ids = [
-            self.add_request(p, sp, group=None if groups is None else groups[i])
+            self.add_request(
+                p, sp, None if request_ids is None else request_ids[i], None if groups is None else groups[i]
+            )
             for i, (p, sp) in enumerate(zip(prompts, plist))
         ]
         done: dict[str, RolloutResult] = {}
@@ -284,7 +287,7 @@ class Engine:
                 d = d.truncated(k, depth)
             drafts.append(d)
             items.append(BudgetItem(s.request_id, d, len(s.tokens) - s.cache_len, s.prompt_key, len(s.output)))
-        counts = self.budget.select(items) if any(len(d) for d in drafts) else [0] * len(drafts)
+        counts = self.budget.select(items)
         return [d if n >= len(d) else d.truncated(n, n) for d, n in zip(drafts, counts)]
 
     def _run(self, seqs: list[Sequence], slot_lo: int) -> list[Sequence]:

@@ -1,0 +1,64 @@
+"""What adapters talk to: a rollout service, in-process or on Ray, behind one small interface.
+
+`RolloutService` is the protocol (generate requests, push weights with a version, refresh, history);
+`RolloutCluster` (rollout/cluster.py) implements it on Ray actors, `LocalService` here on one in-process engine,
+for notebooks, tests and single-process trainers that do not want Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Protocol
+
+from rollout.config import ServiceConfig
+from rollout.engine.engine import Engine
+from rollout.history import RolloutHistory
+from rollout.result import RolloutResult
+from rollout.worker import RolloutRequest
+
+
+class RolloutService(Protocol):
+    policy_version: int
+
+    def generate(self, requests: list[RolloutRequest]) -> list[RolloutResult]: ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, object]], version: int | None = None) -> int: ...
+
+    def refresh(self) -> None: ...
+
+    def rollouts(self) -> RolloutHistory: ...
+
+    def shutdown(self) -> None: ...
+
+
+class LocalService:
+    """One engine in this process, with the cluster's interface."""
+
+    def __init__(self, config: ServiceConfig | None = None, engine: Engine | None = None, log=print):
+        config = (config or ServiceConfig()).validate()
+        self.engine = engine or Engine.from_config(config.engine, config.speculation, config.history, log=log)
+
+    @property
+    def policy_version(self) -> int:
+        return self.engine.policy_version
+
+    def generate(self, requests: list[RolloutRequest]) -> list[RolloutResult]:
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("request ids must be unique within a call")
+        return self.engine.generate(
+            [r.prompt_token_ids for r in requests], [r.params for r in requests], [r.group for r in requests], ids
+        )
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, object]], version: int | None = None) -> int:
+        named = [(n, t.detach().to("cpu") if hasattr(t, "detach") else t) for n, t in named_tensors]
+        return self.engine.update_weights(named, version)
+
+    def refresh(self) -> None:
+        self.engine.refresh_drafter()
+
+    def rollouts(self) -> RolloutHistory:
+        self.engine.flush_history()
+        return self.engine.history
+
+    def shutdown(self) -> None:
+        pass
