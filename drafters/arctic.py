@@ -8,11 +8,11 @@ Needs `pip install arctic-inference` (its SuffixDecodingCache runs without vLLM,
 
 from __future__ import annotations
 
-from drafters.base import BaseDrafter, Draft, register_drafter
+from drafters.base import Draft, TrackingDrafter, register_drafter
 
 
 @register_drafter("arctic_suffix")
-class ArcticSuffixDrafter(BaseDrafter):
+class ArcticSuffixDrafter(TrackingDrafter):
     def __init__(
         self,
         max_tree_depth: int = 24,
@@ -26,22 +26,22 @@ class ArcticSuffixDrafter(BaseDrafter):
             raise ModuleNotFoundError(
                 "the arctic_suffix drafter needs ArcticInference: pip install arctic-inference"
             ) from exc
+        super().__init__()
         self.cache = SuffixDecodingCache(max_tree_depth=max_tree_depth, max_cached_requests=max_cached_requests)
         self.max_tree_depth = max_tree_depth
         self.max_spec_factor = max_spec_factor
         self.min_token_prob = min_token_prob
-        self.tokens: dict[str, list[int]] = {}
 
     def begin(self, request_id, prompt_ids, group):
         if request_id in self.cache.cached_requests:
             self.cache.evict_cached_response(request_id)  # a reused id must not see its old response
         self.cache.start_request(request_id, list(prompt_ids))
-        self.tokens[request_id] = list(prompt_ids)
+        super().begin(request_id, prompt_ids, group)
 
     def observe(self, request_id, token_ids, logprobs=None):
         if token_ids:
             self.cache.add_active_response(request_id, list(token_ids))
-            self.tokens[request_id].extend(token_ids)
+            super().observe(request_id, token_ids)
 
     def propose(self, request_id, max_tokens):
         if max_tokens <= 0:
@@ -59,4 +59,4 @@ class ArcticSuffixDrafter(BaseDrafter):
     def end(self, request_id):
         if request_id in self.cache.active_requests:
             self.cache.stop_request(request_id)
-        self.tokens.pop(request_id, None)
+        super().end(request_id)

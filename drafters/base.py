@@ -122,6 +122,22 @@ class BaseDrafter:
         pass
 
 
+class TrackingDrafter(BaseDrafter):
+    """Keeps each request's prompt + output tokens in self.tokens[request_id], for drafters that look at them."""
+
+    def __init__(self):
+        self.tokens: dict[str, list[int]] = {}
+
+    def begin(self, request_id, prompt_ids, group):
+        self.tokens[request_id] = list(prompt_ids)
+
+    def observe(self, request_id, token_ids, logprobs=None):
+        self.tokens[request_id].extend(token_ids)
+
+    def end(self, request_id):
+        self.tokens.pop(request_id, None)
+
+
 DRAFTERS: dict[str, Callable[..., Drafter]] = {}
 
 

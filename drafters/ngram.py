@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from drafters.base import BaseDrafter, Draft, register_drafter
+from drafters.base import Draft, TrackingDrafter, register_drafter
 
 
 def lookup(tokens: np.ndarray, max_tokens: int, min_n: int, max_n: int) -> list[int]:
@@ -26,21 +26,12 @@ def lookup(tokens: np.ndarray, max_tokens: int, min_n: int, max_n: int) -> list[
 
 
 @register_drafter("ngram")
-class NgramDrafter(BaseDrafter):
+class NgramDrafter(TrackingDrafter):
     def __init__(self, min_n: int = 1, max_n: int = 4):
         if not 1 <= min_n <= max_n:
             raise ValueError(f"ngram drafter needs 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+        super().__init__()
         self.min_n, self.max_n = int(min_n), int(max_n)
-        self.tokens: dict[str, list[int]] = {}
-
-    def begin(self, request_id, prompt_ids, group):
-        self.tokens[request_id] = list(prompt_ids)
-
-    def observe(self, request_id, token_ids, logprobs=None):
-        self.tokens[request_id].extend(token_ids)
-
-    def end(self, request_id):
-        self.tokens.pop(request_id, None)
 
     def propose(self, request_id, max_tokens):
         if max_tokens <= 0:

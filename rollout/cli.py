@@ -15,59 +15,50 @@ def _offline() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _rl_config(args: argparse.Namespace, **extra):
+    from rollout.rl import RLConfig
+
+    fields = dict(task=args.task, seed=args.seed, out_dir=args.out, use_ray=not args.local, **extra)
+    for name in ("steps", "prompts_per_step", "num_generations", "max_completion_length", "learning_rate"):
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = value
+    return RLConfig.quick(**fields) if args.quick else RLConfig(**fields)
+
+
+def _service_config(args: argparse.Namespace):
+    import os
+
+    from rollout.config import load_config
+
+    # One replica using every core: on a small machine the trainer and the engine take turns, not cores.
+    defaults = [f"cluster.num_cpus_per_worker={os.cpu_count() or 1}", "cluster.num_workers=1"]
+    return load_config(args.config, defaults + list(args.overrides))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """Sample a GRPO-shaped batch for a few rounds on the embedded default; report what speculation did."""
-    from pathlib import Path
+    """The main job: GRPO with TRL through the rollout service on the embedded default."""
+    from rollout.rl import run_grpo
 
-    from transformers import AutoTokenizer
+    cfg = _rl_config(args, save_policy=args.save_policy)
+    result = run_grpo(cfg, _service_config(args))
+    s = result.summary()
+    print(
+        f"\n{s['steps']} GRPO steps in {s['seconds']:.0f}s. reward {s['reward_first3']} -> {s['reward_last3']}; "
+        f"entropy {s['entropy_first3']} -> {s['entropy_last3']}; acceptance length "
+        f"{s['acceptance_length_first3']} -> {s['acceptance_length_last3']}; rollout tok/s "
+        f"{s['tokens_per_s_first3']} -> {s['tokens_per_s_last3']}"
+    )
+    print(f"metrics: {result.out_dir / 'metrics.parquet'}, plot: {result.out_dir / 'metrics.png'}, "
+          f"trace: {result.out_dir / 'trace.parquet'} (specrollout replay it)")
+    return 0
 
-    from rollout.config import EngineConfig, SpeculationConfig
-    from rollout.engine.checkpoint import resolve_model
-    from rollout.engine.engine import Engine
-    from rollout.result import SpecStats
-    from rollout.sampling import SamplingParams
-    from rollout.tasks import chat_prompt_ids, list_tasks
 
-    engine_cfg = EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs, max_model_len=1024)
-    spec_cfg = SpeculationConfig(drafter=args.drafter, budget=args.budget)
-    t0 = time.perf_counter()
-    engine = Engine.from_config(engine_cfg, spec_cfg, log=print)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; drafter={args.drafter} budget={args.budget}")
+def cmd_bench_rl(args: argparse.Namespace) -> int:
+    """Training with a plain-decoding twin of every step, then a second run without speculation."""
+    from benchmarks.rl import run_benchmark
 
-    tasks = list_tasks(args.prompts, seed=args.seed)
-    prompts = [chat_prompt_ids(tokenizer, task.prompt) for task in tasks]
-    for rnd in range(args.rounds):
-        # Each round stands for one RL step; the weights stay put here, the drafter learns from the rounds before.
-        engine.policy_version = rnd
-        engine.refresh_drafter()
-        batch = [p for p in prompts for _ in range(args.group_size)]
-        groups = [f"{rnd}-{i // args.group_size}" for i in range(len(batch))]
-        params = [
-            SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed + 1000 * rnd + i)
-            for i in range(len(batch))
-        ]
-        t0 = time.perf_counter()
-        results = engine.generate(batch, params, groups)
-        seconds = time.perf_counter() - t0
-        tokens = sum(len(r.token_ids) for r in results)
-        stats = SpecStats()
-        for r in results:
-            stats = stats.merge(r.spec)
-        reward = sum(
-            t.reward(tokenizer.decode(r.token_ids, skip_special_tokens=True))
-            for t, r in zip((t for t in tasks for _ in range(args.group_size)), results)
-        ) / len(results)
-        print(
-            f"round {rnd}: {len(results)} rollouts, {tokens} tokens in {seconds:.1f}s = {tokens / seconds:.1f} tok/s; "
-            f"{tokens / max(stats.target_forwards, 1):.2f} tokens per sequence-forward; "
-            f"{stats.acceptance_rate:.1%} of {stats.drafted} drafted tokens accepted; mean reward {reward:.2f}"
-        )
-    print(f"\nprompt: {tasks[0].prompt}\nrollout: {tokenizer.decode(results[0].token_ids)!r}")
-    engine.flush_history()
-    out = Path(args.out)
-    engine.history.save(out)
-    print(f"trace: {out} (replay with `specrollout replay {out} --drafter suffix --drafter ngram`)")
+    run_benchmark(_rl_config(args), _service_config(args))
     return 0
 
 
@@ -221,19 +212,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specrollout", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="sample GRPO-shaped rollouts for a few rounds on the embedded default model")
-    run.add_argument("--model", default="smollm2-135m", help="embedded name or local checkpoint folder")
-    run.add_argument("--prompts", type=int, default=8, help="distinct prompts")
-    run.add_argument("--group-size", type=int, default=4, help="samples per prompt (GRPO's G)")
-    run.add_argument("--max-tokens", type=int, default=96)
-    run.add_argument("--temperature", type=float, default=1.0)
-    run.add_argument("--rounds", type=int, default=3, help="rounds of the same prompts (stand-ins for RL steps)")
-    run.add_argument("--drafter", default="suffix", help="registered drafter name or dotted path")
-    run.add_argument("--out", default="runs/rollouts.parquet", help="where to save the rollout trace")
-    run.add_argument("--budget", default="fixed:4", help="'off' or 'fixed:K'")
-    run.add_argument("--max-num-seqs", type=int, default=32)
-    run.add_argument("--seed", type=int, default=0)
+    def rl_arguments(p: argparse.ArgumentParser, out: str) -> None:
+        p.add_argument("--config", default="configs/default.yaml")
+        p.add_argument("--quick", action="store_true", help="a few small steps (~3 minutes)")
+        p.add_argument("--task", default="copy", choices=["copy", "count"])
+        p.add_argument("--steps", type=int)
+        p.add_argument("--prompts-per-step", type=int)
+        p.add_argument("--num-generations", type=int)
+        p.add_argument("--max-completion-length", type=int)
+        p.add_argument("--learning-rate", type=float)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--local", action="store_true", help="run the engine in this process instead of on Ray")
+        p.add_argument("--out", default=out)
+        p.add_argument("overrides", nargs="*", help="service config overrides, e.g. speculation.budget=fixed:4")
+
+    run = sub.add_parser("run", help="the main job: GRPO with TRL through specrollout on the embedded default")
+    rl_arguments(run, "runs/grpo")
+    run.add_argument("--save-policy", action="store_true", help="also save the trained policy under OUT/policy")
     run.set_defaults(func=cmd_run)
+
+    bench = sub.add_parser("bench-rl", help="GRPO with per-step speedup against plain decoding, and a no-spec run")
+    rl_arguments(bench, "runs/bench-rl")
+    bench.set_defaults(func=cmd_bench_rl)
 
     rep = sub.add_parser("replay", help="replay a rollout trace (Parquet) through drafters, without the model")
     rep.add_argument("trace", help="Parquet file written by RolloutHistory.save / specrollout run")

@@ -46,7 +46,11 @@ class LocalService:
         if len(set(ids)) != len(ids):
             raise ValueError("request ids must be unique within a call")
         return self.engine.generate(
-            [r.prompt_token_ids for r in requests], [r.params for r in requests], [r.group for r in requests], ids
+            [r.prompt_token_ids for r in requests],
+            [r.params for r in requests],
+            [r.group for r in requests],
+            ids,
+            [r.speculate for r in requests],
         )
 
     def update_weights(self, named_tensors: Iterable[tuple[str, object]], version: int | None = None) -> int:

@@ -31,6 +31,7 @@ class RolloutRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     group: str | None = None
+    speculate: bool = True  # False: plain decoding, unseen by the drafter and the history (for comparisons)
 
 
 class RolloutWorker:
@@ -49,7 +50,9 @@ class RolloutWorker:
         added: list[str] = []
         try:
             for r in requests:
-                added.append(self.engine.add_request(r.prompt_token_ids, r.params, r.request_id, r.group))
+                added.append(
+                    self.engine.add_request(r.prompt_token_ids, r.params, r.request_id, r.group, r.speculate)
+                )
         except Exception:
             for rid in added:
                 self.engine.abort(rid)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import random
 
-from drafters.base import EMPTY_DRAFT, BaseDrafter, Draft
+from drafters.base import EMPTY_DRAFT, Draft, TrackingDrafter
 from drafters.reference import ReferenceDrafter
 
 
-class RandomDrafter(BaseDrafter):
+class RandomDrafter(TrackingDrafter):
     """Random chains, or random trees when tree=True.
 
     The draft is a function of the request's own tokens (and the seed), not of the order of calls, so a request
@@ -16,19 +16,10 @@ class RandomDrafter(BaseDrafter):
     """
 
     def __init__(self, vocab_size: int, seed: int = 0, tree: bool = False):
+        super().__init__()
         self.vocab_size = vocab_size
         self.seed = seed
         self.tree = tree
-        self.tokens: dict[str, list[int]] = {}
-
-    def begin(self, request_id, prompt_ids, group):
-        self.tokens[request_id] = list(prompt_ids)
-
-    def observe(self, request_id, token_ids, logprobs=None):
-        self.tokens[request_id].extend(token_ids)
-
-    def end(self, request_id):
-        del self.tokens[request_id]
 
     def propose(self, request_id, max_tokens):
         rng = random.Random(hash((self.seed, tuple(self.tokens[request_id]))))

@@ -41,6 +41,7 @@ class Sequence:
     generator: torch.Generator
     stop_ids: frozenset[int]
     prompt_key: str
+    speculate: bool = True  # False: no drafts, and the drafter and history never see this sequence
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     cache_len: int = 0
     output: list[int] = field(default_factory=list)
@@ -155,8 +156,12 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         group: str | None = None,
+        speculate: bool = True,
     ) -> str:
-        """Queue a request; raises ValueError naming the bad field and leaves the engine untouched."""
+        """Queue a request; raises ValueError naming the bad field and leaves the engine untouched.
+
+        speculate=False decodes it plainly and keeps it away from the drafter and the history (a twin for timing
+        comparisons must not teach the drafter the answer)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -172,7 +177,9 @@ class Engine:
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
         stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         generator = torch.Generator().manual_seed(seed)
-        self.waiting.append(Sequence(request_id, prompt, params, group, generator, stop, prompt_key(prompt)))
+        self.waiting.append(
+            Sequence(request_id, prompt, params, group, generator, stop, prompt_key(prompt), bool(speculate))
+        )
         return request_id
 
     def abort(self, request_id: str) -> RolloutResult | None:
@@ -199,6 +206,7 @@ class Engine:
         params: SamplingParams | Seq[SamplingParams] | None = None,
         groups: Seq[str | None] | None = None,
         request_ids: Seq[str] | None = None,
+        speculate: Seq[bool] | None = None,
     ) -> list[RolloutResult]:
         """Run a batch to completion; results in prompt order. All prompts are validated before any is queued."""
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -208,7 +216,11 @@ class Engine:
             _validate_prompt(p, self.vocab_size, self.max_model_len)
         ids = [
             self.add_request(
-                p, sp, None if request_ids is None else request_ids[i], None if groups is None else groups[i]
+                p,
+                sp,
+                None if request_ids is None else request_ids[i],
+                None if groups is None else groups[i],
+                True if speculate is None else speculate[i],
             )
             for i, (p, sp) in enumerate(zip(prompts, plist))
         ]
@@ -262,7 +274,8 @@ class Engine:
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             s = self.waiting.pop(0)
             self.running.append(s)
-            self.drafter.begin(s.request_id, s.prompt, s.group)
+            if s.speculate:
+                self.drafter.begin(s.request_id, s.prompt, s.group)
 
     def _room(self, s: Sequence) -> tuple[int, int]:
         """(most draft nodes the cache can take, deepest node worth verifying) for this step."""
@@ -276,7 +289,7 @@ class Engine:
         drafts, items = [], []
         for s in seqs:
             nodes, depth = self._room(s)
-            k = min(ask, nodes, depth)
+            k = min(ask, nodes, depth) if s.speculate else 0
             d = self.drafter.propose(s.request_id, k) if k > 0 else EMPTY_DRAFT
             if d is None or len(d) == 0:
                 d = EMPTY_DRAFT
@@ -375,7 +388,8 @@ class Engine:
             lps = token_logprobs[offset : offset + len(emitted)]
             kept = self._append(s, emitted, lps)
             offset += len(emitted)
-            self.drafter.observe(s.request_id, emitted[:kept], lps[:kept])
+            if s.speculate:
+                self.drafter.observe(s.request_id, emitted[:kept], lps[:kept])
             if s.finish_reason is not None:
                 finished.append(s)
         return finished
@@ -411,11 +425,12 @@ class Engine:
         assert len(self.running) == len(keep)
         results = []
         for s in finished:
-            self.drafter.end(s.request_id)
-            self.budget.finished(s.request_id, s.prompt_key, len(s.output))
             results.append(self._result(s))
-        if self.history is not None:
-            self._unrecorded.extend(r for r in results if r.finish_reason != "abort")
+            if s.speculate:
+                self.drafter.end(s.request_id)
+                self.budget.finished(s.request_id, s.prompt_key, len(s.output))
+                if self.history is not None and s.finish_reason != "abort":
+                    self._unrecorded.append(results[-1])
         return results
 
     def _result(self, s: Sequence) -> RolloutResult:

@@ -1,0 +1,159 @@
+"""TRL: a `rollout_func` for `GRPOTrainer` that generates through specrollout.
+
+    from adapters.trl import make_rollout_func
+    trainer = GRPOTrainer(model=model, reward_funcs=..., args=GRPOConfig(...), train_dataset=...,
+                          rollout_func=make_rollout_func(service))
+
+What it does at every generation:
+- pushes the trainer's weights to the service when `trainer.state.global_step` has moved (TRL syncs nothing itself
+  when `use_vllm=False`); the step number is the new policy version, so the drafter refreshes from the rollouts of
+  the versions before and the rollouts are recorded under it;
+- renders conversational prompts with the trainer's chat template (plain strings are tokenized as they are);
+- maps GRPOConfig's sampling fields (temperature, top_p, top_k, max_completion_length; `min_p` and
+  `repetition_penalty` are refused unless neutral, rather than silently ignored) onto SamplingParams;
+- samples one completion per prompt entry (TRL repeats each prompt num_generations times, consecutively: that run
+  is one GRPO group, sent to one worker so its drafter sees the siblings), seeded from (args.seed, step, index) so a
+  run is reproducible and a run without speculation samples the very same tokens;
+- returns `prompt_ids`, `completion_ids`, `logprobs` (the target's, one per completion token) and, as extra keys
+  that TRL forwards to reward functions, each rollout's speculation figures.
+
+TRL is only imported by the caller; this module needs none of it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from rollout.sampling import SamplingParams
+from rollout.worker import RolloutRequest
+
+
+@dataclass
+class RolloutStats:
+    """What one call of the rollout function did, for logging and benchmarks."""
+
+    step: int
+    policy_version: int
+    seconds: float
+    tokens: int
+    sequences: int
+    target_forwards: int  # summed over sequences
+    drafted: int
+    accepted: int
+    sync_seconds: float = 0.0
+    nospec_seconds: float | None = None  # when a plain-decoding twin was generated for comparison
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens / self.target_forwards if self.target_forwards else 0.0
+
+
+def sampling_params_from(args: Any, seed: int | None = None) -> SamplingParams:
+    """GRPOConfig (or anything with the same fields) -> SamplingParams; unsupported options are errors."""
+    min_p = getattr(args, "min_p", None)
+    if min_p not in (None, 0, 0.0):
+        raise ValueError(f"min_p={min_p} is not supported by specrollout's sampler; leave GRPOConfig.min_p at None")
+    rep = getattr(args, "repetition_penalty", 1.0)
+    if rep not in (None, 1, 1.0):
+        raise ValueError(f"repetition_penalty={rep} is not supported by specrollout's sampler; leave it at 1.0")
+    if getattr(args, "generation_kwargs", None):
+        raise ValueError("GRPOConfig.generation_kwargs is not supported with specrollout; set the sampling fields")
+    top_k = getattr(args, "top_k", None)
+    return SamplingParams(
+        temperature=float(getattr(args, "temperature", 1.0)),
+        top_p=float(getattr(args, "top_p", 1.0) or 1.0),
+        top_k=int(top_k) if top_k and top_k > 0 else 0,
+        max_tokens=int(getattr(args, "max_completion_length", 256)),
+        seed=seed,
+    )
+
+
+def render_prompt(tokenizer, prompt: Any) -> list[int]:
+    """A conversational prompt (list of messages) through the chat template; a string as it is."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@dataclass
+class SpecRolloutFunc:
+    """The callable handed to GRPOTrainer(rollout_func=...)."""
+
+    service: Any  # RolloutService: RolloutCluster or LocalService
+    compare_without_speculation: bool = False  # also time a plain-decoding twin of every batch (benchmarks)
+    on_rollouts: Callable[[list, RolloutStats], None] | None = None  # e.g. to save traces or log
+    history: list[RolloutStats] = field(default_factory=list)
+    _synced_step: int = 0
+
+    def _sync(self, trainer) -> float:
+        step = int(trainer.state.global_step)
+        if step == self._synced_step:
+            return 0.0
+        t0 = time.perf_counter()
+        model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+        self.service.update_weights(model.named_parameters(), version=step)
+        self._synced_step = step
+        return time.perf_counter() - t0
+
+    def _timed(self, requests: list[RolloutRequest]) -> tuple[float, list]:
+        t0 = time.perf_counter()
+        results = self.service.generate(requests)
+        return time.perf_counter() - t0, results
+
+    def __call__(self, prompts: list, trainer) -> dict[str, list]:
+        sync_seconds = self._sync(trainer)
+        args = trainer.args
+        step = int(trainer.state.global_step)
+        tokenizer = trainer.processing_class
+        g = max(int(getattr(trainer, "num_generations", 1) or 1), 1)
+        base_seed = int(getattr(args, "seed", 0) or 0)
+        requests = []
+        for i, prompt in enumerate(prompts):
+            params = sampling_params_from(args, seed=base_seed * 1_000_003 + step * 100_003 + i)
+            requests.append(RolloutRequest(f"s{step}-{i}", render_prompt(tokenizer, prompt), params, f"s{step}-g{i // g}"))
+        nospec = None
+        twins = None
+        if self.compare_without_speculation:
+            twins = [
+                RolloutRequest(f"plain-{r.request_id}", r.prompt_token_ids, r.params, r.group, speculate=False)
+                for r in requests
+            ]
+        if twins is not None and step % 2 == 1:  # alternate which goes first, so drift in machine load evens out
+            nospec, plain = self._timed(twins)
+        seconds, results = self._timed(requests)
+        if twins is not None and step % 2 == 0:
+            nospec, plain = self._timed(twins)
+        if twins is not None:
+            mismatch = sum(p.token_ids != r.token_ids for p, r in zip(plain, results))
+            if mismatch:
+                print(f"note: {mismatch} of {len(results)} rollouts differ without speculation (rounding at a CDF edge)")
+        stats = RolloutStats(
+            step=step,
+            policy_version=results[0].policy_version if results else step,
+            seconds=seconds,
+            tokens=sum(len(r.token_ids) for r in results),
+            sequences=len(results),
+            target_forwards=sum(r.spec.target_forwards for r in results),
+            drafted=sum(r.spec.drafted for r in results),
+            accepted=sum(r.spec.accepted for r in results),
+            sync_seconds=sync_seconds,
+            nospec_seconds=nospec,
+        )
+        self.history.append(stats)
+        if self.on_rollouts is not None:
+            self.on_rollouts(results, stats)
+        return {
+            "prompt_ids": [r.prompt_token_ids for r in results],
+            "completion_ids": [r.token_ids for r in results],
+            "logprobs": [r.logprobs for r in results],
+            "spec_accepted": [r.spec.accepted for r in results],
+            "spec_target_forwards": [r.spec.target_forwards for r in results],
+            "policy_version": [r.policy_version for r in results],
+        }
+
+
+def make_rollout_func(service, **kwargs) -> SpecRolloutFunc:
+    return SpecRolloutFunc(service, **kwargs)

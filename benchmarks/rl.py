@@ -1,0 +1,71 @@
+"""The main job, measured: does generation get faster as the policy learns, without changing what it learns?
+
+    specrollout bench-rl                 # ~30 minutes on 2 cores; writes benchmarks/results/rl.json and rl.png
+    specrollout bench-rl --quick         # a smoke run (writes under runs/, not benchmarks/results/)
+
+Run 1 trains with speculative rollouts; at every step the same prompts, with the same seeds, are also generated
+without speculation on the same engine and weights (which goes first alternates), so spec_s / nospec_s is measured
+on identical work. Run 2 trains from the same seed with speculation off, for the reward curve to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, machine, versions  # noqa: E402
+from rollout.config import ServiceConfig  # noqa: E402
+from rollout.rl import RLConfig, plot_steps, run_grpo  # noqa: E402
+
+
+def run_benchmark(cfg: RLConfig, service: ServiceConfig) -> dict:
+    spec = run_grpo(replace(cfg, compare_without_speculation=True, out_dir=f"{cfg.out_dir}/spec"), service)
+    service_off = replace(service, speculation=replace(service.speculation, budget="off"))
+    off = run_grpo(replace(cfg, out_dir=f"{cfg.out_dir}/nospec"), service_off)
+    reward_off = {m.step: m.reward for m in off.steps}
+    steps = [
+        {
+            "step": m.step,
+            "spec_s": round(m.rollout_s, 3),
+            "nospec_s": round(m.nospec_s, 3) if m.nospec_s else None,
+            "speedup": round(m.nospec_s / m.rollout_s, 3) if m.nospec_s and m.rollout_s else None,
+            "acceptance_length": round(m.acceptance_length, 3),
+            "tokens_per_forward": round(m.tokens_per_forward, 3),
+            "draft_volume": round(m.draft_volume, 3),
+            "reward": m.reward,
+            "reward_nospec_run": reward_off.get(m.step),
+            "entropy": m.entropy,
+            "logp_difference": m.logp_difference,
+        }
+        for m in spec.steps
+    ]
+    speedups = [s["speedup"] for s in steps if s["speedup"]]
+    pairs = [(s["reward"], s["reward_nospec_run"]) for s in steps if s["reward"] is not None and s["reward_nospec_run"] is not None]
+    payload = {
+        "steps": steps,
+        "speedup_last5": round(statistics.median(speedups[-5:]), 3) if speedups else None,
+        "speedup_first5": round(statistics.median(speedups[:5]), 3) if speedups else None,
+        "reward_max_abs_difference_between_runs": round(max(abs(a - b) for a, b in pairs), 4) if pairs else None,
+        "summary_spec_run": spec.summary(),
+        "summary_nospec_run": off.summary(),
+        "setup": {**{k: v for k, v in vars(cfg).items()}, "model": service.engine.model,
+                  "budget": service.speculation.budget, "drafter": service.speculation.drafter},
+        "machine": machine(),
+        "versions": versions("trl", "ray"),
+    }
+    out_dir = RESULTS if cfg.out_dir.startswith("runs/bench-rl") and cfg.steps >= 20 else Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "rl.json").write_text(json.dumps(payload, indent=2) + "\n")
+    plot_steps(
+        spec.steps,
+        out_dir / "rl.png",
+        "GRPO through specrollout: speedup and reward by step",
+        extra={"reward, run without speculation": [reward_off.get(m.step) for m in spec.steps]},
+    )
+    print(f"speedup (median of last 5 steps): {payload['speedup_last5']}; wrote {out_dir / 'rl.json'}")
+    return payload
