@@ -113,7 +113,8 @@ class SpecRolloutFunc:
         requests = []
         for i, prompt in enumerate(prompts):
             params = sampling_params_from(args, seed=base_seed * 1_000_003 + step * 100_003 + i)
-            requests.append(RolloutRequest(f"s{step}-{i}", render_prompt(tokenizer, prompt), params, f"s{step}-g{i // g}"))
+            ids = render_prompt(tokenizer, prompt)
+            requests.append(RolloutRequest(f"s{step}-{i}", ids, params, f"s{step}-g{i // g}"))
         nospec = None
         twins = None
         if self.compare_without_speculation:
@@ -129,7 +130,8 @@ class SpecRolloutFunc:
         if twins is not None:
             mismatch = sum(p.token_ids != r.token_ids for p, r in zip(plain, results))
             if mismatch:
-                print(f"note: {mismatch} of {len(results)} rollouts differ without speculation (rounding at a CDF edge)")
+                print(f"note: {mismatch} of {len(results)} rollouts differ without speculation "
+                      "(rounding at a CDF edge)")
         stats = RolloutStats(
             step=step,
             policy_version=results[0].policy_version if results else step,

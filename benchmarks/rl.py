@@ -45,7 +45,11 @@ def run_benchmark(cfg: RLConfig, service: ServiceConfig) -> dict:
         for m in spec.steps
     ]
     speedups = [s["speedup"] for s in steps if s["speedup"]]
-    pairs = [(s["reward"], s["reward_nospec_run"]) for s in steps if s["reward"] is not None and s["reward_nospec_run"] is not None]
+    pairs = [
+        (s["reward"], s["reward_nospec_run"])
+        for s in steps
+        if s["reward"] is not None and s["reward_nospec_run"] is not None
+    ]
     payload = {
         "steps": steps,
         "speedup_last5": round(statistics.median(speedups[-5:]), 3) if speedups else None,

@@ -150,6 +150,9 @@ def measure_cost_model(
 
     batches = [b for b in (1, 4, 16, 64, 256) if b <= max_batch] or [1]
     ks = (1, 2, 4, 8, 16)
+    # A short max_model_len must still hold the probe's context plus its largest draft.
+    context = max(1, min(context, model.max_model_len - max(ks) - 1))
+    ks = tuple(k for k in ks if context + k <= model.max_model_len) or (1,)
     cache = model.new_cache(max(batches))
     filler = [1] * context
     model.forward(build_batch([SeqInput(0, filler, None, context - 1)] * max(batches), 0), cache)
@@ -272,7 +275,6 @@ class AutoBudget:
             owners.append(np.full(len(probs), i))
         if not any(len(g) for g in gains):
             return [0] * b
-        gain = np.concatenate(gains)
         owner = np.concatenate(owners)
         # Keep each draft's own order (a prefix per sequence), then merge by gain: sort by (gain desc) but never
         # put a node before an earlier node of the same draft, by taking the running minimum along each draft.

@@ -190,7 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Bring the rollout cluster up and keep it serving until interrupted."""
+    """Bring the rollout cluster up and keep it serving until interrupted (over HTTP with --http)."""
     from rollout.cluster import RolloutCluster
     from rollout.config import load_config
 
@@ -198,10 +198,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cluster = RolloutCluster(config)
     for h in cluster.health():
         print(f"worker {h['worker']}: pid {h['pid']}, policy version {h['policy_version']}")
-    print("serving; Ctrl-C to stop")
     try:
-        while True:
-            time.sleep(3600)
+        if args.http:
+            from transformers import AutoTokenizer
+
+            from adapters.vllm_server import CompletionServer, ServerConfig, serve
+            from rollout.engine.checkpoint import resolve_model
+
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.engine.model))
+            server = CompletionServer(cluster, tokenizer, ServerConfig(host=args.host, port=args.port),
+                                      model_name=config.engine.model)
+            print(f"vLLM-compatible API on http://{args.host}:{args.port} (model {server.model_name!r})")
+            serve(server)
+        else:
+            print("serving; Ctrl-C to stop")
+            while True:
+                time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
@@ -258,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="bring the rollout cluster up and wait")
     srv.add_argument("--config", default="configs/default.yaml")
+    srv.add_argument("--http", action="store_true", help="serve vLLM's HTTP API (TRL's VLLMClient) on --host:--port")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you open it up)")
+    srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("overrides", nargs="*", help="config overrides, e.g. cluster.num_workers=2")
     srv.set_defaults(func=cmd_serve)
     return parser

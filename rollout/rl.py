@@ -239,7 +239,8 @@ def plot_steps(steps: list[StepMetrics], path: Path, title: str, extra: dict[str
         ("rollout tokens / s", [m.tokens_per_s for m in steps]),
     ]
     if any(m.nospec_s for m in steps):
-        panels.append(("speedup vs no speculation", [(m.nospec_s or 0) / m.rollout_s if m.rollout_s else 0 for m in steps]))
+        speedups = [(m.nospec_s or 0) / m.rollout_s if m.rollout_s else 0 for m in steps]
+        panels.append(("speedup vs no speculation", speedups))
     for name, values in (extra or {}).items():
         panels.append((name, values))
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True)

@@ -39,6 +39,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # when False, the model's EOS token(s) also stop the sequence
     seed: int | None = None
+    # Stop tokens (EOS included) are masked out of the processed distribution at the first min_tokens output
+    # positions, as vLLM does: the rollout samples, and its logprobs report, that masked distribution.
+    min_tokens: int = 0
 
     def __post_init__(self):
         # Validate here so that a bad request fails when it is built, naming the field, before it reaches an engine.
@@ -51,6 +54,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         object.__setattr__(self, "top_p", top_p)
         object.__setattr__(self, "max_tokens", _check_int("max_tokens", self.max_tokens, 1))
+        object.__setattr__(self, "min_tokens", _check_int("min_tokens", self.min_tokens, 0))
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         stops = self.stop_token_ids
         if isinstance(stops, (str, bytes)) or not hasattr(stops, "__iter__"):
             raise ValueError(f"stop_token_ids must be a list of integers, got {stops!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from drafters.base import Draft
@@ -95,3 +96,13 @@ def test_measured_cost_model_drafts_more_at_batch_1_than_at_batch_64(smol_model,
     print(f"nodes per sequence: batch 1 -> {at_1}, batch 64 -> {at_64:.2f}")
     assert at_1 > at_64
     assert at_1 >= 2
+
+
+def test_cost_model_fits_a_short_max_model_len(tiny_folder):
+    """The probe's context and drafts are cut to the model's length instead of writing past the cache."""
+    from rollout.budget import measure_cost_model
+    from rollout.engine.model import TargetModel
+
+    model = TargetModel.from_folder(tiny_folder, max_model_len=24, tune=False)
+    cost = measure_cost_model(model, max_batch=4, log=lambda _: None)
+    assert float(cost.times(np.array([8.0]), 1)[0]) > 0

@@ -43,19 +43,6 @@ def test_bad_option_is_a_clear_error():
 
 
 @pytest.mark.slow
-def test_run_on_the_embedded_default(tmp_path):
-    trace = tmp_path / "t.parquet"
-    run = specrollout(
-        "run", "--rounds", "2", "--prompts", "2", "--group-size", "2", "--max-tokens", "24", "--out", str(trace)
-    )
-    assert run.returncode == 0, run.stderr
-    assert "round 1: 4 rollouts" in run.stdout
-    assert trace.exists()
-    replayed = specrollout("replay", str(trace), "--drafter", "suffix")
-    assert replayed.returncode == 0 and "suffix: acceptance length" in replayed.stdout
-
-
-@pytest.mark.slow
 def test_generate_is_resumable(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(

@@ -369,3 +369,37 @@ def test_seeded_sampled_rollouts_do_not_depend_on_drafts_smollm2(smol_model, smo
         spec = make_engine(smol_model, drafter=drafter, budget=parse_budget("fixed:6")).generate(prompts, params)
         assert [r.token_ids for r in spec] == [r.token_ids for r in plain], type(drafter).__name__
     assert sum(r.spec.accepted for r in spec) > 100
+
+
+@pytest.mark.slow
+def test_min_tokens_masks_stop_tokens_losslessly(smol_model, hf_smol, smol_tokenizer):
+    """min_tokens masks EOS and stop tokens at the first positions, with or without drafts, and the returned
+    logprobs are those of that masked distribution (one full forward, stop logits set to -inf, as reference)."""
+    prompts = [chat_prompt_ids(smol_tokenizer, "Hi"), chat_prompt_ids(smol_tokenizer, "What is 2+2?")]
+    eos = smol_tokenizer.eos_token_id
+    free = make_engine(smol_model).generate(prompts, SamplingParams(temperature=0, max_tokens=40))
+    assert all(r.finish_reason == "stop" and len(r.token_ids) <= 12 for r in free), "the prompts must stop early"
+    params = [SamplingParams(temperature=0, max_tokens=40, min_tokens=16),
+              SamplingParams(temperature=0.9, max_tokens=40, min_tokens=16, seed=4)]
+    plain = make_engine(smol_model).generate(prompts, params)
+    drafter = ReferenceDrafter({tuple(p): r.token_ids for p, r in zip(prompts, plain)})
+    drafted = make_engine(smol_model, drafter=drafter, budget=parse_budget("fixed:8")).generate(prompts, params)
+    assert sum(r.spec.accepted for r in drafted) > 10, "drafts must be accepted for the test to cover them"
+    for a, b, sp, p in zip(plain, drafted, params, prompts):
+        assert a.token_ids == b.token_ids
+        assert len(a.token_ids) >= 16 and eos not in a.token_ids[:16]
+        with torch.no_grad():
+            logits = hf_smol(torch.tensor([p + b.token_ids])).logits[0, len(p) - 1 : -1].float()  # [n, V]
+        logits[:16, eos] = float("-inf")
+        n = len(b.token_ids)
+        _, ref = process_logits(logits, torch.full((n,), sp.temperature), torch.zeros(n, dtype=torch.int64),
+                                torch.ones(n))
+        ref = ref.gather(1, torch.tensor(b.token_ids)[:, None]).squeeze(1)
+        assert (torch.tensor(b.logprobs) - ref).abs().max().item() <= 1e-4
+
+
+def test_min_tokens_is_validated():
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=-1)

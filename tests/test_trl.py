@@ -90,7 +90,8 @@ def test_grpo_trainer_with_our_rollout_func(smol_folder, smol_tokenizer, tmp_pat
 
     model = AutoModelForCausalLM.from_pretrained(smol_folder, dtype=torch.float32)
     tasks = copy_tasks(4, seed=0)
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": t.prompt}], "i": i} for i, t in enumerate(tasks)] * 4)
+    rows = [{"prompt": [{"role": "user", "content": t.prompt}], "i": i} for i, t in enumerate(tasks)]
+    dataset = Dataset.from_list(rows * 4)
 
     def reward(completions, i, **kwargs):
         return [tasks[k].reward(c[-1]["content"]) for c, k in zip(completions, i)]

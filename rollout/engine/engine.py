@@ -311,6 +311,23 @@ class Engine:
         self.budget.observe_step(time.perf_counter() - started, tokens)
         return finished
 
+    def _min_tokens_mask(self, seqs: list[Sequence], drafts: list[Draft], logit_counts: list[int]):
+        """Rows whose output position is below their request's min_tokens, with its stop tokens marked; None when
+        no request needs one. A sequence's first logit row predicts output position len(output), the row of a
+        draft node at depth d (1-based) position len(output) + d."""
+        if all(len(s.output) >= s.params.min_tokens for s in seqs):
+            return None
+        mask = torch.zeros(sum(logit_counts), self.vocab_size, dtype=torch.bool)
+        row = 0
+        for s, d, count in zip(seqs, drafts, logit_counts):
+            positions = [len(s.output)] + [len(s.output) + depth for depth in d.depths()]
+            stops = sorted(s.stop_ids)
+            for r, position in zip(range(row, row + count), positions):
+                if position < s.params.min_tokens and stops:
+                    mask[r, stops] = True
+            row += count
+        return mask
+
     def _verify_step(self, seqs: list[Sequence], slot_lo: int) -> list[Sequence]:
         drafts = self._drafts(seqs)
         inputs = []
@@ -332,10 +349,12 @@ class Engine:
             for name, dtype in (("temperature", torch.float32), ("top_k", torch.int64), ("top_p", torch.float32))
         ]
         processed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (probs, logprobs), as reached
+        masked = self._min_tokens_mask(seqs, drafts, batch.logit_counts)  # [R, V] bool, or None
 
         def distributions(rows: torch.Tensor) -> torch.Tensor:
             """Processed distributions of the rows verification reaches: one per emitted token, not per node."""
-            probs, logprobs = process_logits(logits[rows], *(p[rows] for p in row_params))
+            reached = logits[rows] if masked is None else logits[rows].masked_fill(masked[rows], float("-inf"))
+            probs, logprobs = process_logits(reached, *(p[rows] for p in row_params))
             for r, pr, lp in zip(rows.tolist(), probs, logprobs):
                 processed[r] = (pr, lp)
             return probs
