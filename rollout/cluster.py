@@ -234,6 +234,7 @@ class RolloutCluster:
         return self._ray.get([w.stats.remote() for w in self.workers])
 
     def shutdown(self) -> None:
+        """Kill the workers and free their placement group; calling it again does nothing."""
         from ray.util.placement_group import remove_placement_group
 
         for w in self.workers:
@@ -241,7 +242,10 @@ class RolloutCluster:
                 self._ray.kill(w, no_restart=True)
             except Exception:
                 pass
-        remove_placement_group(self._pg)
+        self.workers = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
 
 
 def _worker_class():

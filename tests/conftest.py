@@ -100,3 +100,12 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_folder):
     return TargetModel.from_folder(tiny_folder, max_model_len=256, tune=False)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray of this machine's size for one test module (real Ray: workers are separate processes)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()

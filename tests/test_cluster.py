@@ -19,13 +19,6 @@ from rollout.worker import RolloutRequest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def cluster(ray_local, tiny_folder):
     config = load_config(
         None,
@@ -144,15 +137,17 @@ def test_a_worker_killed_mid_batch(cluster):
 
 
 @pytest.mark.slow
-def test_smollm2_cluster_two_workers(ray_local, smol_tokenizer):
+def test_smollm2_cluster_two_workers(cluster, smol_tokenizer):
     """The real model on two workers: a GRPO-shaped batch, then new weights change the greedy output."""
     from rollout.tasks import chat_prompt_ids, list_tasks
+
+    cluster.shutdown()  # the tiny-model cluster holds both CPUs of this Ray; it is the module's last user
 
     config = load_config(
         None, ["engine.max_model_len=256", "engine.max_num_seqs=16", "speculation.budget=fixed:4",
                "cluster.num_workers=2", "cluster.weight_bucket_mb=64"]
     )
-    cluster = RolloutCluster(config)
+    cluster = RolloutCluster(config)  # noqa: F811 (the fixture is done with)
     try:
         prompts = [chat_prompt_ids(smol_tokenizer, t.prompt) for t in list_tasks(4, seed=5)]
         reqs = [RolloutRequest(f"p{i}s{s}", p, SamplingParams(temperature=0.7, max_tokens=24, seed=s), f"p{i}")

@@ -109,13 +109,6 @@ def params(**kwargs):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def engine(ray_local):
     mp = pytest.MonkeyPatch()
     mp.setattr(adapter, "ADAPTER_CONFIG", AdapterConfig(overrides=["speculation.budget=fixed:4"], group_timeout_s=60))
