@@ -41,18 +41,17 @@ import os
 import runpy
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
 
-from adapters.vllm_server import _broadcast, _gloo_group
+from adapters.weight_transfer import broadcast, gloo_group, parse_dtype
 from rollout.config import ServiceConfig, load_config
-from rollout.sampling import SamplingParams
+from rollout.sampling import SamplingParams, sample_seed
 from rollout.worker import RolloutRequest
 
 WORKER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SPECROLLOUT_CACHE", "HOME", "RAY_AUTH_MODE")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -171,15 +170,6 @@ def translate_sampling(sp: Any, prompt_len: int, max_model_len: int) -> tuple[Sa
     return params, n, logprobs
 
 
-def _dtype(dtype: Any) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = DTYPES.get(str(dtype).removeprefix("torch."))
-    if resolved is None:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
-    return resolved
-
-
 # ------------------------------------------------------------------------------------------------- the actor
 
 
@@ -223,8 +213,7 @@ class SpecRolloutActor:
         group = _GROUP.get() or rid
         requests = []
         for j in range(n):  # a seeded request with n > 1: distinct, reproducible seeds per sample
-            p = params if params.seed is None or n == 1 else SamplingParams(
-                **{**params.__dict__, "seed": (params.seed * 1_000_003 + j) % 2**63})
+            p = params if params.seed is None or n == 1 else replace(params, seed=sample_seed(params.seed, j))
             requests.append(RolloutRequest(f"{rid}-{j}", ids, p, group))
         results = await self._submit(requests)
         return RequestOutput(rid, None, ids, [self._completion(j, r, params, logprobs, sampling_params)
@@ -338,7 +327,7 @@ class SpecRolloutActor:
                                     group_name=group_name, gloo_timeout=int(self.adapter.group_timeout_s * 1000))
             self._group, self._use_ray = group_name, True
         else:
-            self._group = await asyncio.to_thread(_gloo_group, master_address, master_port, rank_offset, world_size,
+            self._group = await asyncio.to_thread(gloo_group, master_address, master_port, rank_offset, world_size,
                                                   False, self.adapter.group_timeout_s)
             self._use_ray = False
 
@@ -346,21 +335,15 @@ class SpecRolloutActor:
         """Receive one tensor from rank 0 and stage it; applied with the others before the next generation."""
         if self._group is None:
             raise RuntimeError("no weight group: call init_process_group first")
-        buffer = torch.empty(tuple(shape), dtype=_dtype(dtype))
+        buffer = torch.empty(tuple(shape), dtype=parse_dtype(dtype))
         await asyncio.to_thread(self._receive, buffer)
         # Checked after receiving: the trainer has sent it anyway, and the group must stay in step.
-        key = name.removeprefix("module.")
-        if key.endswith("rotary_emb.inv_freq"):
-            return
-        expected = self.engine.model.parameter_shapes().get(key)
-        if expected is None:
-            raise ValueError(f"unknown parameter {name!r} for {self.engine.model.shape.architecture}; not applied")
-        if tuple(buffer.shape) != expected:
-            raise ValueError(f"parameter {name!r}: shape {tuple(buffer.shape)} does not match the model's "
-                             f"{expected}; not applied")
-        if not buffer.is_floating_point():
-            raise ValueError(f"parameter {name!r}: dtype {buffer.dtype} is not floating-point; not applied")
-        self._staged.append((key, buffer))
+        try:
+            key = self.engine.model.check_weight(name, buffer)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{e}; not applied") from e
+        if key is not None:
+            self._staged.append((key, buffer))
 
     def _receive(self, buffer: torch.Tensor) -> None:
         if self._use_ray:
@@ -368,7 +351,7 @@ class SpecRolloutActor:
 
             collective.broadcast(buffer, 0, group_name=self._group)
         else:
-            _broadcast(self._group, buffer, 0)
+            broadcast(self._group, buffer, 0)
 
     async def update_weight_cuda_ipc(self, name, dtype, shape, ipc_handles, empty_cache=False):
         raise NotImplementedError("CUDA IPC weight sharing needs a CUDA engine colocated with the trainer; "
@@ -475,11 +458,11 @@ def create_engines(
 def trainer_weight_group(master_address: str, master_port: int, world_size: int, timeout_s: float = 300.0):
     """The trainer's end (rank 0, the store's master) of the use_ray=False weight group; broadcast with
     `broadcast_weight`. Every engine's init_process_group must be under way while this rendezvous runs."""
-    return _gloo_group(master_address, master_port, 0, world_size, True, timeout_s)
+    return gloo_group(master_address, master_port, 0, world_size, True, timeout_s)
 
 
 def broadcast_weight(group, tensor: torch.Tensor) -> None:
-    _broadcast(group, tensor.detach().to("cpu").contiguous(), 0)
+    broadcast(group, tensor.detach().to("cpu").contiguous(), 0)
 
 
 def split_argv(argv: list[str]) -> tuple[AdapterConfig, list[str]]:

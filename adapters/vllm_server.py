@@ -23,23 +23,21 @@ naming it, never silently ignored. It binds 127.0.0.1 unless told otherwise.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the body models from the handlers' annotations at runtime.
+import dataclasses
 import secrets
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from adapters.weight_transfer import broadcast, gloo_group, parse_dtype
 from rollout.result import RolloutResult
-from rollout.sampling import SamplingParams
+from rollout.sampling import SamplingParams, sample_seed
 from rollout.worker import RolloutRequest
-
-# vLLM and TRL name dtypes with or without the "torch." prefix; only these are accepted from the network.
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -137,28 +135,10 @@ class LegacyParamBody(_Body):
 
 
 def _dtype(name: str) -> torch.dtype:
-    dtype = DTYPES.get(name.removeprefix("torch."))
-    if dtype is None:
-        raise HTTPError(400, f"dtype {name!r} is not supported; use one of {sorted(DTYPES)}")
-    return dtype
-
-
-def _gloo_group(address: str, port: int, rank: int, world_size: int, is_master: bool, timeout_s: float):
-    """A gloo process group that leaves torch.distributed's default group alone (the trainer may have its own)."""
-    from torch.distributed import PrefixStore, TCPStore
-    from torch.distributed.distributed_c10d import ProcessGroupGloo
-
-    timeout = timedelta(seconds=timeout_s)
-    store = TCPStore(address, port, world_size, is_master, timeout=timeout)
-    return ProcessGroupGloo(PrefixStore("specrollout-weights", store), rank, world_size, timeout)
-
-
-def _broadcast(group, tensor: torch.Tensor, src: int) -> None:
-    from torch.distributed import BroadcastOptions
-
-    opts = BroadcastOptions()
-    opts.rootRank, opts.rootTensor = src, 0
-    group.broadcast([tensor], opts).wait()
+    try:
+        return parse_dtype(name)
+    except ValueError as e:
+        raise HTTPError(400, str(e)) from e
 
 
 class CompletionServer:
@@ -222,7 +202,7 @@ class CompletionServer:
         for i, ids in enumerate(prompts):
             for j in range(body.n):
                 index = i * body.n + j
-                seeded = SamplingParams(**{**params.__dict__, "seed": (seed * 1_000_003 + index) % 2**63})
+                seeded = dataclasses.replace(params, seed=sample_seed(seed, index))
                 requests.append(RolloutRequest(f"http-{call}-{index}", ids, seeded, group=f"http-{call}-{i}"))
         with self._lock:
             self._commit_legacy()
@@ -333,7 +313,7 @@ class CompletionServer:
     def _open_group(self, address, port, rank, world_size, is_master, src) -> None:
         self.close_group()
         try:
-            self._group = _gloo_group(address, port, rank, world_size, is_master, self.config.group_timeout_s)
+            self._group = gloo_group(address, port, rank, world_size, is_master, self.config.group_timeout_s)
         except Exception as e:  # rendezvous failure: nothing is half-open
             raise HTTPError(400, f"could not join the weight group at {address}:{port}: {e}") from e
         self._src_rank = src
@@ -350,7 +330,7 @@ class CompletionServer:
             raise HTTPError(400, f"{name}: negative dimension in shape {shape}")
         buffer = torch.empty(shape, dtype=dtype)
         try:
-            _broadcast(self._group, buffer, self._src_rank)
+            broadcast(self._group, buffer, self._src_rank)
         except Exception as e:  # a peer gone or out of step: the group cannot be trusted any more
             self.close_group()
             raise HTTPError(500, f"{name}: weight broadcast failed ({e}); the weight group was closed") from e
@@ -534,7 +514,7 @@ class WeightSender:
                 "backend": "gloo"}
 
         def join():
-            self.group = _gloo_group(self.address, self.port, 0, 2, True, self.timeout_s)
+            self.group = gloo_group(self.address, self.port, 0, 2, True, self.timeout_s)
 
         self._concurrently("/init_weight_transfer_engine", {"init_info": info}, join)
         return self
@@ -545,11 +525,11 @@ class WeightSender:
                 "shapes": [list(t.shape) for _, t in named]}
         self._post("/start_weight_update")
 
-        def broadcast():
+        def push():
             for _, tensor in named:
-                _broadcast(self.group, tensor, 0)
+                broadcast(self.group, tensor, 0)
 
-        self._concurrently("/update_weights", {"update_info": info}, broadcast)
+        self._concurrently("/update_weights", {"update_info": info}, push)
         return int(self._post("/finish_weight_update")["policy_version"])
 
     def __exit__(self, *exc) -> None:

@@ -71,6 +71,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a seeded request with n > 1: distinct per sample, the same on every run."""
+    return (seed * 1_000_003 + index) % 2**63
+
+
 def process_logits(
     logits: torch.Tensor,  # [R, V] fp32
     temperature: torch.Tensor,  # [R]; 0 = greedy

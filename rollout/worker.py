@@ -100,18 +100,8 @@ class RolloutWorker:
 
     def stage_weights(self, bucket: list[tuple[str, object]]) -> int:
         """Check one bucket of (name, tensor) against the model and keep it until commit; returns tensors staged."""
-        shapes = self.engine.model.parameter_shapes()
         for name, tensor in bucket:
-            name = name.removeprefix("module.")
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            if name not in shapes:
-                raise ValueError(f"unknown parameter {name!r} for {self.engine.model.shape.architecture}")
-            shape = tuple(getattr(tensor, "shape", ()))
-            if shape != shapes[name]:
-                raise ValueError(f"parameter {name!r}: shape {shape} does not match the model's {shapes[name]}")
-            if not getattr(tensor, "is_floating_point", lambda: False)():
-                raise TypeError(f"parameter {name!r}: dtype {getattr(tensor, 'dtype', type(tensor))} is not floating")
+            self.engine.model.check_weight(name, tensor)
         self._staged.extend(bucket)
         return len(self._staged)
 

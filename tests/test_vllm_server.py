@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-from datetime import timedelta
 
 import pytest
 import torch
@@ -22,7 +21,8 @@ requests = pytest.importorskip("requests")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from adapters.vllm_server import BackgroundServer, CompletionServer, ServerConfig, WeightSender, _broadcast
+from adapters.vllm_server import BackgroundServer, CompletionServer, ServerConfig, WeightSender
+from adapters.weight_transfer import broadcast, gloo_group
 from rollout.config import load_config
 from rollout.sampling import SamplingParams
 from rollout.service import LocalService
@@ -178,11 +178,7 @@ def test_malformed_json_and_bad_weight_requests(server):
 
 def _legacy_group(port: int):
     """The trainer side of trl <= 1.10's group on CPU: the last rank, the store on the server."""
-    from torch.distributed import PrefixStore, TCPStore
-    from torch.distributed.distributed_c10d import ProcessGroupGloo
-
-    store = TCPStore("127.0.0.1", port, 2, False, timeout=timedelta(seconds=60))
-    return ProcessGroupGloo(PrefixStore("specrollout-weights", store), 1, 2, timedelta(seconds=60))
+    return gloo_group("127.0.0.1", port, 1, 2, False, 60.0)
 
 
 @pytest.mark.slow
@@ -219,7 +215,7 @@ def test_legacy_routes_and_weight_push(server, service, smol_folder, smol_tokeni
         for tensor in (weight * -3.0, weight):
             sent = pool.submit(requests.post, f"{server.url}/update_named_param/", timeout=60,
                                json={"name": WEIGHT, "dtype": "torch.float32", "shape": list(tensor.shape)})
-            _broadcast(group, tensor.contiguous(), 1)
+            broadcast(group, tensor.contiguous(), 1)
             assert sent.result().status_code == 200
             assert requests.post(f"{server.url}/reset_prefix_cache/", timeout=60).status_code == 200
             out = greedy(server, ids)

@@ -217,6 +217,25 @@ class TargetModel:
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(t.shape) for name, t in self._views.items()}
 
+    def check_weight(self, name: str, tensor: torch.Tensor) -> str | None:
+        """The model's name for a transformers-named tensor, once its name, shape and dtype are checked; None for
+        rotary buffers that some checkpoints carry (skipped). Raises ValueError/TypeError naming the parameter."""
+        name = name.removeprefix("module.")  # DDP / DeepSpeed wrappers
+        if name.endswith("rotary_emb.inv_freq"):
+            return None
+        target = self._views.get(name)
+        if target is None:
+            raise ValueError(f"unknown parameter {name!r} for {self.shape.architecture}")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"parameter {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ValueError(
+                f"parameter {name!r}: shape {tuple(tensor.shape)} does not match the model's {tuple(target.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise TypeError(f"parameter {name!r}: dtype {tensor.dtype} is not a floating-point type")
+        return name
+
     @torch.inference_mode()
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> set[str]:
         """Copy transformers-named tensors into place; every name and shape is checked before anything is written.
@@ -227,24 +246,12 @@ class TargetModel:
         staged: list[tuple[torch.Tensor, torch.Tensor]] = []
         loaded: set[str] = set()
         for name, tensor in named:
-            name = name.removeprefix("module.")  # DDP / DeepSpeed wrappers
-            if name.endswith("rotary_emb.inv_freq"):
+            if not strict and name.removeprefix("module.") not in self._views:
                 continue
-            target = self._views.get(name)
-            if target is None:
-                if strict:
-                    raise ValueError(f"unknown parameter {name!r} for {self.shape.architecture}")
-                continue
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"parameter {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise ValueError(
-                    f"parameter {name!r}: shape {tuple(tensor.shape)} does not match the model's {tuple(target.shape)}"
-                )
-            if not tensor.is_floating_point():
-                raise TypeError(f"parameter {name!r}: dtype {tensor.dtype} is not a floating-point type")
-            staged.append((target, tensor))
-            loaded.add(name)
+            key = self.check_weight(name, tensor)
+            if key is not None:
+                staged.append((self._views[key], tensor))
+                loaded.add(key)
         for target, tensor in staged:
             target.copy_(tensor)
         if staged and self.plan.uses_onednn():
