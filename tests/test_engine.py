@@ -379,8 +379,11 @@ def test_min_tokens_masks_stop_tokens_losslessly(smol_model, hf_smol, smol_token
     eos = smol_tokenizer.eos_token_id
     free = make_engine(smol_model).generate(prompts, SamplingParams(temperature=0, max_tokens=40))
     assert all(r.finish_reason == "stop" and len(r.token_ids) <= 12 for r in free), "the prompts must stop early"
-    params = [SamplingParams(temperature=0, max_tokens=40, min_tokens=16),
-              SamplingParams(temperature=0.9, max_tokens=40, min_tokens=16, seed=4)]
+    # 20 tokens: the masked window and a few beyond it. Longer rollouts meet, sooner or later, a near-tie that the
+    # last bits of a differently shaped forward resolve the other way (README, "Lossless"); a fresh CI machine,
+    # whose tuned kernels differ, met one at token 32.
+    params = [SamplingParams(temperature=0, max_tokens=20, min_tokens=16),
+              SamplingParams(temperature=0.9, max_tokens=20, min_tokens=16, seed=4)]
     plain = make_engine(smol_model).generate(prompts, params)
     drafter = ReferenceDrafter({tuple(p): r.token_ids for p, r in zip(prompts, plain)})
     drafted = make_engine(smol_model, drafter=drafter, budget=parse_budget("fixed:8")).generate(prompts, params)
