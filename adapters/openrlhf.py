@@ -14,10 +14,11 @@ OpenRLHF's trainer and its `SamplesGenerator` drive it unchanged; `create_engine
   `generate_responses` call form one GRPO group, so the suffix drafter drafts each sample from its siblings.
   Every token is sampled exactly from the policy (rollout/verify.py) and its logprob is that of the processed
   distribution, which is what OpenRLHF's `logprobs_mode="processed_logprobs"` asks for.
-- Refused with a ValueError rather than ignored: penalties, min_p, stop strings, bad words, logit bias, allowed
-  token ids, structured outputs, logits processors, prompt logprobs, top-N logprobs (N > 1), images, tensor
-  parallelism, raw logprobs. `min_tokens` (OpenRLHF's PPO always sends 1) is honoured as vLLM does: stop tokens
-  are masked out of the processed distribution below it.
+- Refused with a ValueError rather than ignored (the table in adapters/sampling_fields.py, shared by the
+  adapters): penalties, min_p, stop strings, bad words, logit bias, allowed token ids, structured outputs, logits
+  processors, prompt logprobs, top-N logprobs (N > 1), images, tensor parallelism, raw logprobs. `min_tokens`
+  (OpenRLHF's PPO always sends 1) is honoured as vLLM does: stop tokens are masked out of the processed
+  distribution below it.
   `logprobs=1` returns the sampled token's logprob only (all OpenRLHF reads), not also the top-1 alternative.
   Accepted without effect, because there is nothing for them to act on: prefix caching (no prefix cache),
   enforce_eager (no CUDA graphs), gpu_memory_utilization and sleep/wake_up (the engine holds no GPU memory),
@@ -46,6 +47,7 @@ from typing import Any, Optional
 
 import torch
 
+from adapters.sampling_fields import FIELDS, translate
 from adapters.weight_transfer import broadcast, gloo_group, parse_dtype
 from rollout.config import ServiceConfig, load_config
 from rollout.sampling import SamplingParams, sample_seed
@@ -104,70 +106,27 @@ class RequestOutput:
 
 # ------------------------------------------------------------------------------------------ sampling params
 
-# vLLM SamplingParams fields this engine cannot honour, and the values that mean "off".
-_UNSUPPORTED = {
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "min_p": 0.0,
-    "stop": None,
-    "bad_words": None,
-    "logit_bias": None,
-    "allowed_token_ids": None,
-    "logits_processors": None,
-    "prompt_logprobs": None,
-    "structured_outputs": None,
-    "guided_decoding": None,
-    "truncate_prompt_tokens": None,
-    "extra_args": None,
-}
-# Read and honoured (the text-only ones shape `CompletionOutput.text`, nothing else).
-_HANDLED = ("n", "best_of", "temperature", "top_p", "top_k", "max_tokens", "min_tokens", "seed", "stop_token_ids",
-            "ignore_eos", "logprobs", "skip_special_tokens", "spaces_between_special_tokens", "detokenize",
-            "include_stop_str_in_output", "output_kind")
+# Fields that shape only `CompletionOutput.text` (read by `_completion`), or nothing: the sampler does not read them.
+_TEXT_ONLY = (
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "detokenize",
+    "include_stop_str_in_output",
+    "output_kind",
+)
 
 
 def _field(sp: Any, name: str, default: Any = None) -> Any:
     return sp.get(name, default) if isinstance(sp, dict) else getattr(sp, name, default)
 
 
-def _is_off(value: Any, off: Any) -> bool:
-    return value is None or value == off or (off is None and not value)
-
-
 def translate_sampling(sp: Any, prompt_len: int, max_model_len: int) -> tuple[SamplingParams, int, int | None]:
     """vLLM SamplingParams (object or dict) -> (our SamplingParams, n, logprobs); unsupported options are errors."""
-    if isinstance(sp, dict):
-        unknown = sorted(set(sp) - set(_HANDLED) - set(_UNSUPPORTED))
-        if unknown:
-            raise ValueError(f"unknown sampling option(s) {unknown}; known: {sorted(_HANDLED)}")
-    for name, off in _UNSUPPORTED.items():
-        value = _field(sp, name)
-        if not _is_off(value, off):
-            raise ValueError(f"sampling option {name}={value!r} is not supported by specrollout (only {off!r})")
-    n = int(_field(sp, "n", 1) or 1)
-    best_of = _field(sp, "best_of")
-    if best_of not in (None, n):
-        raise ValueError(f"best_of={best_of} is not supported (only best_of == n)")
-    logprobs = _field(sp, "logprobs")
-    if logprobs not in (None, 0, 1):
-        raise ValueError(f"logprobs={logprobs}: only the sampled token's logprob is returned (logprobs 0 or 1)")
-    min_tokens = int(_field(sp, "min_tokens", 0) or 0)
-    max_tokens = _field(sp, "max_tokens")
-    if max_tokens is None:  # vLLM: as many as the context leaves
-        max_tokens = max_model_len - prompt_len
-    top_k = _field(sp, "top_k", 0)
-    params = SamplingParams(
-        temperature=_field(sp, "temperature", 1.0),
-        top_p=_field(sp, "top_p", 1.0),
-        top_k=0 if top_k is None or top_k < 0 else top_k,  # vLLM: 0 and -1 both mean off
-        max_tokens=max_tokens,
-        stop_token_ids=tuple(_field(sp, "stop_token_ids") or ()),
-        ignore_eos=bool(_field(sp, "ignore_eos", False)),
-        seed=_field(sp, "seed"),
-        min_tokens=min_tokens,
-    )
-    return params, n, logprobs
+    # A dict's every key is checked; an object is read for the fields we know, since vLLM's has internal ones too.
+    fields = sp if isinstance(sp, dict) else {name: getattr(sp, name, None) for name in FIELDS}
+    # vLLM generates to the end of the context when max_tokens is None. max_logprobs=1: OpenRLHF asks for
+    # logprobs=1 and reads only the sampled token's.
+    return translate(fields, default_max_tokens=max_model_len - prompt_len, max_logprobs=1, passthrough=_TEXT_ONLY)
 
 
 # ------------------------------------------------------------------------------------------------- the actor
@@ -176,8 +135,13 @@ def translate_sampling(sp: Any, prompt_len: int, max_model_len: int) -> tuple[Sa
 class SpecRolloutActor:
     """One specrollout engine with OpenRLHF's RolloutRayActor interface (wrap with ray.remote; see create_engines)."""
 
-    def __init__(self, config: ServiceConfig | None = None, adapter: AdapterConfig | None = None,
-                 agent_func_path: Optional[str] = None, remote_rm_url: Optional[str] = None):
+    def __init__(
+        self,
+        config: ServiceConfig | None = None,
+        adapter: AdapterConfig | None = None,
+        agent_func_path: Optional[str] = None,
+        remote_rm_url: Optional[str] = None,
+    ):
         from rollout.service import LocalService
 
         self.adapter = adapter or AdapterConfig()
@@ -216,9 +180,13 @@ class SpecRolloutActor:
             p = params if params.seed is None or n == 1 else replace(params, seed=sample_seed(params.seed, j))
             requests.append(RolloutRequest(f"{rid}-{j}", ids, p, group))
         results = await self._submit(requests)
-        return RequestOutput(rid, None, ids, [self._completion(j, r, params, logprobs, sampling_params)
-                                              for j, r in enumerate(results)],
-                             policy_version=results[0].policy_version)
+        return RequestOutput(
+            rid,
+            None,
+            ids,
+            [self._completion(j, r, params, logprobs, sampling_params) for j, r in enumerate(results)],
+            policy_version=results[0].policy_version,
+        )
 
     @property
     def tokenizer(self):
@@ -232,8 +200,9 @@ class SpecRolloutActor:
 
     def _completion(self, index, result, params, logprobs, sp) -> CompletionOutput:
         skip = bool(_field(sp, "skip_special_tokens", True))
-        text = self.tokenizer.decode(result.token_ids, skip_special_tokens=skip) if _field(sp, "detokenize", True) \
-            else ""
+        text = (
+            self.tokenizer.decode(result.token_ids, skip_special_tokens=skip) if _field(sp, "detokenize", True) else ""
+        )
         last = result.token_ids[-1] if result.token_ids else None
         return CompletionOutput(
             index=index,
@@ -241,11 +210,15 @@ class SpecRolloutActor:
             token_ids=list(result.token_ids),
             cumulative_logprob=float(sum(result.logprobs)) if logprobs is not None else None,
             logprobs=[{t: Logprob(lp)} for t, lp in zip(result.token_ids, result.logprobs)]
-            if logprobs is not None else None,
+            if logprobs is not None
+            else None,
             finish_reason=result.finish_reason,
             stop_reason=last if result.finish_reason == "stop" and last in params.stop_token_ids else None,
-            spec={"drafted": result.spec.drafted, "accepted": result.spec.accepted,
-                  "target_forwards": result.spec.target_forwards},
+            spec={
+                "drafted": result.spec.drafted,
+                "accepted": result.spec.accepted,
+                "target_forwards": result.spec.target_forwards,
+            },
         )
 
     async def _submit(self, requests: list[RolloutRequest]):
@@ -288,19 +261,29 @@ class SpecRolloutActor:
         """Requests queued or being generated (OpenRLHF balances prompts across engines by it)."""
         return len(self._queue) + self._running
 
-    async def generate_responses(self, prompt: str, label: str, sampling_params, max_length: int, hf_tokenizer,
-                                 num_samples: int = 1, images=None):
+    async def generate_responses(
+        self, prompt: str, label: str, sampling_params, max_length: int, hf_tokenizer, num_samples: int = 1, images=None
+    ):
         """num_samples rollouts of one prompt through OpenRLHF's agent executor, as one GRPO group."""
         if images:
             raise ValueError("images are not supported: specrollout serves text-only models")
         if self.executor is None:
             raise RuntimeError("generate_responses needs OpenRLHF installed in the actor's environment")
         _GROUP.set(f"orlhf-group-{uuid.uuid4().hex[:16]}")  # the gathered tasks copy this context
-        return await asyncio.gather(*[
-            self.executor.execute(prompt=prompt, label=label, sampling_params=sampling_params, max_length=max_length,
-                                  hf_tokenizer=hf_tokenizer, llm_engine=self, images=images)
-            for _ in range(num_samples)
-        ])
+        return await asyncio.gather(
+            *[
+                self.executor.execute(
+                    prompt=prompt,
+                    label=label,
+                    sampling_params=sampling_params,
+                    max_length=max_length,
+                    hf_tokenizer=hf_tokenizer,
+                    llm_engine=self,
+                    images=images,
+                )
+                for _ in range(num_samples)
+            ]
+        )
 
     async def pause_generation(self):
         """Start no new batch, and return once the running one has finished (weights may then change)."""
@@ -312,23 +295,33 @@ class SpecRolloutActor:
 
     # -------------------------------------------------------------------- weights
 
-    async def init_process_group(self, master_address, master_port, rank_offset, world_size, group_name, backend,
-                                 use_ray):
+    async def init_process_group(
+        self, master_address, master_port, rank_offset, world_size, group_name, backend, use_ray
+    ):
         """Join the trainer's weight group as rank `rank_offset` (one rank per engine: no tensor parallelism)."""
         if backend != "gloo":
-            raise ValueError(f"backend={backend!r}: specrollout engines receive weights over gloo; start OpenRLHF "
-                             "with --vllm.sync_backend gloo --vllm.sync_with_ray")
+            raise ValueError(
+                f"backend={backend!r}: specrollout engines receive weights over gloo; start OpenRLHF "
+                "with --vllm.sync_backend gloo --vllm.sync_with_ray"
+            )
         if not 0 < rank_offset < world_size:
             raise ValueError(f"rank_offset={rank_offset} must be in [1, world_size={world_size})")
         if use_ray:
             from ray.util import collective
 
-            await asyncio.to_thread(collective.init_collective_group, world_size, rank_offset, backend="gloo",
-                                    group_name=group_name, gloo_timeout=int(self.adapter.group_timeout_s * 1000))
+            await asyncio.to_thread(
+                collective.init_collective_group,
+                world_size,
+                rank_offset,
+                backend="gloo",
+                group_name=group_name,
+                gloo_timeout=int(self.adapter.group_timeout_s * 1000),
+            )
             self._group, self._use_ray = group_name, True
         else:
-            self._group = await asyncio.to_thread(gloo_group, master_address, master_port, rank_offset, world_size,
-                                                  False, self.adapter.group_timeout_s)
+            self._group = await asyncio.to_thread(
+                gloo_group, master_address, master_port, rank_offset, world_size, False, self.adapter.group_timeout_s
+            )
             self._use_ray = False
 
     async def update_weight(self, name, dtype, shape, empty_cache=False):
@@ -354,8 +347,10 @@ class SpecRolloutActor:
             broadcast(self._group, buffer, 0)
 
     async def update_weight_cuda_ipc(self, name, dtype, shape, ipc_handles, empty_cache=False):
-        raise NotImplementedError("CUDA IPC weight sharing needs a CUDA engine colocated with the trainer; "
-                                  "specrollout engines run on CPU: use --vllm.sync_backend gloo --vllm.sync_with_ray")
+        raise NotImplementedError(
+            "CUDA IPC weight sharing needs a CUDA engine colocated with the trainer; "
+            "specrollout engines run on CPU: use --vllm.sync_backend gloo --vllm.sync_with_ray"
+        )
 
     async def reset_prefix_cache(self):
         """Nothing to reset: the engine keeps no prefix cache across requests."""
@@ -439,12 +434,15 @@ def create_engines(
         config = load_config(adapter.config_path, adapter.overrides)
         config.engine.model, config.engine.max_model_len, config.engine.seed = str(pretrain), max_model_len, seed + i
         config.validate()
-        options: dict[str, Any] = {"num_cpus": config.cluster.num_cpus_per_worker,
-                                   "num_gpus": config.cluster.num_gpus_per_worker,
-                                   "runtime_env": {"env_vars": env}}
+        options: dict[str, Any] = {
+            "num_cpus": config.cluster.num_cpus_per_worker,
+            "num_gpus": config.cluster.num_gpus_per_worker,
+            "runtime_env": {"env_vars": env},
+        }
         if shared_pg is not None:  # hybrid mode: share the trainer's bundles, as OpenRLHF's engines do
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group=shared_pg, placement_group_capture_child_tasks=True, placement_group_bundle_index=i)
+                placement_group=shared_pg, placement_group_capture_child_tasks=True, placement_group_bundle_index=i
+            )
             options["num_cpus"] = min(options["num_cpus"], 0.2)
         engines.append(actor_cls.options(**options).remote(config, adapter, agent_func_path, remote_rm_url))
     if vllm_enable_sleep:
@@ -485,8 +483,14 @@ def launch_train_ppo_ray(argv: list[str] | None = None) -> None:
     load_config(adapter.config_path, adapter.overrides).validate()  # a bad config fails now, not in an actor
     # The trainer joins the weight group without CUDA only through Ray's gloo collective: say so before any model
     # is loaded, not when the first weight sync fails.
-    missing = [f for f, ok in (("--vllm.sync_backend gloo", _flag_value(rest, "--vllm.sync_backend") == "gloo"),
-                               ("--vllm.sync_with_ray", "--vllm.sync_with_ray" in rest)) if not ok]
+    missing = [
+        f
+        for f, ok in (
+            ("--vllm.sync_backend gloo", _flag_value(rest, "--vllm.sync_backend") == "gloo"),
+            ("--vllm.sync_with_ray", "--vllm.sync_with_ray" in rest),
+        )
+        if not ok
+    ]
     if missing:
         raise ValueError(f"specrollout engines need {' '.join(missing)} (see adapters/openrlhf.py)")
     import openrlhf.trainer.ray as openrlhf_ray  # imports vllm: OpenRLHF's modules need it installed

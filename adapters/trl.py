@@ -130,8 +130,9 @@ class SpecRolloutFunc:
         if twins is not None:
             mismatch = sum(p.token_ids != r.token_ids for p, r in zip(plain, results))
             if mismatch:
-                print(f"note: {mismatch} of {len(results)} rollouts differ without speculation "
-                      "(rounding at a CDF edge)")
+                print(
+                    f"note: {mismatch} of {len(results)} rollouts differ without speculation (rounding at a CDF edge)"
+                )
         stats = RolloutStats(
             step=step,
             policy_version=results[0].policy_version if results else step,

@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import logging
 import os
+from dataclasses import replace
 from typing import Any, Generator
 
 import ray
@@ -35,6 +36,7 @@ import ray
 from verl.workers.rollout.base import _ROLLOUT_REGISTRY, BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, RolloutReplicaRegistry, TokenOutput
 
+from adapters.sampling_fields import translate
 from rollout.config import ServiceConfig, load_config
 from rollout.engine.engine import _validate_prompt
 from rollout.history import prompt_key
@@ -50,13 +52,6 @@ logger = logging.getLogger(__name__)
 # emits one token plus the accepted draft tokens, so our target_forwards are verl's verify steps.
 SPEC_DRAFT, SPEC_ACCEPTED, SPEC_VERIFY = "spec_num_draft_tokens", "spec_num_accepted_tokens", "spec_num_verify_steps"
 
-# Sampling options we read; anything else is refused rather than ignored.
-_SUPPORTED = ("temperature", "top_p", "top_k", "max_tokens", "max_new_tokens", "logprobs", "seed", "stop_token_ids",
-              "ignore_eos", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p", "n")
-# Options accepted only at their neutral value, since the engine's processed distribution has no such term.
-_NEUTRAL = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0, "n": 1}
-
-
 # ---------------------------------------------------------------------------------------------------- sampling
 
 
@@ -65,44 +60,30 @@ def to_sampling_params(
 ) -> tuple[SamplingParams, bool]:
     """verl's sampling dict -> (our SamplingParams, whether logprobs were asked for); ValueError names a bad key.
 
-    top_k -1 or 0 means off, as in vLLM. max_tokens (or SGLang's max_new_tokens) defaults to `default_max_tokens`
-    and is capped by the room left in the context, as verl's vLLM server does; logprobs is a flag (verl's
-    `calculate_log_probs`): the sampled token's logprob, the only one this engine returns.
+    The fields are vLLM's (adapters/sampling_fields.py). max_tokens (or SGLang's max_new_tokens) defaults to
+    `default_max_tokens` and is capped by the room left in the context, as verl's vLLM server does; logprobs is a
+    flag (verl's `calculate_log_probs`): the sampled token's logprob, the only one this engine returns.
     """
-    params = dict(sampling_params)
-    unknown = sorted(set(params) - set(_SUPPORTED))
-    if unknown:
-        raise ValueError(f"sampling option(s) {unknown} not supported by specrollout; supported: {list(_SUPPORTED)}")
-    for key, neutral in _NEUTRAL.items():
-        if key in params and params[key] is not None and params[key] != neutral:
-            raise ValueError(f"{key}={params[key]!r} is not supported by specrollout (only {neutral})")
-    logprobs = params.get("logprobs")
-    if logprobs not in (None, False, True, 0, 1):
-        raise ValueError(f"logprobs={logprobs!r}: only the sampled token's logprob is returned (use True)")
+    fields = dict(sampling_params)
+    new_tokens = fields.pop("max_new_tokens", None)  # SGLang's name; max_tokens wins when both are set
+    if fields.get("max_tokens") is None:
+        fields["max_tokens"] = new_tokens
+    # max_logprobs=1: True (== 1) is verl's "return logprobs".
+    params, n, logprobs = translate(
+        fields, default_max_tokens=max(1, default_max_tokens), default_seed=seed, max_logprobs=1
+    )
+    if n != 1:
+        raise ValueError(
+            f"n={n} is not supported by specrollout's verl backend (only 1): verl makes one call per sample"
+        )
     room = max_model_len - prompt_len
     if room < 1:
-        raise ValueError(f"prompt of {prompt_len} tokens leaves no room to generate within max_model_len "
-                         f"{max_model_len}")
-
-    def get(key: str, default):
-        return default if params.get(key) is None else params[key]  # verl may send None for "unset"
-
-    max_tokens = get("max_tokens", get("max_new_tokens", None))
-    if max_tokens is None:  # verl's default: the response budget, at least one token
-        max_tokens = max(1, default_max_tokens)
-    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
-        max_tokens = min(max_tokens, room)  # SamplingParams refuses < 1 and non-integers
-    top_k = get("top_k", 0)
-    out = SamplingParams(
-        temperature=get("temperature", 1.0),
-        top_k=0 if top_k == -1 else top_k,
-        top_p=get("top_p", 1.0),
-        max_tokens=max_tokens,
-        stop_token_ids=tuple(get("stop_token_ids", ())),
-        ignore_eos=get("ignore_eos", False),
-        seed=get("seed", seed),
-    )
-    return out, bool(logprobs)
+        raise ValueError(
+            f"prompt of {prompt_len} tokens leaves no room to generate within max_model_len {max_model_len}"
+        )
+    if params.max_tokens > room:
+        params = replace(params, max_tokens=room)
+    return params, bool(logprobs)
 
 
 def group_of(prompt_ids: list[int]) -> str:
@@ -184,8 +165,9 @@ class SpecRolloutServer:
             raise ValueError("specrollout serves text-only models: image, video and audio inputs are not supported")
         if not self._open.is_set():  # paused for a weight update
             if self._reject:
-                return TokenOutput(token_ids=[], stop_reason="aborted",
-                                   extra_fields={"global_steps": self.global_steps})
+                return TokenOutput(
+                    token_ids=[], stop_reason="aborted", extra_fields={"global_steps": self.global_steps}
+                )
             await self._open.wait()
         engine = self.worker.engine
         # The engine's own check (integer ids inside the vocabulary, room to generate), before anything else reads them.
@@ -295,14 +277,25 @@ class SpecRolloutReplica(RolloutReplica):
     machine set tensor_model_parallel_size=1 and n_gpus_per_node to the number of engines wanted.
     """
 
-    def __init__(self, replica_rank, config, model_config, gpus_per_node=8, is_reward_model=False,
-                 is_teacher_model=False, name_suffix=""):
-        super().__init__(replica_rank, config, model_config, gpus_per_node, is_reward_model, is_teacher_model,
-                         name_suffix)
+    def __init__(
+        self,
+        replica_rank,
+        config,
+        model_config,
+        gpus_per_node=8,
+        is_reward_model=False,
+        is_teacher_model=False,
+        name_suffix="",
+    ):
+        super().__init__(
+            replica_rank, config, model_config, gpus_per_node, is_reward_model, is_teacher_model, name_suffix
+        )
         c = self.config
         if c.tensor_model_parallel_size * c.data_parallel_size * c.pipeline_model_parallel_size != 1:
-            raise ValueError(f"{NAME} runs one engine per replica: set rollout.tensor_model_parallel_size, "
-                             "data_parallel_size and pipeline_model_parallel_size to 1")
+            raise ValueError(
+                f"{NAME} runs one engine per replica: set rollout.tensor_model_parallel_size, "
+                "data_parallel_size and pipeline_model_parallel_size to 1"
+            )
         self.service_config = service_config(c, model_config)
         self.num_cpus = float(((c.engine_kwargs or {}).get(NAME) or {}).get("num_cpus", 1))
         self.server_class = ray.remote(SpecRolloutServer)
@@ -368,8 +361,9 @@ class SpecRolloutServerAdapter(BaseRollout):
         self.is_leader_rank = rank % world == 0
         self.bucket_bytes = int(self.config.checkpoint_engine.update_weights_bucket_megabytes) << 20
 
-    async def update_weights(self, weights: Generator, wire_format: str = "named_tensors", global_steps=None,
-                             **kwargs) -> None:
+    async def update_weights(
+        self, weights: Generator, wire_format: str = "named_tensors", global_steps=None, **kwargs
+    ) -> None:
         if wire_format != "named_tensors":
             raise ValueError(f"{NAME} takes full named tensors; wire_format {wire_format!r} is not supported")
         if kwargs.get("peft_config") is not None:

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from adapters.sampling_fields import translate
 from adapters.weight_transfer import broadcast, gloo_group, parse_dtype
 from rollout.result import RolloutResult
 from rollout.sampling import SamplingParams, sample_seed
@@ -174,25 +175,15 @@ class CompletionServer:
         return ids
 
     def _sampling(self, body: SamplingFields) -> tuple[SamplingParams, int]:
-        if body.repetition_penalty != 1.0:
-            raise HTTPError(400, f"repetition_penalty={body.repetition_penalty} is not supported (only 1.0)")
-        if body.min_p != 0.0:
-            raise HTTPError(400, f"min_p={body.min_p} is not supported (only 0.0)")
-        if body.logprobs not in (None, 0):
-            raise HTTPError(400, f"logprobs={body.logprobs}: only the sampled token's logprob (logprobs=0) is returned")
+        """The body's sampling fields and the request's base seed (random when unseeded)."""
+        fields = body.model_dump(include=set(SamplingFields.model_fields))
         try:
-            params = SamplingParams(
-                temperature=body.temperature,
-                top_k=max(body.top_k, 0),
-                top_p=body.top_p,
-                max_tokens=body.max_tokens,
-                min_tokens=body.min_tokens,
-                stop_token_ids=tuple(body.stop_token_ids),
-                ignore_eos=body.ignore_eos,
-            )
+            # 16 is vLLM's default (pydantic fills it in anyway). max_logprobs=0: the response's top_logprobs would
+            # lack the alternatives a logprobs=N request asks for.
+            params, _, _ = translate(fields, default_max_tokens=16, max_logprobs=0)
         except ValueError as e:
             raise HTTPError(400, str(e)) from e
-        return params, (secrets.randbits(62) if body.seed is None else body.seed)
+        return params, (secrets.randbits(62) if params.seed is None else params.seed)
 
     def generate(self, prompts: list[list[int]], body: SamplingFields) -> list[RolloutResult]:
         """n completions per prompt, prompt-major; a prompt's completions form one group."""
@@ -237,8 +228,11 @@ class CompletionServer:
                 "logprobs": logprobs,
                 "finish_reason": r.finish_reason,
                 "stop_reason": None,
-                "spec": {"target_forwards": r.spec.target_forwards, "drafted": r.spec.drafted,
-                         "accepted": r.spec.accepted},
+                "spec": {
+                    "target_forwards": r.spec.target_forwards,
+                    "drafted": r.spec.drafted,
+                    "accepted": r.spec.accepted,
+                },
             }
             if body.return_token_ids:
                 choice |= {"prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids}
@@ -251,8 +245,11 @@ class CompletionServer:
             "created": int(time.time()),
             "model": self.model_name,
             "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         }
 
     def legacy_generate(self, body: LegacyGenerateBody) -> dict:
@@ -261,8 +258,9 @@ class CompletionServer:
         if body.structured_outputs_regex is not None:
             raise HTTPError(400, "structured_outputs_regex (guided decoding) is not supported")
         try:
-            merged = SamplingFields(**{**body.model_dump(include=set(SamplingFields.model_fields)),
-                                       **body.generation_kwargs})
+            merged = SamplingFields(
+                **{**body.model_dump(include=set(SamplingFields.model_fields)), **body.generation_kwargs}
+            )
         except ValidationError as e:
             raise HTTPError(400, f"generation_kwargs: {_describe(e)}") from e
         prompts = self._prompt_ids(body.prompts)
@@ -277,8 +275,10 @@ class CompletionServer:
     # -------------------------------------------------------------------- information
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "specrollout",
-                                            "root": self.model_name}]}
+        return {
+            "object": "list",
+            "data": [{"id": self.model_name, "object": "model", "owned_by": "specrollout", "root": self.model_name}],
+        }
 
     def server_info(self) -> dict:
         return {
@@ -295,11 +295,17 @@ class CompletionServer:
     def init_weight_transfer(self, info: InitInfo) -> dict:
         backend = info.backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend != "gloo":
-            raise HTTPError(501, "NCCL weight transfer (vLLM's packed protocol) is not implemented by this server; "
-                                 "use init_info.backend='gloo' (adapters.vllm_server.WeightSender)")
+            raise HTTPError(
+                501,
+                "NCCL weight transfer (vLLM's packed protocol) is not implemented by this server; "
+                "use init_info.backend='gloo' (adapters.vllm_server.WeightSender)",
+            )
         if not 0 < info.rank_offset < info.world_size or info.world_size - info.rank_offset != 1:
-            raise HTTPError(400, f"this server is one rank: world_size - rank_offset must be 1, got world_size="
-                                 f"{info.world_size}, rank_offset={info.rank_offset}")
+            raise HTTPError(
+                400,
+                f"this server is one rank: world_size - rank_offset must be 1, got world_size="
+                f"{info.world_size}, rank_offset={info.rank_offset}",
+            )
         self._open_group(info.master_address, info.master_port, info.rank_offset, info.world_size, False, src=0)
         return {}
 
@@ -414,11 +420,14 @@ def build_app(server: CompletionServer):
     def route(method: str, path: str, handler, body_model=None):
         # Handlers block (generation, collective receives): they run in the thread pool, not on the event loop.
         if body_model is None:
+
             async def endpoint():
                 return await run_in_threadpool(handler)
         else:
+
             async def endpoint(body: body_model):  # type: ignore[valid-type]
                 return await run_in_threadpool(handler, body)
+
         app.add_api_route(path, endpoint, methods=[method])
 
     ok = lambda: {}  # noqa: E731
@@ -452,8 +461,9 @@ class BackgroundServer:
         import uvicorn
 
         cfg = server.config
-        self.uvicorn = uvicorn.Server(uvicorn.Config(build_app(server), host=cfg.host, port=cfg.port,
-                                                     log_level="warning", lifespan="off"))
+        self.uvicorn = uvicorn.Server(
+            uvicorn.Config(build_app(server), host=cfg.host, port=cfg.port, log_level="warning", lifespan="off")
+        )
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.url = f"http://{cfg.host}:{cfg.port}"
 
@@ -510,8 +520,13 @@ class WeightSender:
             return future.result()
 
     def __enter__(self) -> "WeightSender":
-        info = {"master_address": self.address, "master_port": self.port, "rank_offset": 1, "world_size": 2,
-                "backend": "gloo"}
+        info = {
+            "master_address": self.address,
+            "master_port": self.port,
+            "rank_offset": 1,
+            "world_size": 2,
+            "backend": "gloo",
+        }
 
         def join():
             self.group = gloo_group(self.address, self.port, 0, 2, True, self.timeout_s)
@@ -521,8 +536,11 @@ class WeightSender:
 
     def send(self, named_tensors) -> int:
         named = [(n, t.detach().to("cpu").contiguous()) for n, t in named_tensors]
-        info = {"names": [n for n, _ in named], "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in named],
-                "shapes": [list(t.shape) for _, t in named]}
+        info = {
+            "names": [n for n, _ in named],
+            "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in named],
+            "shapes": [list(t.shape) for _, t in named],
+        }
         self._post("/start_weight_update")
 
         def push():

@@ -22,20 +22,21 @@ def versions(*packages: str) -> dict[str, str | None]:
     return out
 
 
-def machine() -> dict[str, object]:
+def machine(device: str = "cpu") -> dict[str, object]:
     import torch
 
     from rollout.engine.hardware import describe
 
-    info = describe(torch.device("cpu"))
+    info = describe(torch.device(device))
     info["cores"] = os.cpu_count()
     info["date"] = time.strftime("%Y-%m-%d")
     return info
 
 
-def write(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write(name: str, payload: dict, path: Path | str | None = None) -> Path:
+    """Write results/<name>.json, or `path` when given (e.g. a GPU run that must not replace the CPU figures)."""
+    path = RESULTS / f"{name}.json" if path is None else Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     print(f"wrote {path}")
     return path

@@ -57,8 +57,12 @@ def run_benchmark(cfg: RLConfig, service: ServiceConfig) -> dict:
         "reward_max_abs_difference_between_runs": round(max(abs(a - b) for a, b in pairs), 4) if pairs else None,
         "summary_spec_run": spec.summary(),
         "summary_nospec_run": off.summary(),
-        "setup": {**{k: v for k, v in vars(cfg).items()}, "model": service.engine.model,
-                  "budget": service.speculation.budget, "drafter": service.speculation.drafter},
+        "setup": {
+            **{k: v for k, v in vars(cfg).items()},
+            "model": service.engine.model,
+            "budget": service.speculation.budget,
+            "drafter": service.speculation.drafter,
+        },
         "machine": machine(),
         "versions": versions("trl", "ray"),
     }

@@ -97,8 +97,14 @@ def main() -> None:
             "detail": {key[m]: d for m, d in detail.items()},
             "policy": f"proxy for a sharpened policy: base SmolLM2 sampled at T={SHARPEN} (= logits / {SHARPEN} at "
             "T=1.0); the main job's trained policy replaces it once it exists",
-            "setup": {"prompts": PROMPTS, "samples": SAMPLES, "max_tokens": MAX_TOKENS, "slots": SLOTS,
-                      "drafter": "suffix", "history": "one previous round of the same prompts"},
+            "setup": {
+                "prompts": PROMPTS,
+                "samples": SAMPLES,
+                "max_tokens": MAX_TOKENS,
+                "slots": SLOTS,
+                "drafter": "suffix",
+                "history": "one previous round of the same prompts",
+            },
             "machine": machine(),
             "versions": versions(),
         },

@@ -158,6 +158,20 @@ class NoDrafter(BaseDrafter):
     """Plain decoding: every step verifies nothing and emits one token."""
 
 
+def propose_all(drafter: Drafter, request_ids: Sequence[str], max_tokens: Sequence[int]) -> list[Draft]:
+    """Drafts for many requests at once: one call to the drafter's `propose_batch` where it has one (a parametric
+    drafter runs one batched forward per draft position), else `propose` per request."""
+    batch = getattr(drafter, "propose_batch", None)
+    if batch is not None:
+        drafts = batch(list(request_ids), list(max_tokens))
+        if len(drafts) != len(request_ids):
+            raise RuntimeError(
+                f"{type(drafter).__name__}.propose_batch returned {len(drafts)} drafts for {len(request_ids)} requests"
+            )
+        return drafts
+    return [drafter.propose(r, k) if k > 0 else EMPTY_DRAFT for r, k in zip(request_ids, max_tokens)]
+
+
 def known_drafters() -> list[str]:
     _load_builtin_drafters()
     return sorted(DRAFTERS)
@@ -181,7 +195,7 @@ def make_drafter(name: str, **options: Any) -> Drafter:
     return drafter
 
 
-BUILTIN_MODULES = ("drafters.ngram", "drafters.suffix", "drafters.arctic")
+BUILTIN_MODULES = ("drafters.ngram", "drafters.suffix", "drafters.arctic", "drafters.model", "drafters.composite")
 
 
 def _load_builtin_drafters() -> None:

@@ -147,6 +147,7 @@ def measure_cost_model(
         return CostModel.from_json(json.loads(cache_file.read_text()))
     log("measuring the step cost model on this machine (once; cached)")
     from rollout.engine.batch import SeqInput, build_batch
+    from rollout.engine.hardware import synchronize
 
     batches = [b for b in (1, 4, 16, 64, 256) if b <= max_batch] or [1]
     ks = (1, 2, 4, 8, 16)
@@ -155,16 +156,18 @@ def measure_cost_model(
     ks = tuple(k for k in ks if context + k <= model.max_model_len) or (1,)
     cache = model.new_cache(max(batches))
     filler = [1] * context
-    model.forward(build_batch([SeqInput(0, filler, None, context - 1)] * max(batches), 0), cache)
+    model.forward(build_batch([SeqInput(0, filler, None, context - 1)] * max(batches), 0, model.device), cache)
     shapes = [(b, k) for b in batches for k in ks if b * k <= 2048]
-    forwards = {(b, k): build_batch([SeqInput(context, filler[:k], None, 0)] * b, 0) for b, k in shapes}
+    forwards = {(b, k): build_batch([SeqInput(context, filler[:k], None, 0)] * b, 0, model.device) for b, k in shapes}
     best = {shape: float("inf") for shape in shapes}
     # Rounds over the whole grid, keeping each point's fastest: a burst of load elsewhere on the machine then
     # spoils one round of a point, not the point.
     for _ in range(3):
         for shape in shapes:
+            synchronize(model.device)
             t0 = time.perf_counter()
             model.forward(forwards[shape], cache)
+            synchronize(model.device)  # a GPU forward returns at launch; time its work
             best[shape] = min(best[shape], time.perf_counter() - t0)
     grid: dict[int, list[tuple[int, float]]] = {}
     for b in batches:

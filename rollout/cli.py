@@ -49,8 +49,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{s['acceptance_length_first3']} -> {s['acceptance_length_last3']}; rollout tok/s "
         f"{s['tokens_per_s_first3']} -> {s['tokens_per_s_last3']}"
     )
-    print(f"metrics: {result.out_dir / 'metrics.parquet'}, plot: {result.out_dir / 'metrics.png'}, "
-          f"trace: {result.out_dir / 'trace.parquet'} (specrollout replay it)")
+    print(
+        f"metrics: {result.out_dir / 'metrics.parquet'}, plot: {result.out_dir / 'metrics.png'}, "
+        f"trace: {result.out_dir / 'trace.parquet'} (specrollout replay it)"
+    )
     return 0
 
 
@@ -206,8 +208,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from rollout.engine.checkpoint import resolve_model
 
             tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.engine.model))
-            server = CompletionServer(cluster, tokenizer, ServerConfig(host=args.host, port=args.port),
-                                      model_name=config.engine.model)
+            server = CompletionServer(
+                cluster, tokenizer, ServerConfig(host=args.host, port=args.port), model_name=config.engine.model
+            )
             print(f"vLLM-compatible API on http://{args.host}:{args.port} (model {server.model_name!r})")
             serve(server)
         else:
@@ -224,6 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specrollout", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
     def rl_arguments(p: argparse.ArgumentParser, out: str) -> None:
         p.add_argument("--config", default="configs/default.yaml")
         p.add_argument("--quick", action="store_true", help="a few small steps (about a minute)")

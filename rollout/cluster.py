@@ -28,7 +28,7 @@ from rollout.history import RolloutHistory, prompt_key
 from rollout.result import RolloutResult
 from rollout.worker import RolloutRequest
 
-WORKER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SPECROLLOUT_CACHE", "HOME")
+WORKER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SPECROLLOUT_CACHE", "HOME", "SPECROLLOUT_VLLM_KWARGS")
 
 
 @dataclass

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+# Engine backends (rollout/engines.py builds them): "embedded" is our own engine; "vllm" is vLLM with our drafters
+# plugged in as its proposer (rollout/vllm_engine.py; needs the optional vllm extra, a GPU for sampled rollouts).
+ENGINE_BACKENDS = ("embedded", "vllm")
+
 
 @dataclass
 class EngineConfig:
@@ -23,6 +27,8 @@ class EngineConfig:
     tune_matmul: bool = True  # measure the fastest matmul kernel per weight shape (cached per machine)
     matmul: str = "fast"  # "fast": fastest kernels incl. oneDNN; "mkl": transformers' kernels (see matmul.py)
     seed: int = 0  # seeds requests that bring no seed of their own
+    backend: str = "embedded"  # one of ENGINE_BACKENDS; the fields above that vLLM has no use for are ignored there
+    vllm_options: dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments (backend=vllm only)
 
 
 @dataclass
@@ -64,6 +70,9 @@ class ServiceConfig:
         from rollout.budget import parse_budget
 
         e, s, c = self.engine, self.speculation, self.cluster
+        if e.backend not in ENGINE_BACKENDS:
+            known = ", ".join(ENGINE_BACKENDS)
+            raise ValueError(f"engine.backend: unknown backend {e.backend!r}; known backends: {known}")
         if e.max_num_seqs < 1:
             raise ValueError(f"engine.max_num_seqs must be >= 1, got {e.max_num_seqs}")
         if e.max_model_len < 2:
@@ -83,8 +92,10 @@ class ServiceConfig:
         if c.num_workers < 1:
             raise ValueError(f"cluster.num_workers must be >= 1, got {c.num_workers}")
         if c.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ValueError(f"cluster.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
-                             f"got {c.placement_strategy!r}")
+            raise ValueError(
+                f"cluster.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                f"got {c.placement_strategy!r}"
+            )
         if c.weight_bucket_mb < 1:
             raise ValueError(f"cluster.weight_bucket_mb must be >= 1, got {c.weight_bucket_mb}")
         return self

@@ -5,6 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
+def count_positions(drafted_per_position: list[int], accepted_per_position: list[int], depths: int, accepted: int):
+    """One verification: depths 1..`depths` had a draft node, depths 1..`accepted` had one accepted (lists grow)."""
+    for counts, upto in ((drafted_per_position, depths), (accepted_per_position, accepted)):
+        if len(counts) < upto:
+            counts.extend([0] * (upto - len(counts)))
+        for d in range(upto):
+            counts[d] += 1
+
+
 @dataclass
 class SpecStats:
     """Speculation counters of one request (or, summed, of many)."""
@@ -19,11 +28,7 @@ class SpecStats:
         self.target_forwards += 1
         self.drafted += drafted
         self.accepted += accepted
-        for counts, upto in ((self.drafted_per_position, depths_drafted), (self.accepted_per_position, accepted)):
-            if len(counts) < upto:
-                counts.extend([0] * (upto - len(counts)))
-            for d in range(upto):
-                counts[d] += 1
+        count_positions(self.drafted_per_position, self.accepted_per_position, depths_drafted, accepted)
 
     def merge(self, other: "SpecStats") -> "SpecStats":
         out = SpecStats(

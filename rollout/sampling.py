@@ -86,6 +86,8 @@ def process_logits(
 
     Greedy rows sample from a point mass on the argmax of the raw logits; all other rows sample from exp(logprobs).
     """
+    # Per-row parameters are often built on the host; the work happens where the logits are.
+    temperature, top_k, top_p = (t.to(logits.device) for t in (temperature, top_k, top_p))
     greedy = temperature == 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     neg_inf = float("-inf")

@@ -11,6 +11,7 @@ from typing import Iterable, Protocol
 
 from rollout.config import ServiceConfig
 from rollout.engine.engine import Engine
+from rollout.engines import make_engine
 from rollout.history import RolloutHistory
 from rollout.result import RolloutResult
 from rollout.worker import RolloutRequest
@@ -35,7 +36,7 @@ class LocalService:
 
     def __init__(self, config: ServiceConfig | None = None, engine: Engine | None = None, log=print):
         config = (config or ServiceConfig()).validate()
-        self.engine = engine or Engine.from_config(config.engine, config.speculation, config.history, log=log)
+        self.engine = engine or make_engine(config.engine, config.speculation, config.history, log=log)
 
     @property
     def policy_version(self) -> int:

@@ -48,7 +48,9 @@ def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Draw one index per row of probs [B, V] (rows need not be normalised) with uniforms u [B] in [0, 1)."""
     cdf = probs.double().cumsum(-1)  # [B, V]
     total = cdf[:, -1:]
-    idx = torch.searchsorted(cdf, u.double()[:, None] * total, right=True).squeeze(1)
+    # The engine draws uniforms on the host from per-request CPU generators (the same numbers on any device).
+    u = u.to(device=probs.device, dtype=torch.float64)
+    idx = torch.searchsorted(cdf, u[:, None] * total, right=True).squeeze(1)
     # Rounding can put u * total on the last cumulative value; fall back to the last token with mass.
     last_nonzero = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
     return torch.minimum(idx, last_nonzero)
@@ -73,8 +75,9 @@ def verify(
     for depth in range(uniforms.shape[1]):
         if active.numel() == 0:
             break
-        # The target's own token at this position, from this position's uniform.
-        y = sample_inverse_cdf(rows_of(cur_row[active]), uniforms[active, depth])  # [A]
+        # The target's own token at this position, from this position's uniform. The distributions may live on a
+        # GPU while the indices stay on the host (as in the engine): y joins the indices.
+        y = sample_inverse_cdf(rows_of(cur_row[active]), uniforms[active, depth]).to(device)  # [A]
         if n == 0:
             next_token[active] = y
             active = active[:0]

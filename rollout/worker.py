@@ -19,7 +19,7 @@ from typing import AsyncIterator
 import pyarrow as pa
 
 from rollout.config import ServiceConfig
-from rollout.engine.engine import Engine
+from rollout.engines import make_engine
 from rollout.history import SCHEMA, results_to_batch
 from rollout.result import RolloutResult
 from rollout.sampling import SamplingParams
@@ -37,7 +37,7 @@ class RolloutRequest:
 class RolloutWorker:
     def __init__(self, config: ServiceConfig, index: int = 0):
         self.index = index
-        self.engine = Engine.from_config(config.engine, config.speculation, config.history)
+        self.engine = make_engine(config.engine, config.speculation, config.history)
         self._futures: dict[str, asyncio.Future] = {}
         self._stream_queues: dict[str, asyncio.Queue] = {}
         self._stepper: asyncio.Task | None = None
@@ -50,9 +50,7 @@ class RolloutWorker:
         added: list[str] = []
         try:
             for r in requests:
-                added.append(
-                    self.engine.add_request(r.prompt_token_ids, r.params, r.request_id, r.group, r.speculate)
-                )
+                added.append(self.engine.add_request(r.prompt_token_ids, r.params, r.request_id, r.group, r.speculate))
         except Exception:
             for rid in added:
                 self.engine.abort(rid)

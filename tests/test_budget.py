@@ -52,9 +52,18 @@ def test_running_acceptance_calibrates_the_drafter():
 def test_long_length_class_gets_more_of_the_budget():
     history = RolloutHistory()
     rows = [
-        {"request_id": f"{k}{i}", "prompt_key": k, "group": None, "policy_version": 0, "prompt_ids": [1],
-         "token_ids": [0] * n, "logprobs": None, "finish_reason": "stop"}
-        for k, n in (("long", 400), ("short", 20)) for i in range(4)
+        {
+            "request_id": f"{k}{i}",
+            "prompt_key": k,
+            "group": None,
+            "policy_version": 0,
+            "prompt_ids": [1],
+            "token_ids": [0] * n,
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+        for k, n in (("long", 400), ("short", 20))
+        for i in range(4)
     ]
     history.append(rows_to_batch(rows))
     cost = CostModel.from_function(lambda m, b: 0.010 + 0.004 * max(m - 8, 0))  # 8 tokens free, then linear

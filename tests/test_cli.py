@@ -49,8 +49,17 @@ def test_generate_is_resumable(tmp_path):
         '{"id": "a", "prompt": "Count to five.", "n": 2}\n{"id": "b", "prompt_ids": [1, 2, 3], "n": 1}\n'
     )
     out = tmp_path / "r.parquet"
-    args = ["generate", "--prompts", str(prompts), "--out", str(out), "--max-tokens", "8",
-            "speculation.budget=fixed:2", "engine.max_model_len=256"]
+    args = [
+        "generate",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--max-tokens",
+        "8",
+        "speculation.budget=fixed:2",
+        "engine.max_model_len=256",
+    ]
     first = specrollout(*args)
     assert first.returncode == 0, first.stderr
     import pyarrow.parquet as pq
@@ -71,8 +80,14 @@ def test_bad_prompts_file_names_the_line(tmp_path):
 @pytest.mark.slow
 def test_ray_job_submission_example(tmp_path):
     out = tmp_path / "job.parquet"
-    run = subprocess.run(["bash", "examples/ray_job.sh", str(out)], capture_output=True, text=True, timeout=900,
-                         cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled"))
+    run = subprocess.run(
+        ["bash", "examples/ray_job.sh", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled"),
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     import pyarrow.parquet as pq
 

@@ -60,13 +60,18 @@ def test_group_affinity_and_balance(cluster):
 
 
 def test_pushed_weights_change_outputs_and_version(cluster, tiny_model):
-    greedy = [RolloutRequest(f"w{i}", [5, 6, 7, i], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-              for i in range(4)]
+    greedy = [
+        RolloutRequest(f"w{i}", [5, 6, 7, i], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        for i in range(4)
+    ]
     before = [r.token_ids for r in cluster.generate(greedy)]
     g = torch.Generator().manual_seed(0)
     shapes = tiny_model.parameter_shapes()
-    new = [(name, torch.randn(shape, generator=g) * 0.5) for name, shape in shapes.items() if "embed" in name
-           or "lm_head" in name]
+    new = [
+        (name, torch.randn(shape, generator=g) * 0.5)
+        for name, shape in shapes.items()
+        if "embed" in name or "lm_head" in name
+    ]
     version = cluster.update_weights(new, version=7)
     assert version == 7 and cluster.policy_version == 7
     assert all(h["policy_version"] == 7 for h in cluster.health())
@@ -144,14 +149,23 @@ def test_smollm2_cluster_two_workers(cluster, smol_tokenizer):
     cluster.shutdown()  # the tiny-model cluster holds both CPUs of this Ray; it is the module's last user
 
     config = load_config(
-        None, ["engine.max_model_len=256", "engine.max_num_seqs=16", "speculation.budget=fixed:4",
-               "cluster.num_workers=2", "cluster.weight_bucket_mb=64"]
+        None,
+        [
+            "engine.max_model_len=256",
+            "engine.max_num_seqs=16",
+            "speculation.budget=fixed:4",
+            "cluster.num_workers=2",
+            "cluster.weight_bucket_mb=64",
+        ],
     )
     cluster = RolloutCluster(config)  # noqa: F811 (the fixture is done with)
     try:
         prompts = [chat_prompt_ids(smol_tokenizer, t.prompt) for t in list_tasks(4, seed=5)]
-        reqs = [RolloutRequest(f"p{i}s{s}", p, SamplingParams(temperature=0.7, max_tokens=24, seed=s), f"p{i}")
-                for i, p in enumerate(prompts) for s in range(4)]
+        reqs = [
+            RolloutRequest(f"p{i}s{s}", p, SamplingParams(temperature=0.7, max_tokens=24, seed=s), f"p{i}")
+            for i, p in enumerate(prompts)
+            for s in range(4)
+        ]
         results = cluster.generate(reqs)
         assert {r.group: {x.worker for x in results if x.group == r.group} for r in results} == {
             f"p{i}": {results[4 * i].worker} for i in range(4)

@@ -1,4 +1,8 @@
-"""Our forward against transformers': prefill, decode, mixed batches, trees, rollback; and the loader's errors."""
+"""Our forward against transformers': prefill, decode, mixed batches, trees, rollback; and the loader's errors.
+
+Tests marked `exactness` run both forwards on SPECROLLOUT_TEST_DEVICE (conftest.py, which also keeps TF32 off so
+that fp32 is fp32 on a GPU) and compare logits on CPU copies.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import DEVICE, build_tiny, on_device
 
 from rollout.engine.batch import SeqInput, build_batch
 from rollout.engine.checkpoint import resolve_model
@@ -17,14 +21,14 @@ TOL = 1e-4
 
 def hf_logits(hf, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0].float()  # [T, V]
+        return hf(on_device(ids)).logits[0].float().cpu()  # [T, V]
 
 
 def check_prefill_and_decode(model: TargetModel, hf, prompts: list[list[int]], steps: int = 3) -> float:
     """Prefill all prompts in one forward (mixed lengths), then decode `steps` tokens for all of them together."""
     cache = model.new_cache(len(prompts))
     worst = 0.0
-    logits = model.forward(build_batch([SeqInput(0, p, None, 0) for p in prompts], 0), cache)
+    logits = model.forward(build_batch([SeqInput(0, p, None, 0) for p in prompts], 0, model.device), cache).cpu()
     seqs = [list(p) for p in prompts]
     offset = 0
     for p in prompts:
@@ -33,21 +37,22 @@ def check_prefill_and_decode(model: TargetModel, hf, prompts: list[list[int]], s
         offset += len(p)
     for step in range(steps):
         nxt = [int(hf_logits(hf, s)[-1].argmax()) for s in seqs]
-        batch = build_batch([SeqInput(len(s), [t], None, 0) for s, t in zip(seqs, nxt)], 0)
-        logits = model.forward(batch, cache)
+        batch = build_batch([SeqInput(len(s), [t], None, 0) for s, t in zip(seqs, nxt)], 0, model.device)
+        logits = model.forward(batch, cache).cpu()
         for i, (s, t) in enumerate(zip(seqs, nxt)):
             s.append(t)
             worst = max(worst, (logits[i] - hf_logits(hf, s)[-1]).abs().max().item())
     return worst
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
 def test_tiny_architectures_match_transformers(tmp_path_factory, arch):
     from transformers import AutoModelForCausalLM
 
     folder = build_tiny(tmp_path_factory, arch)
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    model = TargetModel.from_folder(folder, max_model_len=128, tune=False)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(DEVICE).eval()
+    model = TargetModel.from_folder(folder, max_model_len=128, tune=False, device=str(DEVICE))
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 384, (n,), generator=g).tolist() for n in (5, 17, 1, 33)]
     assert check_prefill_and_decode(model, hf, prompts) <= TOL
@@ -56,18 +61,20 @@ def test_tiny_architectures_match_transformers(tmp_path_factory, arch):
 def incremental_logits(model: TargetModel, prompts: list[list[int]], continuations: list[list[int]]) -> list:
     """Prefill all prompts in one forward, then feed the continuations one token per step, all sequences together.
 
-    Returns, per sequence, logits [len(prompt) + len(continuation), V] aligned with a full forward over both.
+    Returns, per sequence, logits [len(prompt) + len(continuation), V] aligned with a full forward over both, on CPU.
     """
     cache = model.new_cache(len(prompts))
-    logits = model.forward(build_batch([SeqInput(0, p, None, 0) for p in prompts], 0), cache)
+    logits = model.forward(build_batch([SeqInput(0, p, None, 0) for p in prompts], 0, model.device), cache).cpu()
     rows, offset = [], 0
     for p in prompts:
         rows.append([logits[offset : offset + len(p)]])
         offset += len(p)
     lengths = [len(p) for p in prompts]
     for step in range(len(continuations[0])):
-        batch = build_batch([SeqInput(n + step, [c[step]], None, 0) for n, c in zip(lengths, continuations)], 0)
-        out = model.forward(batch, cache)
+        batch = build_batch(
+            [SeqInput(n + step, [c[step]], None, 0) for n, c in zip(lengths, continuations)], 0, model.device
+        )
+        out = model.forward(batch, cache).cpu()
         for i in range(len(prompts)):
             rows[i].append(out[i : i + 1])
     return [torch.cat(r) for r in rows]
@@ -88,15 +95,15 @@ def smol_parity_case(smol_folder, hf_smol, smol_tokenizer):
     prompts = [smol_tokenizer(t).input_ids for t in texts]
     with torch.no_grad():
         conts = [
-            hf_smol.generate(torch.tensor([p]), max_new_tokens=4, min_new_tokens=4, do_sample=False)[0, len(p) :]
+            hf_smol.generate(on_device(p), max_new_tokens=4, min_new_tokens=4, do_sample=False)[0, len(p) :]
             for p in prompts
         ]
     conts = [c.tolist() for c in conts]
-    hf64 = AutoModelForCausalLM.from_pretrained(smol_folder, dtype=torch.float64).eval()
+    hf64 = AutoModelForCausalLM.from_pretrained(smol_folder, dtype=torch.float64).to(DEVICE).eval()
     seqs = [p + c for p, c in zip(prompts, conts)]
     with torch.no_grad():
-        ref32 = [hf_smol(torch.tensor([s])).logits[0] for s in seqs]
-        ref64 = [hf64(torch.tensor([s])).logits[0] for s in seqs]
+        ref32 = [hf_smol(on_device(s)).logits[0].cpu() for s in seqs]
+        ref64 = [hf64(on_device(s)).logits[0].cpu() for s in seqs]
     return prompts, conts, ref32, ref64
 
 
@@ -104,7 +111,12 @@ def max_diff(ours, ref) -> float:
     return max((a.double() - b.double()).abs().max().item() for a, b in zip(ours, ref))
 
 
+@pytest.mark.exactness
 @pytest.mark.slow
+@pytest.mark.skipif(
+    DEVICE.type != "cpu",
+    reason="matmul='mkl' names CPU kernels; elsewhere both modes run F.linear, which the 'fast' parity test checks",
+)
 def test_smollm2_logits_match_transformers_with_its_kernels(smol_folder, smol_parity_case):
     """matmul="mkl" runs the products on MKL as transformers does: logits within 1e-4 of transformers'."""
     prompts, conts, ref32, _ = smol_parity_case
@@ -114,6 +126,7 @@ def test_smollm2_logits_match_transformers_with_its_kernels(smol_folder, smol_pa
     assert worst <= TOL
 
 
+@pytest.mark.exactness
 @pytest.mark.slow
 def test_smollm2_logits_with_fast_kernels_are_as_accurate_as_transformers(smol_model, smol_parity_case):
     """matmul="fast" (default) sums in oneDNN's order: no farther from an fp64 forward than transformers' fp32 is."""
@@ -130,11 +143,11 @@ def test_smollm2_logits_with_fast_kernels_are_as_accurate_as_transformers(smol_m
 def tree_vs_paths(model: TargetModel, prompt: list[int], tokens: list[int], parents: list[int]) -> float:
     """Logits of every tree node == logits of the last token of its root-to-node path run as a chain."""
     cache = model.new_cache(2)
-    model.forward(build_batch([SeqInput(0, prompt[:-1], None, 0)], 0), cache)
+    model.forward(build_batch([SeqInput(0, prompt[:-1], None, 0)], 0, model.device), cache)
     # New tokens: the last prompt token (index 0, the root) then the tree; parents index into the new tokens.
     new_parents = [-1] + [0 if p < 0 else p + 1 for p in parents]
     tree_logits = model.forward(
-        build_batch([SeqInput(len(prompt) - 1, [prompt[-1]] + tokens, new_parents, 0)], 0), cache
+        build_batch([SeqInput(len(prompt) - 1, [prompt[-1]] + tokens, new_parents, 0)], 0, model.device), cache
     )
     worst = 0.0
     for node in range(len(tokens)):
@@ -144,7 +157,7 @@ def tree_vs_paths(model: TargetModel, prompt: list[int], tokens: list[int], pare
             j = parents[j]
         chain = prompt + path[::-1]
         ref_cache = model.new_cache(1)
-        ref = model.forward(build_batch([SeqInput(0, chain, None, len(chain) - 1)], 0), ref_cache)[0]
+        ref = model.forward(build_batch([SeqInput(0, chain, None, len(chain) - 1)], 0, model.device), ref_cache)[0]
         worst = max(worst, (tree_logits[node + 1] - ref).abs().max().item())
     return worst
 
@@ -157,26 +170,33 @@ TREES = [
 ]
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("tokens,parents", TREES)
 def test_tree_attention_equals_chains_tiny(tiny_model, tokens, parents):
     assert tree_vs_paths(tiny_model, [3, 1, 4, 1, 5, 9, 2, 6], tokens, parents) <= TOL
 
 
+@pytest.mark.exactness
 @pytest.mark.slow
 def test_tree_attention_equals_chains_smollm2(smol_model, smol_tokenizer):
     prompt = smol_tokenizer("Count: one, two, three,").input_ids
     assert tree_vs_paths(smol_model, prompt, [1000, 2000, 3000, 4000, 5000, 6000], [-1, -1, 0, 1, 1, 2]) <= TOL
 
 
+@pytest.mark.exactness
 def test_rollback_by_shortening(tiny_model):
     """Verify a wrong 4-token draft, keep one token, and the next forward equals a fresh run of the kept prefix."""
     prompt = [7, 8, 9, 10, 11]
     cache = tiny_model.new_cache(1)
-    tiny_model.forward(build_batch([SeqInput(0, prompt[:-1], None, 0)], 0), cache)
-    tiny_model.forward(build_batch([SeqInput(4, [prompt[-1], 50, 60, 70, 80], None, 0)], 0), cache)
+
+    def batch(cache_len, tokens, logits_from=0):
+        return build_batch([SeqInput(cache_len, tokens, None, logits_from)], 0, tiny_model.device)
+
+    tiny_model.forward(batch(0, prompt[:-1]), cache)
+    tiny_model.forward(batch(4, [prompt[-1], 50, 60, 70, 80]), cache)
     # Keep prompt + [50]; drop 60, 70, 80 by continuing from length 6 with a different token.
-    after = tiny_model.forward(build_batch([SeqInput(6, [99], None, 0)], 0), cache)[0]
-    fresh = tiny_model.forward(build_batch([SeqInput(0, prompt + [50, 99], None, 6)], 0), tiny_model.new_cache(1))[0]
+    after = tiny_model.forward(batch(6, [99]), cache)[0]
+    fresh = tiny_model.forward(batch(0, prompt + [50, 99], 6), tiny_model.new_cache(1))[0]
     assert (after - fresh).abs().max().item() <= TOL
 
 

@@ -134,8 +134,11 @@ def greedy(engine, prompt=PROMPT, max_tokens=20) -> list[int]:
 def _openrlhf_functions() -> tuple[dict[str, ast.AST], ast.AST]:
     tree = ast.parse((OPENRLHF / "trainer/ray/vllm_engine.py").read_text())
     actor = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RolloutRayActor")
-    methods = {n.name: n for n in actor.body
-               if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and not n.name.startswith("_")}
+    methods = {
+        n.name: n
+        for n in actor.body
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and not n.name.startswith("_")
+    }
     create = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "create_vllm_engines")
     return methods, create
 
@@ -159,9 +162,19 @@ def _shape(sig: inspect.Signature) -> list[tuple]:
 
 def test_actor_methods_and_create_engines_match_openrlhf():
     methods, create = _openrlhf_functions()
-    assert {"generate", "generate_responses", "init_process_group", "update_weight", "update_weight_cuda_ipc",
-            "reset_prefix_cache", "sleep", "wake_up", "get_num_unfinished_requests", "pause_generation",
-            "resume_generation"} <= set(methods)
+    assert {
+        "generate",
+        "generate_responses",
+        "init_process_group",
+        "update_weight",
+        "update_weight_cuda_ipc",
+        "reset_prefix_cache",
+        "sleep",
+        "wake_up",
+        "get_num_unfinished_requests",
+        "pause_generation",
+        "resume_generation",
+    } <= set(methods)
     for name, node in methods.items():
         theirs, is_async = _signature(node)
         ours = getattr(SpecRolloutActor, name)
@@ -187,8 +200,7 @@ def test_openrlhf_samples_generator_drives_the_actor(engine, vllm_stub, smol_tok
     # What OpenRLHF's prompt dataloader yields: (indices, prompts, labels, images) per batch.
     dataloader = [(None, prompts, ["5", "3"], [None, None])]
     generator = SamplesGenerator(SimpleNamespace(args=args), dataloader, None, smol_tokenizer, [engine])
-    samples, _, consumed, _ = generator.generate_samples(max_len=96, max_new_tokens=24, temperature=1.0,
-                                                                 top_p=0.95)
+    samples, _, consumed, _ = generator.generate_samples(max_len=96, max_new_tokens=24, temperature=1.0, top_p=0.95)
     assert consumed == len(prompts) and len(samples) == n * len(prompts)
     responses = {}
     for e in samples:
@@ -217,8 +229,9 @@ def test_n_samples_with_logprobs_and_greedy_equals_local_service(engine, vllm_st
     assert [o.token_ids for o in again.outputs] == [o.token_ids for o in out.outputs], "seeded: reproducible"
 
     ours = greedy(engine)
-    [local] = local_service.generate([RolloutRequest("g", PROMPT, SamplingParams(temperature=0, max_tokens=20,
-                                                                                   ignore_eos=True))])
+    [local] = local_service.generate(
+        [RolloutRequest("g", PROMPT, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))]
+    )
     assert ours == local.token_ids
 
 
@@ -281,8 +294,15 @@ def test_bad_inputs_are_refused_and_the_actor_keeps_serving(engine, weight_group
         ray.get(engine.update_weight_cuda_ipc.remote(WEIGHT, torch.float32, (576, 1536), {}))
     # the group is still in step, the weights untouched, and the actor serves
     assert greedy(engine) == before
-    ray.get([engine.reset_prefix_cache.remote(), engine.sleep.remote(), engine.wake_up.remote(["weights"]),
-             engine.pause_generation.remote(), engine.resume_generation.remote()])
+    ray.get(
+        [
+            engine.reset_prefix_cache.remote(),
+            engine.sleep.remote(),
+            engine.wake_up.remote(["weights"]),
+            engine.pause_generation.remote(),
+            engine.resume_generation.remote(),
+        ]
+    )
     assert greedy(engine) == before
 
 
@@ -309,19 +329,32 @@ def test_weights_over_rays_gloo_collective_as_openrlhf_sends_them(engine, smol_f
     original = load_file(str(next(smol_folder.glob("*.safetensors"))))[WEIGHT]
     before = greedy(engine)
     for tensor in (original * -3.0, original):
-        ray.get([engine.update_weight.remote(WEIGHT, dtype=tensor.dtype, shape=tensor.shape, empty_cache=True),
-                 trainer.broadcast.remote(tensor)])
+        ray.get(
+            [
+                engine.update_weight.remote(WEIGHT, dtype=tensor.dtype, shape=tensor.shape, empty_cache=True),
+                trainer.broadcast.remote(tensor),
+            ]
+        )
         assert (greedy(engine) == before) == (tensor is original)
     ray.kill(trainer)
 
 
 def test_sampling_translation_refuses_what_it_cannot_honour():
-    sp, n, logprobs = translate_sampling({"temperature": 0.7, "top_k": -1, "top_p": 0.9, "max_tokens": None,
-                                          "n": 2, "logprobs": 1}, prompt_len=10, max_model_len=64)
+    sp, n, logprobs = translate_sampling(
+        {"temperature": 0.7, "top_k": -1, "top_p": 0.9, "max_tokens": None, "n": 2, "logprobs": 1},
+        prompt_len=10,
+        max_model_len=64,
+    )
     assert (sp.temperature, sp.top_k, sp.top_p, sp.max_tokens, n, logprobs) == (0.7, 0, 0.9, 54, 2, 1)
     assert translate_sampling({"min_tokens": 1}, 10, 64)[0].min_tokens == 1
-    for bad in ({"min_p": 0.1}, {"presence_penalty": 0.5}, {"logit_bias": {1: 2.0}}, {"best_of": 3},
-                {"bogus": 1}, {"temperature": -1.0}):
+    for bad in (
+        {"min_p": 0.1},
+        {"presence_penalty": 0.5},
+        {"logit_bias": {1: 2.0}},
+        {"best_of": 3},
+        {"bogus": 1},
+        {"temperature": -1.0},
+    ):
         with pytest.raises(ValueError):
             translate_sampling(bad, 10, 64)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
@@ -336,10 +369,25 @@ def test_sampling_translation_refuses_what_it_cannot_honour():
 def test_launcher_strips_our_flags_patches_create_vllm_engines_and_runs_the_cli(vllm_stub, monkeypatch):
     import openrlhf.trainer.ray as openrlhf_ray
 
-    theirs = ["--actor.model_name_or_path", "m", "--vllm.num_engines", "1", "--vllm.sync_backend", "gloo",
-              "--vllm.sync_with_ray", "--rollout.n_samples_per_prompt", "4"]
-    argv = ["--specrollout-config", "configs/default.yaml", *theirs[:4], "--specrollout-override",
-            "speculation.budget=fixed:4", *theirs[4:]]
+    theirs = [
+        "--actor.model_name_or_path",
+        "m",
+        "--vllm.num_engines",
+        "1",
+        "--vllm.sync_backend",
+        "gloo",
+        "--vllm.sync_with_ray",
+        "--rollout.n_samples_per_prompt",
+        "4",
+    ]
+    argv = [
+        "--specrollout-config",
+        "configs/default.yaml",
+        *theirs[:4],
+        "--specrollout-override",
+        "speculation.budget=fixed:4",
+        *theirs[4:],
+    ]
     config, rest = adapter.split_argv(argv)
     assert rest == theirs
     assert config == AdapterConfig("configs/default.yaml", ["speculation.budget=fixed:4"])
@@ -349,17 +397,31 @@ def test_launcher_strips_our_flags_patches_create_vllm_engines_and_runs_the_cli(
     seen = {}
 
     def fake_run_module(name, run_name=None, alter_sys=False):
-        seen.update(name=name, run_name=run_name, argv=list(sys.argv), config=adapter.ADAPTER_CONFIG,
-                    patched=openrlhf_ray.create_vllm_engines is create_engines
-                    and openrlhf_ray.vllm_engine.create_vllm_engines is create_engines)
+        seen.update(
+            name=name,
+            run_name=run_name,
+            argv=list(sys.argv),
+            config=adapter.ADAPTER_CONFIG,
+            patched=openrlhf_ray.create_vllm_engines is create_engines
+            and openrlhf_ray.vllm_engine.create_vllm_engines is create_engines,
+        )
 
-    for target, name in ((openrlhf_ray, "create_vllm_engines"), (openrlhf_ray.vllm_engine, "create_vllm_engines"),
-                         (adapter, "ADAPTER_CONFIG"), (sys, "argv")):
+    for target, name in (
+        (openrlhf_ray, "create_vllm_engines"),
+        (openrlhf_ray.vllm_engine, "create_vllm_engines"),
+        (adapter, "ADAPTER_CONFIG"),
+        (sys, "argv"),
+    ):
         monkeypatch.setattr(target, name, getattr(target, name))  # restored after the test
     monkeypatch.setattr(adapter.runpy, "run_module", fake_run_module)
     adapter.launch_train_ppo_ray(argv)
-    assert seen == {"name": "openrlhf.cli.train_ppo_ray", "run_name": "__main__",
-                    "argv": ["openrlhf.cli.train_ppo_ray", *theirs], "config": config, "patched": True}
+    assert seen == {
+        "name": "openrlhf.cli.train_ppo_ray",
+        "run_name": "__main__",
+        "argv": ["openrlhf.cli.train_ppo_ray", *theirs],
+        "config": config,
+        "patched": True,
+    }
     with pytest.raises(ValueError, match="--vllm.sync_with_ray"):
         adapter.launch_train_ppo_ray([a for a in argv if a != "--vllm.sync_with_ray"])
 
@@ -367,19 +429,34 @@ def test_launcher_strips_our_flags_patches_create_vllm_engines_and_runs_the_cli(
 def test_actor_class_batches_calls_and_groups_samples_without_ray(tiny_folder):
     """The actor is plain Python: calls made together share a batch, and the samples of one generate_responses call
     (run through OpenRLHF's SingleTurnAgentExecutor) form one group (tiny model, one event loop, no Ray)."""
-    config = load_config(None, [f"engine.model={tiny_folder}", "engine.max_model_len=256", "engine.tune_matmul=false",
-                                "speculation.budget=fixed:4"])
+    config = load_config(
+        None,
+        [
+            f"engine.model={tiny_folder}",
+            "engine.max_model_len=256",
+            "engine.tune_matmul=false",
+            "speculation.budget=fixed:4",
+        ],
+    )
     actor = SpecRolloutActor(config, AdapterConfig())
 
     def tokenizer(text, add_special_tokens=False, return_tensors="pt"):  # the tiny model has none; ids will do
         return {"input_ids": torch.tensor([[5 + len(text) % 50, 6, 7]])}
 
-    sp = SimpleNamespace(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=6, min_tokens=0, ignore_eos=True,
-                         seed=None, logprobs=1, detokenize=False)
+    sp = SimpleNamespace(
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        max_tokens=6,
+        min_tokens=0,
+        ignore_eos=True,
+        seed=None,
+        logprobs=1,
+        detokenize=False,
+    )
 
     async def main():
-        same = {"temperature": 1.0, "max_tokens": 6, "ignore_eos": True, "seed": 3, "logprobs": 0,
-                "detokenize": False}
+        same = {"temperature": 1.0, "max_tokens": 6, "ignore_eos": True, "seed": 3, "logprobs": 0, "detokenize": False}
         outs = await asyncio.gather(*[actor.generate([5, 6, 7], same) for _ in range(3)])
         responses = await actor.generate_responses("a prompt", "label", sp, 64, tokenizer, num_samples=3)
         return outs, responses, actor.get_num_unfinished_requests()
@@ -387,8 +464,9 @@ def test_actor_class_batches_calls_and_groups_samples_without_ray(tiny_folder):
     outs, responses, unfinished = asyncio.run(main())
     assert unfinished == 0 and all(len(o.outputs[0].token_ids) == 6 for o in outs)
     assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids, "same seed, same sample"
-    assert len(responses) == 3 and all(len(r["rollout_log_probs"]) == len(r["observation_tokens"]) == 9
-                                       for r in responses)
+    assert len(responses) == 3 and all(
+        len(r["rollout_log_probs"]) == len(r["observation_tokens"]) == 9 for r in responses
+    )
     table = actor.service.rollouts().table()
     groups = table.column("group").to_pylist()
     assert len(set(groups[:3])) == 3, "separate generate calls are separate groups"

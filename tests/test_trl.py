@@ -49,8 +49,16 @@ def test_copy_tasks_are_seeded():
 def test_sampling_fields_map_and_unsupported_ones_are_refused():
     from trl import GRPOConfig
 
-    args = GRPOConfig(output_dir="/tmp/x", use_cpu=True, bf16=False, temperature=0.7, top_p=0.9, top_k=20,
-                      max_completion_length=33, report_to=[])
+    args = GRPOConfig(
+        output_dir="/tmp/x",
+        use_cpu=True,
+        bf16=False,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=20,
+        max_completion_length=33,
+        report_to=[],
+    )
     p = sampling_params_from(args, seed=5)
     assert (p.temperature, p.top_p, p.top_k, p.max_tokens, p.seed) == (0.7, 0.9, 20, 33, 5)
     args.min_p = 0.1
@@ -98,11 +106,29 @@ def test_grpo_trainer_with_our_rollout_func(smol_folder, smol_tokenizer, tmp_pat
 
     calls = []
     func = make_rollout_func(service, on_rollouts=lambda results, stats: calls.append((results, stats)))
-    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, max_steps=2, per_device_train_batch_size=8,
-                      num_generations=4, max_completion_length=16, learning_rate=1e-3, beta=0.0, logging_steps=1,
-                      save_strategy="no", report_to=[], seed=0)
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
-                          processing_class=smol_tokenizer, rollout_func=func)
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        max_steps=2,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=16,
+        learning_rate=1e-3,
+        beta=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=dataset,
+        processing_class=smol_tokenizer,
+        rollout_func=func,
+    )
     trainer.train()
 
     assert [s.step for _, s in calls] == [0, 1]
@@ -141,7 +167,10 @@ def test_specrollout_run_quick(tmp_path):
     out = tmp_path / "run"
     run = subprocess.run(
         [sys.executable, "-m", "rollout.cli", "run", "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled"),
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "GRPO steps" in run.stdout

@@ -4,6 +4,8 @@ The statistical target is a Markov chain over a 10-token vocabulary: p(next | la
 Speculative steps (draft -> verify -> emit) are simulated until every trial has two tokens; the joint distribution
 of those two tokens must converge to p(t1 | 0) p(t2 | t1) at rate n^-1/2. A lossy verifier (no residual
 resampling) runs through the same check as a negative control and must fail it.
+
+The distributions live on SPECROLLOUT_TEST_DEVICE and everything else on the host, as in the engine.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICE
 
 from rollout.sampling import process_logits
 from rollout.verify import VerifyResult, sample_inverse_cdf, verify
+
+pytestmark = pytest.mark.exactness
 
 V = 10
 
@@ -29,7 +34,7 @@ def one_hot_rows(argmaxes: list[int]) -> torch.Tensor:
 def run_one(probs_rows, tokens, parents, uniforms=None) -> VerifyResult:
     n = len(tokens)
     return verify(
-        torch.as_tensor(probs_rows, dtype=torch.float32),
+        torch.as_tensor(probs_rows, dtype=torch.float32).to(DEVICE),
         torch.tensor([0]),
         torch.tensor([tokens], dtype=torch.int64).reshape(1, n),
         torch.tensor([parents], dtype=torch.int64).reshape(1, n),
@@ -83,17 +88,23 @@ def test_rejected_token_leaves_the_residual():
 def test_the_rollout_does_not_depend_on_the_draft():
     """With one uniform per position, any draft leaves the emitted tokens as plain sampling would make them."""
     g = torch.Generator().manual_seed(4)
-    table = torch.softmax(torch.randn(V, V, generator=g) * 2, -1)  # p(next | last) of a Markov chain
+    table = torch.softmax(torch.randn(V, V, generator=g) * 2, -1).to(DEVICE)  # p(next | last) of a Markov chain
     u = torch.rand(40, generator=g, dtype=torch.float64)
 
     def rollout(draft_fn):
         out, last = [], 0
         while len(out) < 30:
             toks, pars = draft_fn(last)
-            rows = table[torch.tensor([last] + toks, dtype=torch.long)]  # root, then each node's distribution
+            # The root's distribution, then each node's.
+            rows = table[torch.tensor([last] + toks, dtype=torch.long, device=DEVICE)]
             # len(toks) + 1 uniforms cover the deepest possible path; unused ones are simply not read.
-            res = verify(rows, torch.tensor([0]), torch.tensor([toks or [-1]]), torch.tensor([pars or [-1]]),
-                         u[len(out) : len(out) + len(toks) + 1][None])
+            res = verify(
+                rows,
+                torch.tensor([0]),
+                torch.tensor([toks or [-1]]),
+                torch.tensor([pars or [-1]]),
+                u[len(out) : len(out) + len(toks) + 1][None],
+            )
             path = res.accepted[0, : res.num_accepted[0]].tolist()
             out += [toks[j] for j in path] + [res.next_token.item()]
             last = out[-1]
@@ -106,7 +117,7 @@ def test_the_rollout_does_not_depend_on_the_draft():
 
 
 def test_batch_with_different_draft_lengths():
-    probs = torch.cat([one_hot_rows([1, 2, 3]), one_hot_rows([4]), one_hot_rows([5, 6])])
+    probs = torch.cat([one_hot_rows([1, 2, 3]), one_hot_rows([4]), one_hot_rows([5, 6])]).to(DEVICE)
     res = verify(
         probs,
         torch.tensor([0, 3, 4]),
@@ -119,14 +130,14 @@ def test_batch_with_different_draft_lengths():
 
 
 def test_inverse_cdf_never_picks_zero_mass():
-    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0]] * 5)
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0]] * 5, device=DEVICE)
     u = torch.tensor([0.0, 0.2999, 0.30001, 0.9999999999, 1.0 - 1e-16], dtype=torch.float64)
     assert sample_inverse_cdf(probs, u).tolist() == [1, 1, 3, 3, 3]
 
 
 def test_verify_is_a_pure_function_of_its_uniforms():
     g = torch.Generator().manual_seed(0)
-    probs = torch.rand(4 * 3, V, generator=g)
+    probs = torch.rand(4 * 3, V, generator=g).to(DEVICE)
     args = (probs, torch.tensor([0, 3, 6, 9]), torch.randint(0, V, (4, 2), generator=g), torch.tensor([[-1, 0]] * 4))
     u = torch.rand(4, 3, generator=g, dtype=torch.float64)
     a, b = verify(*args, u), verify(*args, u.clone())
@@ -177,7 +188,11 @@ def lossy_verify(probs, row_start, draft_tokens, draft_parents, uniforms) -> Ver
 
     A rejected x can then be drawn again, so drafted tokens come out too often.
     """
-    rows_of = probs.__getitem__ if isinstance(probs, torch.Tensor) else probs  # the engine passes a function
+    get = probs.__getitem__ if isinstance(probs, torch.Tensor) else probs  # the engine passes a function
+
+    def rows_of(rows: torch.Tensor) -> torch.Tensor:
+        return get(rows).cpu()  # this control does its bookkeeping on the host, whatever device p lives on
+
     b, n = draft_tokens.shape
     cur = torch.full((b,), -1)
     cur_row = row_start.clone()
@@ -208,7 +223,7 @@ def lossy_verify(probs, row_start, draft_tokens, draft_parents, uniforms) -> Ver
 def simulate_two_tokens(verifier, target: np.ndarray, kind: str, n: int, seed: int) -> np.ndarray:
     """Run speculative steps from token 0 until each of n trials has emitted two tokens; returns [n, 2]."""
     g = torch.Generator().manual_seed(seed)
-    table = torch.tensor(target, dtype=torch.float32)  # [V, V]
+    table = torch.tensor(target, dtype=torch.float32, device=DEVICE)  # [V, V]
     draft_table, parents = drafts_for(kind, target)
     draft_table = torch.tensor(draft_table)
     k = len(parents)
@@ -219,7 +234,7 @@ def simulate_two_tokens(verifier, target: np.ndarray, kind: str, n: int, seed: i
         idx = (have < 2).nonzero().squeeze(1)
         b = idx.numel()
         toks = draft_table[last[idx]]  # [b, k]
-        rows = torch.cat([table[last[idx]][:, None], table[toks]], 1).reshape(b * (k + 1), V)
+        rows = torch.cat([table[last[idx].to(DEVICE)][:, None], table[toks.to(DEVICE)]], 1).reshape(b * (k + 1), V)
         res = verifier(
             rows,
             torch.arange(b) * (k + 1),
@@ -278,14 +293,15 @@ def test_sampled_distribution_matches_target(processing, kind):
     target = reference_processed(logits, temperature, top_k, top_p)
     # Our processing must give the same distribution the independent reference does.
     probs, _ = process_logits(
-        torch.tensor(logits),
-        torch.full((V,), temperature),
-        torch.full((V,), top_k),
-        torch.full((V,), top_p),
+        torch.tensor(logits, device=DEVICE),
+        torch.full((V,), temperature, device=DEVICE),
+        torch.full((V,), top_k, device=DEVICE),
+        torch.full((V,), top_p, device=DEVICE),
     )
-    np.testing.assert_allclose(probs.numpy(), target, atol=1e-6)
+    probs = probs.cpu().numpy()
+    np.testing.assert_allclose(probs, target, atol=1e-6)
 
-    samples = simulate_two_tokens(verify, probs.numpy(), kind, SIZES[-1], seed=11)
+    samples = simulate_two_tokens(verify, probs, kind, SIZES[-1], seed=11)
     tvs, slope = check_converges(samples, target)
     bounds = [3 * expected_tv(joint_target(target), m) for m in SIZES]
     # A clearly wrong distribution: the same chain at a 25% higher temperature.

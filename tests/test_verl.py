@@ -84,11 +84,19 @@ def test_installed_entry_point():
 def test_sampling_options_map_or_are_refused():
     params, logprobs = to_sampling_params(
         {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True},
-        prompt_len=10, max_model_len=256, default_max_tokens=20, seed=None,
+        prompt_len=10,
+        max_model_len=256,
+        default_max_tokens=20,
+        seed=None,
     )
     assert params == SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_tokens=20) and logprobs
-    params, logprobs = to_sampling_params({"max_new_tokens": 500, "top_k": 5, "seed": 3, "logprobs": False},
-                                          prompt_len=250, max_model_len=256, default_max_tokens=20, seed=None)
+    params, logprobs = to_sampling_params(
+        {"max_new_tokens": 500, "top_k": 5, "seed": 3, "logprobs": False},
+        prompt_len=250,
+        max_model_len=256,
+        default_max_tokens=20,
+        seed=None,
+    )
     assert (params.max_tokens, params.top_k, params.seed, logprobs) == (6, 5, 3, False)  # capped by the room left
     bad = [
         ({"min_p": 0.1}, "min_p"),
@@ -119,8 +127,14 @@ def verl_config(smol_folder, **rollout):
 
     base = OmegaConf.load(os.path.join(os.path.dirname(verl_configs.__file__), "_generated_ppo_trainer.yaml"))
     settings = {
-        "name": "specrollout", "nnodes": 1, "tensor_model_parallel_size": 1, "prompt_length": PROMPT_LEN,
-        "response_length": RESPONSE_LEN, "calculate_log_probs": True, "temperature": 0, "agent.num_workers": 1,
+        "name": "specrollout",
+        "nnodes": 1,
+        "tensor_model_parallel_size": 1,
+        "prompt_length": PROMPT_LEN,
+        "response_length": RESPONSE_LEN,
+        "calculate_log_probs": True,
+        "temperature": 0,
+        "agent.num_workers": 1,
         **rollout,
     }
     dotlist = [f"actor_rollout_ref.rollout.{k}={v}" for k, v in settings.items()]
@@ -155,8 +169,9 @@ def client(manager):
 @pytest.fixture(scope="module")
 def reference():
     # Plain decoding in this process: what the speculative server behind verl must reproduce under greedy.
-    return LocalService(load_config(None, ["engine.max_model_len=256", "speculation.drafter=none",
-                                           "speculation.budget=fixed:0"]))
+    return LocalService(
+        load_config(None, ["engine.max_model_len=256", "speculation.drafter=none", "speculation.budget=fixed:0"])
+    )
 
 
 def local_greedy(service, prompts: list[list[int]], max_tokens=RESPONSE_LEN) -> list[list[int]]:
@@ -166,8 +181,9 @@ def local_greedy(service, prompts: list[list[int]], max_tokens=RESPONSE_LEN) -> 
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
 
 
 @pytest.mark.slow
@@ -220,8 +236,12 @@ def test_bad_options_are_refused_and_the_server_keeps_serving(client, smol_token
     def generate(sampling_params, **kwargs):
         return run(client.generate("r", prompt_ids=ids, sampling_params=sampling_params, **kwargs))
 
-    for options, message in [({"min_p": 0.05}, "min_p"), ({"frequency_penalty": 0.3}, "frequency_penalty"),
-                             ({"guided_json": "{}"}, "guided_json"), ({"top_k": 2.5}, "top_k")]:
+    for options, message in [
+        ({"min_p": 0.05}, "min_p"),
+        ({"frequency_penalty": 0.3}, "frequency_penalty"),
+        ({"guided_json": "{}"}, "guided_json"),
+        ({"top_k": 2.5}, "top_k"),
+    ]:
         with pytest.raises(ValueError, match=message):
             generate({"temperature": 1.0, **options})
     with pytest.raises(ValueError, match="text-only"):

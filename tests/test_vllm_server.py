@@ -81,8 +81,9 @@ def greedy(server, ids, max_tokens=12) -> list[int]:
 def test_trl_client_generates_groups_with_logprobs(client, service, smol_tokenizer):
     pytest.importorskip("trl")
     prompts = [prompt(smol_tokenizer, "Name three colours."), prompt(smol_tokenizer, "Count to five.")]
-    out = client.generate(prompts, n=3, temperature=1.0, top_p=0.95, max_tokens=20, logprobs=0,
-                          generation_kwargs={"seed": 11})
+    out = client.generate(
+        prompts, n=3, temperature=1.0, top_p=0.95, max_tokens=20, logprobs=0, generation_kwargs={"seed": 11}
+    )
     assert out["prompt_ids"] == prompts
     assert len(out["completion_ids"]) == 6
     for completion, lps, lp_ids in zip(out["completion_ids"], out["logprobs"], out["logprob_token_ids"]):
@@ -91,11 +92,16 @@ def test_trl_client_generates_groups_with_logprobs(client, service, smol_tokeniz
         assert [x[0] for x in lp_ids] == completion, "logprob index 0 is the sampled token"
     # The same requests straight to the service, with the seeds the server derives: the same tokens and logprobs,
     # so nothing was lost or reordered on the way (n completions of a prompt consecutive).
-    direct = service.generate([
-        RolloutRequest(f"d{i}", prompts[i // 3], SamplingParams(temperature=1.0, top_p=0.95, max_tokens=20,
-                                                               seed=(11 * 1_000_003 + i) % 2**63))
-        for i in range(6)
-    ])
+    direct = service.generate(
+        [
+            RolloutRequest(
+                f"d{i}",
+                prompts[i // 3],
+                SamplingParams(temperature=1.0, top_p=0.95, max_tokens=20, seed=(11 * 1_000_003 + i) % 2**63),
+            )
+            for i in range(6)
+        ]
+    )
     assert [r.token_ids for r in direct] == out["completion_ids"]
     for r, lps in zip(direct, out["logprobs"]):
         # Not bit-equal: the drafter, fed by the first call, drafts other trees, so the forwards batch other rows.
@@ -161,17 +167,27 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, smol_tokeni
 
 @pytest.mark.slow
 def test_malformed_json_and_bad_weight_requests(server):
-    response = requests.post(f"{server.url}/v1/completions", data="{not json", timeout=30,
-                             headers={"Content-Type": "application/json"})
+    response = requests.post(
+        f"{server.url}/v1/completions", data="{not json", timeout=30, headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
-    no_group = requests.post(f"{server.url}/update_weights", timeout=30,
-                             json={"update_info": {"names": [WEIGHT], "dtype_names": ["float32"], "shapes": [[2]]}})
+    no_group = requests.post(
+        f"{server.url}/update_weights",
+        timeout=30,
+        json={"update_info": {"names": [WEIGHT], "dtype_names": ["float32"], "shapes": [[2]]}},
+    )
     assert no_group.status_code == 409 and "no weight group" in no_group.json()["error"]["message"]
-    bad_dtype = requests.post(f"{server.url}/update_weights", timeout=30,
-                              json={"update_info": {"names": [WEIGHT], "dtype_names": ["int8"], "shapes": [[2]]}})
+    bad_dtype = requests.post(
+        f"{server.url}/update_weights",
+        timeout=30,
+        json={"update_info": {"names": [WEIGHT], "dtype_names": ["int8"], "shapes": [[2]]}},
+    )
     assert bad_dtype.status_code == 400 and "dtype 'int8' is not supported" in bad_dtype.json()["error"]["message"]
-    nccl = requests.post(f"{server.url}/init_weight_transfer_engine", timeout=30, json={"init_info": {
-        "master_address": "127.0.0.1", "master_port": 1234, "world_size": 2, "backend": "nccl"}})
+    nccl = requests.post(
+        f"{server.url}/init_weight_transfer_engine",
+        timeout=30,
+        json={"init_info": {"master_address": "127.0.0.1", "master_port": 1234, "world_size": 2, "backend": "nccl"}},
+    )
     assert nccl.status_code == 501 and "gloo" in nccl.json()["error"]["message"]
     assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
 
@@ -188,10 +204,24 @@ def test_legacy_routes_and_weight_push(server, service, smol_folder, smol_tokeni
     from safetensors.torch import load_file
 
     ids = prompt(smol_tokenizer, "Say hello.")
-    legacy = requests.post(f"{server.url}/generate/", timeout=120, json={
-        "prompts": [ids], "images": None, "n": 2, "repetition_penalty": 1.0, "temperature": 1.0, "top_p": 1.0,
-        "top_k": 0, "min_p": 0.0, "max_tokens": 8, "logprobs": 0, "structured_outputs_regex": None,
-        "generation_kwargs": {"seed": 3}}).json()
+    legacy = requests.post(
+        f"{server.url}/generate/",
+        timeout=120,
+        json={
+            "prompts": [ids],
+            "images": None,
+            "n": 2,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "min_p": 0.0,
+            "max_tokens": 8,
+            "logprobs": 0,
+            "structured_outputs_regex": None,
+            "generation_kwargs": {"seed": 3},
+        },
+    ).json()
     assert legacy["prompt_ids"] == [ids] and len(legacy["completion_ids"]) == 2
     assert [len(x) for x in legacy["logprobs"]] == [len(c) for c in legacy["completion_ids"]]
 
@@ -200,8 +230,12 @@ def test_legacy_routes_and_weight_push(server, service, smol_folder, smol_tokeni
     port = free_port()
     with ThreadPoolExecutor(1) as pool:
         # The server hosts the store (is_master) and blocks until this side joins.
-        joined = pool.submit(requests.post, f"{server.url}/init_communicator/", timeout=60,
-                             json={"host": "127.0.0.1", "port": port, "world_size": 2, "client_device_uuid": "cpu"})
+        joined = pool.submit(
+            requests.post,
+            f"{server.url}/init_communicator/",
+            timeout=60,
+            json={"host": "127.0.0.1", "port": port, "world_size": 2, "client_device_uuid": "cpu"},
+        )
         group = None
         for _ in range(100):
             try:
@@ -213,8 +247,12 @@ def test_legacy_routes_and_weight_push(server, service, smol_folder, smol_tokeni
                 time.sleep(0.1)
         assert joined.result().status_code == 200 and group is not None
         for tensor in (weight * -3.0, weight):
-            sent = pool.submit(requests.post, f"{server.url}/update_named_param/", timeout=60,
-                               json={"name": WEIGHT, "dtype": "torch.float32", "shape": list(tensor.shape)})
+            sent = pool.submit(
+                requests.post,
+                f"{server.url}/update_named_param/",
+                timeout=60,
+                json={"name": WEIGHT, "dtype": "torch.float32", "shape": list(tensor.shape)},
+            )
             broadcast(group, tensor.contiguous(), 1)
             assert sent.result().status_code == 200
             assert requests.post(f"{server.url}/reset_prefix_cache/", timeout=60).status_code == 200
@@ -240,8 +278,13 @@ out = client.generate([{ids!r}], n=2, temperature=1.0, max_tokens=6, logprobs=0,
 client.reset_prefix_cache()
 print(json.dumps(out))
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=LEGACY_TRL))
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=LEGACY_TRL),
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["prompt_ids"] == [ids] and len(out["completion_ids"]) == 2

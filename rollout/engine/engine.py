@@ -15,12 +15,12 @@ import itertools
 import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 from typing import Sequence as Seq
 
 import torch
 
-from drafters.base import EMPTY_DRAFT, Draft, Drafter, NoDrafter, make_drafter
+from drafters.base import EMPTY_DRAFT, Draft, Drafter, NoDrafter, make_drafter, propose_all
 from rollout.budget import Budget, BudgetItem, measure_cost_model, parse_budget
 from rollout.config import EngineConfig, HistoryConfig, SpeculationConfig
 from rollout.engine.batch import SeqInput, build_batch
@@ -209,26 +209,7 @@ class Engine:
         speculate: Seq[bool] | None = None,
     ) -> list[RolloutResult]:
         """Run a batch to completion; results in prompt order. All prompts are validated before any is queued."""
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
-        for p in prompts:
-            _validate_prompt(p, self.vocab_size, self.max_model_len)
-        ids = [
-            self.add_request(
-                p,
-                sp,
-                None if request_ids is None else request_ids[i],
-                None if groups is None else groups[i],
-                True if speculate is None else speculate[i],
-            )
-            for i, (p, sp) in enumerate(zip(prompts, plist))
-        ]
-        done: dict[str, RolloutResult] = {}
-        while len(done) < len(ids):
-            for r in self.step():
-                done[r.request_id] = r
-        return [done[i] for i in ids]
+        return generate_batch(self, prompts, params, groups, request_ids, speculate)
 
     # ------------------------------------------------------------------ weights
 
@@ -286,11 +267,17 @@ class Engine:
         """Ask the drafter for each sequence's draft, then let the budget decide how much of each to verify."""
         prefill = any(s.cache_len == 0 for s in seqs)
         ask = min(self.max_draft_tokens, self.budget.max_draft(len(seqs), prefill))
+        rooms = [self._room(s) for s in seqs]
+        asks = [min(ask, nodes, depth) if s.speculate else 0 for s, (nodes, depth) in zip(seqs, rooms)]
+        # one call for the batch: a parametric drafter runs one forward per draft position for all sequences
+        wanted = [i for i, k in enumerate(asks) if k > 0]
+        proposed = dict(
+            zip(wanted, propose_all(self.drafter, [seqs[i].request_id for i in wanted], [asks[i] for i in wanted]))
+        )
         drafts, items = [], []
-        for s in seqs:
-            nodes, depth = self._room(s)
-            k = min(ask, nodes, depth) if s.speculate else 0
-            d = self.drafter.propose(s.request_id, k) if k > 0 else EMPTY_DRAFT
+        for i, (s, (nodes, depth)) in enumerate(zip(seqs, rooms)):
+            k = asks[i]
+            d = proposed.get(i, EMPTY_DRAFT)
             if d is None or len(d) == 0:
                 d = EMPTY_DRAFT
             else:
@@ -343,18 +330,25 @@ class Engine:
         logits = self.model.forward(batch, self.cache)  # [R, V]
         self.total_forwards += 1
 
+        # Bookkeeping (row offsets, drafts, uniforms, the verification loop's indices) stays on the host; what
+        # touches the logits goes to their device, and verify() brings its sampled tokens back.
+        device = logits.device
         rows_per_seq = torch.tensor(batch.logit_counts)
         row_params = [
             torch.tensor([getattr(s.params, name) for s in seqs], dtype=dtype).repeat_interleave(rows_per_seq)
             for name, dtype in (("temperature", torch.float32), ("top_k", torch.int64), ("top_p", torch.float32))
         ]
+        row_params = [p.to(device) for p in row_params]
         processed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (probs, logprobs), as reached
         masked = self._min_tokens_mask(seqs, drafts, batch.logit_counts)  # [R, V] bool, or None
+        if masked is not None:
+            masked = masked.to(device)
 
         def distributions(rows: torch.Tensor) -> torch.Tensor:
             """Processed distributions of the rows verification reaches: one per emitted token, not per node."""
-            reached = logits[rows] if masked is None else logits[rows].masked_fill(masked[rows], float("-inf"))
-            probs, logprobs = process_logits(reached, *(p[rows] for p in row_params))
+            at = rows.to(device)
+            reached = logits[at] if masked is None else logits[at].masked_fill(masked[at], float("-inf"))
+            probs, logprobs = process_logits(reached, *(p[at] for p in row_params))
             for r, pr, lp in zip(rows.tolist(), probs, logprobs):
                 processed[r] = (pr, lp)
             return probs
@@ -399,7 +393,8 @@ class Engine:
                 self.budget.feedback(s.request_id, sum(d.path_probs()), len(path))
         if move_slots:
             self.cache.move_positions(torch.tensor(move_slots), torch.tensor(move_src), torch.tensor(move_dst))
-        token_logprobs = [float(processed[r][1][c]) for r, c in zip(lp_rows, lp_cols)]
+        # One copy to the host for the whole step: float() per token would wait on a GPU once per token.
+        token_logprobs = torch.stack([processed[r][1][c] for r, c in zip(lp_rows, lp_cols)]).tolist()
 
         finished = []
         offset = 0
@@ -463,3 +458,38 @@ class Engine:
             group=s.group,
             policy_version=self.policy_version,
         )
+
+
+def generate_batch(
+    engine,
+    prompts: Seq[Seq[int]],
+    params: SamplingParams | Seq[SamplingParams] | None = None,
+    groups: Seq[str | None] | None = None,
+    request_ids: Seq[str] | None = None,
+    speculate: Seq[bool] | None = None,
+    check: Callable[[SamplingParams], None] = lambda params: None,
+) -> list[RolloutResult]:
+    """`generate` of any engine with the Engine API (add_request, step, vocab_size, max_model_len): everything is
+    validated (prompts, then each request's params by `check`) before anything is queued; results in prompt order."""
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+    for p in prompts:
+        _validate_prompt(p, engine.vocab_size, engine.max_model_len)
+    for sp in plist:
+        check(sp if sp is not None else SamplingParams())
+    ids = [
+        engine.add_request(
+            p,
+            sp,
+            None if request_ids is None else request_ids[i],
+            None if groups is None else groups[i],
+            True if speculate is None else speculate[i],
+        )
+        for i, (p, sp) in enumerate(zip(prompts, plist))
+    ]
+    done: dict[str, RolloutResult] = {}
+    while len(done) < len(ids):
+        for r in engine.step():
+            done[r.request_id] = r
+    return [done[i] for i in ids]

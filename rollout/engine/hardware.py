@@ -32,6 +32,12 @@ def describe(device: torch.device) -> dict[str, object]:
     return info
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer read next measures the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def fingerprint(device: torch.device) -> str:
     text = "|".join(f"{k}={v}" for k, v in sorted(describe(device).items()))
     return hashlib.sha1(text.encode()).hexdigest()[:12]

@@ -55,6 +55,8 @@ class SlotKVCache:
         """Copy position src[i] to dst[i] of slot slots[i] in every layer (compacting an accepted tree path)."""
         if slots.numel() == 0:
             return
+        # The engine builds these small index lists on the host; on another device they are moved once here.
+        slots, src, dst = (t.to(self.k.device) for t in (slots, src, dst))
         self.k[:, slots, :, dst] = self.k[:, slots, :, src]
         self.v[:, slots, :, dst] = self.v[:, slots, :, src]
 

@@ -98,7 +98,7 @@ MATMUL_MODES = {
 class MatmulPlan:
     """Per (weight shape, M bucket): the fastest allowed kernel.
 
-    Untuned shapes use `columns` below 16 rows, else `linear`."""
+    Untuned shapes use `columns` below 16 rows, else `linear`; on a GPU every product is `linear`."""
 
     def __init__(self, device: torch.device, cache_file: Path | None = None, mode: str = "fast"):
         if mode not in MATMUL_MODES:
@@ -175,6 +175,10 @@ class MatmulPlan:
             tmp.replace(self.cache_file)
 
     def kernel_for(self, w: torch.Tensor, m: int) -> str:
+        if self.device.type != "cpu":
+            # The skinny-product cliffs above are MKL's on CPU; on a GPU, F.linear is the cuBLAS call transformers
+            # makes too, and `columns` would only add a transposed copy.
+            return "linear"
         per_m = self.choice.get(self._key(w))
         if per_m is None:
             return "columns" if m < 16 else "linear"

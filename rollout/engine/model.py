@@ -9,6 +9,11 @@ of the slot cache.
 
 Logits equal transformers' within fp32 rounding (tests/test_model_parity.py): within 1e-4 with matmul="mkl" (the
 kernels transformers uses), within ~2e-4 with the faster default matmul="fast".
+
+On a GPU, "float32" is only fp32 while torch.backends.cuda.matmul.allow_tf32 is False (torch's default). The model
+does not change that process-wide switch, which a trainer sharing the process may have set on purpose; with TF32
+on, products round their inputs to 10 mantissa bits (fp32 keeps 23), far beyond the fp32 rounding the parity
+tests allow. The exactness tests and benchmarks/engine.py switch it off.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +80,26 @@ def _checkpoint_tensors(folder: Path) -> dict[str, Path]:
     return names
 
 
+def check_named_tensor(name: str, tensor: Any, expected: Mapping[str, Any], architecture: str) -> str | None:
+    """A pushed weight checked against the model's parameters (`expected`: name -> tensor or shape): its name once
+    a DDP/DeepSpeed `module.` prefix is dropped, or None for rotary buffers that some checkpoints carry. Raises
+    ValueError/TypeError naming the parameter, so a trainer pushing another model's weights changes nothing."""
+    name = name.removeprefix("module.")
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    target = expected.get(name)
+    if target is None:
+        raise ValueError(f"unknown parameter {name!r} for {architecture}")
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"parameter {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+    shape = tuple(getattr(target, "shape", target))
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"parameter {name!r}: shape {tuple(tensor.shape)} does not match the model's {shape}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"parameter {name!r}: dtype {tensor.dtype} is not a floating-point type")
+    return name
+
+
 class TargetModel:
     """The policy's weights and a forward over a ForwardBatch."""
 
@@ -87,6 +112,11 @@ class TargetModel:
         biases: set[str],
         matmul: str = "fast",
     ):
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"engine.device is {str(device)!r}, but this torch ({torch.__version__}) sees no CUDA device; "
+                "install a CUDA build of torch or use device='cpu'"
+            )
         self.config = config
         self.shape: ModelShape = shape_from_config(config, max_model_len)
         self.max_model_len = max_model_len
@@ -220,21 +250,7 @@ class TargetModel:
     def check_weight(self, name: str, tensor: torch.Tensor) -> str | None:
         """The model's name for a transformers-named tensor, once its name, shape and dtype are checked; None for
         rotary buffers that some checkpoints carry (skipped). Raises ValueError/TypeError naming the parameter."""
-        name = name.removeprefix("module.")  # DDP / DeepSpeed wrappers
-        if name.endswith("rotary_emb.inv_freq"):
-            return None
-        target = self._views.get(name)
-        if target is None:
-            raise ValueError(f"unknown parameter {name!r} for {self.shape.architecture}")
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"parameter {name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(
-                f"parameter {name!r}: shape {tuple(tensor.shape)} does not match the model's {tuple(target.shape)}"
-            )
-        if not tensor.is_floating_point():
-            raise TypeError(f"parameter {name!r}: dtype {tensor.dtype} is not a floating-point type")
-        return name
+        return check_named_tensor(name, tensor, self._views, self.shape.architecture)
 
     @torch.inference_mode()
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> set[str]:

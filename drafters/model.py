@@ -1,0 +1,465 @@
+"""A parametric drafter: the target's first layers, frozen, under one decoder block trained on the policy's rollouts.
+
+Why this shape. Retrieval (drafters/suffix.py) stalls where the policy writes text that no sibling and no earlier
+rollout has written; a small network that models the policy generalises there. Training a separate small LM from
+scratch on CPU within a refresh is hopeless, so the drafter borrows the target (as Kangaroo does): its embeddings
+and first `layers` decoder layers stay frozen, one more decoder block on top (initialised as the target's next
+layer) is trained, and the target's own final norm and lm_head read the result out. At initialisation the drafter
+is the target cut after `layers + 1` layers; each refresh distils the policy's current behaviour into the top block.
+
+Distillation without logits. The history stores the tokens the policy sampled (and their logprobs), not its full
+distributions; sampled tokens are unbiased draws from the policy, so cross-entropy against them estimates the
+cross-entropy to the policy. Hidden states of the frozen part depend only on the tokens, so they are computed once
+per rollout (no grad) and cached; a refresh trains only the top block on them, newest versions weighted most,
+until `train_seconds` run out. Each refresh that trains bumps `weights_version` (the policy version it learned).
+
+Speed. The output head keeps only the `vocab_size` tokens seen most often in the window's prompts and rollouts
+(the policy writes from a small vocabulary in any one task; a token outside it just cannot be drafted). Drafting
+runs one batched forward for all requests per draft position (`propose_batch`), over a KV cache with one row per
+request; rows are compacted when a request ends so the active rows are always a prefix and need no gather.
+
+The draft is a chain: the drafter's argmax at each depth, with its probability as the estimate that the node is
+accepted, cut where the path probability falls below `min_prob`. drafters/composite.py merges it with the suffix
+drafter's tree.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drafters.base import EMPTY_DRAFT, BaseDrafter, Draft, register_drafter
+
+
+@dataclass
+class ModelDrafterConfig:
+    model: str = "smollm2-135m"  # the target: embedded name or checkpoint folder (its first layers are reused)
+    layers: int = 4  # frozen target layers under the trained block
+    vocab_size: int = 4096  # tokens the head can propose: the most frequent in the window
+    train_seconds: float = 30.0  # time budget of one refresh's training
+    max_epochs: int = 8  # ... and at most this many passes over the window
+    lr: float = 2e-3
+    batch_sequences: int = 16
+    decay: float = 0.5  # sampling weight of a rollout one policy version old, relative to the newest
+    window_versions: int = 4  # rollouts of this many recent versions are trained on
+    min_prob: float = 0.05  # stop drafting where the drafter's path probability falls below this
+    draft_untrained: bool = False  # before its first training the cut target rarely guesses right: propose nothing
+    max_requests: int = 512  # KV rows: requests drafted at once (allocated as needed)
+    max_len: int = 4096  # prompt + output tokens per request (allocated as needed)
+    seed: int = 0
+
+
+class _Config:
+    """The few transformers-config fields the block needs, read from the checkpoint's config.json."""
+
+    def __init__(self, folder: Path):
+        from transformers import AutoConfig
+
+        from rollout.engine.architectures import shape_from_config
+
+        self.hf = AutoConfig.from_pretrained(folder)
+        self.shape = shape_from_config(self.hf, getattr(self.hf, "max_position_embeddings", 2048))
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # transformers' rotate-half convention, so the target's layers see the positions they were trained with
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Block(nn.Module):
+    """One Llama-family decoder layer (GQA attention with RoPE, SwiGLU MLP), loaded from the target's weights."""
+
+    NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __init__(self, shape, tensors: dict[str, torch.Tensor], prefix: str):
+        super().__init__()
+        self.shape = shape
+
+        def param(name: str) -> nn.Parameter | None:
+            t = tensors.get(prefix + name)
+            return None if t is None else nn.Parameter(t.detach().clone().float())
+
+        self.attn = nn.ParameterDict({n: param(f"self_attn.{n}.weight") for n in self.NAMES})
+        self.bias = nn.ParameterDict(
+            {n: p for n in self.NAMES if (p := param(f"self_attn.{n}.bias")) is not None}
+        )  # Qwen2 has q/k/v biases
+        self.qk_norm = nn.ParameterDict(
+            {n: p for n in ("q_norm", "k_norm") if (p := param(f"self_attn.{n}.weight")) is not None}
+        )  # Qwen3 normalises each head of q and k
+        self.mlp = nn.ParameterDict({n: param(f"mlp.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")})
+        self.norm_in = param("input_layernorm.weight")
+        self.norm_post = param("post_attention_layernorm.weight")
+
+    def _proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.attn[name], self.bias[name] if name in self.bias else None)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, H]
+        cos: torch.Tensor,  # [B, T, hd]
+        sin: torch.Tensor,  # [B, T, hd]
+        mask: torch.Tensor | None,  # [B, 1, T, L] bool (True = attend); None = causal over T
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,  # K, V [B, KVH, max_len, hd], written in place
+        positions: torch.Tensor | None = None,  # [B, T] where this forward's tokens go in the cache
+        keys: int = 0,  # cache positions [0, keys) attended to
+    ) -> torch.Tensor:
+        s = self.shape
+        B, T, _ = x.shape
+        h = _rms(x, self.norm_in, s.rms_norm_eps)
+        q = self._proj("q_proj", h).view(B, T, s.num_heads, s.head_dim)
+        k = self._proj("k_proj", h).view(B, T, s.num_kv_heads, s.head_dim)
+        v = self._proj("v_proj", h).view(B, T, s.num_kv_heads, s.head_dim)
+        if self.qk_norm:
+            q = _rms(q, self.qk_norm["q_norm"], s.rms_norm_eps)
+            k = _rms(k, self.qk_norm["k_norm"], s.rms_norm_eps)
+        q = _rotate(q.transpose(1, 2), cos[:, None], sin[:, None])  # [B, NH, T, hd]
+        k = _rotate(k.transpose(1, 2), cos[:, None], sin[:, None])  # [B, KVH, T, hd]
+        v = v.transpose(1, 2)  # [B, KVH, T, hd]
+        if cache is not None:
+            index = positions[:, None, :, None].expand(B, s.num_kv_heads, T, s.head_dim)
+            cache[0].scatter_(2, index, k)
+            cache[1].scatter_(2, index, v)
+            k, v = cache[0][:, :, :keys], cache[1][:, :, :keys]  # [B, KVH, keys, hd]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        x = x + self._proj("o_proj", a.transpose(1, 2).reshape(B, T, -1))
+        h = _rms(x, self.norm_post, s.rms_norm_eps)
+        m = self.mlp
+        return x + F.linear(F.silu(F.linear(h, m["gate_proj"])) * F.linear(h, m["up_proj"]), m["down_proj"])
+
+
+def _load_tensors(folder: Path, wanted) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    files = sorted(glob.glob(str(folder / "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {folder}: the model drafter reads the target's checkpoint")
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if wanted(name):
+                    out[name] = f.get_tensor(name)
+    return out
+
+
+class DraftNet(nn.Module):
+    """Frozen: embeddings, layers [0, n). Trained: the block on top. Frozen: final norm and (a slice of) lm_head."""
+
+    def __init__(self, folder: Path, layers: int, max_len: int):
+        super().__init__()
+        cfg = _Config(folder)
+        s = self.shape = cfg.shape
+        if not 1 <= layers < s.num_layers:
+            raise ValueError(f"model drafter layers must be in [1, {s.num_layers - 1}] for this target, got {layers}")
+        prefixes = [f"model.layers.{i}." for i in range(layers + 1)]
+        tensors = _load_tensors(
+            folder,
+            lambda n: (
+                n in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+                or any(n.startswith(p) for p in prefixes)
+            ),
+        )
+        self.embed = tensors["model.embed_tokens.weight"].float()  # [V, H]
+        self.lm_head = tensors.get("lm_head.weight", self.embed).float()  # [V, H]; tied in SmolLM2
+        self.norm = tensors["model.norm.weight"].float()  # [H]
+        self.frozen = nn.ModuleList(Block(s, tensors, p) for p in prefixes[:-1]).requires_grad_(False)
+        self.top = Block(s, tensors, prefixes[-1])
+        from rollout.engine.architectures import rope_tables
+
+        self.cos, self.sin = rope_tables(cfg.hf, s, max_len)  # [max_len, hd]
+        self.max_len = max_len
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]  # [B, T, hd] each
+
+    @torch.no_grad()
+    def frozen_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the frozen layers for whole sequences, causal: ids [B, T] -> [B, T, H]."""
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        cos, sin = self.rope(positions)
+        x = self.embed[ids]
+        for block in self.frozen:
+            x = block(x, cos, sin, None)
+        return x
+
+    def logits(self, x: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., len(vocab)] over the kept vocabulary."""
+        return F.linear(_rms(x, self.norm, self.shape.rms_norm_eps), self.lm_head[vocab])
+
+
+class _KVRows:
+    """KV cache rows for the drafter's layers: K, V [layers, rows, KVH, length, hd]; rows [0, n) are in use.
+
+    Both dimensions grow by doubling as requests and contexts need them, up to the configured maxima: a drafter
+    sized for 256 requests of 2048 tokens up front would hold gigabytes it rarely uses."""
+
+    def __init__(self, net: DraftNet, max_rows: int, max_len: int):
+        s = net.shape
+        self.max_rows, self.max_len = max_rows, max_len
+        self.k = torch.zeros(len(net.frozen) + 1, 0, s.num_kv_heads, 0, s.head_dim)
+        self.v = self.k.clone()
+
+    def ensure(self, rows: int, length: int) -> None:
+        have_rows, have_len = self.k.shape[1], self.k.shape[3]
+        if rows <= have_rows and length <= have_len:
+            return
+        new_rows = min(self.max_rows, max(rows, 2 * have_rows, 16))
+        new_len = min(self.max_len, max(length, 2 * have_len, 256))
+        L, _, kvh, _, hd = self.k.shape
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            grown = torch.zeros(L, new_rows, kvh, new_len, hd)
+            grown[:, :have_rows, :, :have_len] = old
+            setattr(self, name, grown)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        if length == 0:  # nothing cached yet (the row may not even be allocated)
+            return
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+@dataclass
+class _Request:
+    row: int
+    cached: int = 0  # tokens whose K/V are in the cache
+    pending: list[int] | None = None  # tokens observed but not yet fed through the drafter
+
+
+@register_drafter("model")
+class ModelDrafter(BaseDrafter):
+    def __init__(self, config: ModelDrafterConfig | None = None, **overrides):
+        self.config = config or ModelDrafterConfig(**overrides)
+        c = self.config
+        from rollout.engine.checkpoint import resolve_model
+
+        self.net = DraftNet(Path(resolve_model(c.model)), c.layers, c.max_len)
+        self.kv = _KVRows(self.net, c.max_requests, c.max_len)
+        self.requests: dict[str, _Request] = {}
+        self.order: list[str] = []  # order[row] = the request in that row
+        # Until the first refresh sees rollouts, propose over the whole vocabulary.
+        self.vocab = torch.arange(self.net.shape.vocab_size)  # [Vk] token id of each head row
+        self.optimizer = torch.optim.Adam(self.net.top.parameters(), lr=c.lr)
+        self.weights_version = -1  # policy version the top block was last trained on (-1: never)
+        self.train_log: list[dict] = []
+        self._states: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}  # version -> (ids, states, n_prompt)
+        self._rng = random.Random(c.seed)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def begin(self, request_id, prompt_ids, group):
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id!r} began twice")
+        if len(self.order) == self.config.max_requests:
+            raise RuntimeError(f"model drafter holds {len(self.order)} requests; raise max_requests")
+        self.requests[request_id] = _Request(row=len(self.order), pending=list(prompt_ids))
+        self.order.append(request_id)
+
+    def observe(self, request_id, token_ids, logprobs=None):
+        self.requests[request_id].pending.extend(int(t) for t in token_ids)
+
+    def end(self, request_id):
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        last = self.order.pop()
+        if last != request_id:  # keep the rows in use a prefix: the last row moves into the freed one
+            moved = self.requests[last]
+            self.kv.move(moved.row, req.row, moved.cached)
+            moved.row = req.row
+            self.order[req.row] = last
+
+    def propose(self, request_id: str, max_tokens: int) -> Draft:
+        return self.propose_batch([request_id], [max_tokens])[0]
+
+    # ------------------------------------------------------------------ drafting
+
+    @torch.no_grad()
+    def propose_batch(self, request_ids: Sequence[str], max_tokens: Sequence[int]) -> list[Draft]:
+        c = self.config
+        if self.weights_version < 0 and not c.draft_untrained:
+            return [EMPTY_DRAFT] * len(request_ids)
+        want = {rid: k for rid, k in zip(request_ids, max_tokens) if k > 0}
+        if not want:
+            return [EMPTY_DRAFT] * len(request_ids)
+        for rid in want:
+            req = self.requests[rid]
+            if req.cached + len(req.pending) + want[rid] > c.max_len:
+                want[rid] = max(0, c.max_len - req.cached - len(req.pending))
+        logits = self._feed_pending()  # [n, Vk] at each row's last fed token (or None rows)
+        n = len(self.order)
+        rows = torch.tensor([self.requests[r].row for r in want], dtype=torch.long)
+        limits = torch.tensor(list(want.values()))
+        depth_cap = int(limits.max())
+        tokens = torch.zeros(n, depth_cap, dtype=torch.long)
+        probs = torch.zeros(n, depth_cap)
+        path = torch.ones(n)
+        alive = torch.zeros(n, dtype=torch.bool)
+        alive[rows] = True
+        length = torch.zeros(n, dtype=torch.long)
+        cap = torch.zeros(n, dtype=torch.long)
+        cap[rows] = limits
+        start = torch.tensor([self.requests[r].cached for r in self.order])  # draft positions begin here
+        for d in range(depth_cap):
+            p, idx = logits.softmax(-1).max(-1)  # [n]
+            path = path * p
+            alive &= (path >= c.min_prob) & (d < cap)
+            if not alive.any():
+                break
+            tokens[:, d] = self.vocab[idx]
+            probs[:, d] = p
+            length[alive] = d + 1
+            if d + 1 == depth_cap or not (alive & (d + 1 < cap)).any():
+                break
+            # Every row is fed (rows not drafting just compute a token nobody reads): the rows stay a prefix.
+            logits = self._forward(tokens[:, d : d + 1], start + d, torch.ones(n, dtype=torch.long))
+        out = []
+        for rid in request_ids:
+            if rid not in want:
+                out.append(EMPTY_DRAFT)
+                continue
+            row = self.requests[rid].row
+            k = int(length[row])
+            out.append(Draft(tokens[row, :k].tolist(), None, probs[row, :k].tolist()) if k else EMPTY_DRAFT)
+        return out
+
+    def _feed_pending(self) -> torch.Tensor:
+        """Run every row's observed tokens through the drafter; logits [n, Vk] after each row's last token."""
+        n = len(self.order)
+        reqs = [self.requests[r] for r in self.order]
+        counts = torch.tensor([len(r.pending) for r in reqs])
+        if int(counts.max()) == 0:
+            raise RuntimeError("model drafter asked to propose before observing any token")
+        width = int(counts.max())
+        tokens = torch.zeros(n, width, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            tokens[i, : len(r.pending)] = torch.tensor(r.pending, dtype=torch.long)
+        start = torch.tensor([r.cached for r in reqs])
+        logits = self._forward(tokens, start, counts)
+        for r in reqs:
+            r.cached += len(r.pending)
+            r.pending = []
+        return logits
+
+    def _forward(self, tokens: torch.Tensor, start: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """tokens [n, T] (row i: counts[i] real tokens, then padding) at cache positions start[i].. -> logits [n, Vk].
+
+        Padding is written to the cache past each row's real tokens, where the next real tokens overwrite it; no
+        real query attends that far (keys are allowed up to the query's own position).
+        """
+        n, T = tokens.shape
+        net = self.net
+        positions = (start[:, None] + torch.arange(T)).clamp(max=self.config.max_len - 1)  # [n, T]
+        keys = int(positions.max()) + 1
+        self.kv.ensure(n, keys)
+        mask = torch.arange(keys)[None, None, :] <= positions[:, :, None]  # [n, T, keys]
+        cos, sin = net.rope(positions)
+        x = net.embed[tokens]  # [n, T, H]
+        for layer, block in enumerate([*net.frozen, net.top]):
+            cache = (self.kv.k[layer, :n], self.kv.v[layer, :n])
+            x = block(x, cos, sin, mask[:, None], cache, positions, keys)
+        last = (counts - 1).clamp(min=0)
+        return net.logits(x[torch.arange(n), last], self.vocab)  # [n, Vk]
+
+    # ------------------------------------------------------------------ learning
+
+    def refresh(self, history, policy_version: int) -> None:
+        """Cache frozen states of new rollouts, pick the vocabulary, train the top block within the time budget."""
+        if history is None:
+            return
+        table = history.table()
+        if table.num_rows == 0:
+            return
+        cols = table.select(["policy_version", "prompt_ids", "token_ids"]).to_pydict()
+        c = self.config
+        keep = {v for v in set(cols["policy_version"]) if v > policy_version - 1 - c.window_versions}
+        for v in list(self._states):
+            if v not in keep:
+                del self._states[v]
+        new = sorted(v for v in keep if v not in self._states)
+        for v in new:
+            seqs = [
+                (p, o)
+                for pv, p, o in zip(cols["policy_version"], cols["prompt_ids"], cols["token_ids"])
+                if pv == v and o
+            ]
+            self._states[v] = self._encode(seqs)
+        if not any(self._states.values()):
+            return
+        self._choose_vocab()
+        self._train(max(self._states))
+        self.weights_version = policy_version
+
+    def _encode(self, seqs: list[tuple[list[int], list[int]]]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        out = []
+        max_len = self.config.max_len
+        for prompt, output in seqs:
+            ids = torch.tensor((list(prompt) + list(output))[:max_len], dtype=torch.long)
+            out.append((ids, self.net.frozen_states(ids[None])[0], len(prompt)))  # states [T, H]
+        return out
+
+    def _choose_vocab(self) -> None:
+        counts = torch.zeros(self.net.shape.vocab_size)
+        for items in self._states.values():
+            for ids, _, n_prompt in items:
+                counts += torch.bincount(ids, minlength=len(counts)).float()
+                counts += 3.0 * torch.bincount(ids[n_prompt:], minlength=len(counts)).float()  # outputs count more
+        k = min(self.config.vocab_size, int((counts > 0).sum()))
+        self.vocab = counts.topk(k).indices.sort().values  # [Vk]
+
+    def _train(self, newest: int) -> None:
+        c = self.config
+        items = [(it, c.decay ** (newest - v)) for v, its in self._states.items() for it in its]
+        position = torch.full((self.net.shape.vocab_size,), -1, dtype=torch.long)
+        position[self.vocab] = torch.arange(len(self.vocab))  # token id -> head row (-1: not in the head)
+        t0, steps, losses = time.perf_counter(), 0, []
+        budget_steps = c.max_epochs * math.ceil(len(items) / c.batch_sequences)
+        weights = [w for _, w in items]
+        while steps < budget_steps and time.perf_counter() - t0 < c.train_seconds:
+            batch = self._rng.choices(range(len(items)), weights=weights, k=min(c.batch_sequences, len(items)))
+            loss = self._loss([items[i][0] for i in batch], position)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(loss.item())
+            steps += 1
+        self.train_log.append(
+            {
+                "version": newest,
+                "steps": steps,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "loss_first": round(losses[0], 4) if losses else None,
+                "loss_last": round(sum(losses[-4:]) / len(losses[-4:]), 4) if losses else None,
+            }
+        )
+
+    def _loss(self, batch, position: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the output tokens (those in the head's vocabulary) given the frozen states before them."""
+        T = max(len(ids) for ids, _, _ in batch)
+        H = self.net.shape.hidden_size
+        x = torch.zeros(len(batch), T, H)  # right-padded: causal attention never looks at the padding
+        target = torch.full((len(batch), T), -1, dtype=torch.long)
+        for i, (ids, states, n_prompt) in enumerate(batch):
+            x[i, : len(ids)] = states
+            # position t predicts token t + 1; only output tokens are what the policy chose
+            target[i, n_prompt - 1 : len(ids) - 1] = position[ids[n_prompt:]]
+        positions = torch.arange(T).expand(len(batch), T)
+        cos, sin = self.net.rope(positions)
+        h = self.net.top(x, cos, sin, None)
+        sel = target >= 0
+        return F.cross_entropy(self.net.logits(h[sel], self.vocab), target[sel])

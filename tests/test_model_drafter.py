@@ -1,0 +1,219 @@
+"""The parametric drafter (drafters/model.py) and the composite drafter (drafters/composite.py).
+
+Fast tests run on a tiny random 2-layer Llama: with layers=1 the drafter (layer 0 frozen, layer 1 as the trained
+block, the target's norm and head) *is* the target until it trains, so its drafts must equal the target's greedy
+continuation exactly; that checks the drafter's own KV cache, row compaction and padding without tolerances. The
+slow test replays the committed SmolLM2 trace.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import make_engine
+
+from drafters.base import Draft, make_drafter
+from drafters.composite import merge_drafts
+from drafters.model import ModelDrafter
+from drafters.replay import replay
+from rollout.history import RolloutHistory
+from rollout.sampling import SamplingParams
+
+TRACE = Path(__file__).resolve().parents[1] / "benchmarks" / "traces" / "smollm2_t1.0.parquet"
+
+
+def full_greedy(net, ids: list[int], n: int, vocab: torch.Tensor) -> list[int]:
+    """The drafter network's greedy continuation, recomputed from scratch each token (no cache)."""
+    ids = list(ids)
+    out = []
+    for _ in range(n):
+        x = torch.tensor([ids])
+        states = net.frozen_states(x)
+        positions = torch.arange(len(ids))[None]
+        cos, sin = net.rope(positions)
+        with torch.no_grad():
+            h = net.top(states, cos, sin, None)
+            tok = int(vocab[net.logits(h[0, -1], vocab).argmax()])
+        out.append(tok)
+        ids.append(tok)
+    return out
+
+
+@pytest.fixture
+def tiny_drafter(tiny_folder):
+    return ModelDrafter(model=str(tiny_folder), layers=1, min_prob=0.0, train_seconds=3.0, seed=0, draft_untrained=True)
+
+
+def test_cached_drafts_equal_recomputed_greedy_across_rows(tiny_drafter):
+    d = tiny_drafter
+    prompts = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [40, 41], "c": list(range(100, 130))}
+    for rid, p in prompts.items():
+        d.begin(rid, p, None)
+    drafts = d.propose_batch(list(prompts), [4, 2, 6])
+    for (rid, p), k, draft in zip(prompts.items(), [4, 2, 6], drafts):
+        assert draft.token_ids == full_greedy(d.net, p, k, d.vocab), rid
+        assert draft.parents is None and len(draft.probs) == k
+    # b ends: c moves into its row; a accepts 2 of its draft plus a bonus token, c only a bonus token
+    d.end("b")
+    d.observe("a", drafts[0].token_ids[:2] + [3])
+    d.observe("c", [77])
+    prompts["a"] += drafts[0].token_ids[:2] + [3]
+    prompts["c"] += [77]
+    again = d.propose_batch(["c", "a"], [3, 5])
+    assert again[0].token_ids == full_greedy(d.net, prompts["c"], 3, d.vocab)
+    assert again[1].token_ids == full_greedy(d.net, prompts["a"], 5, d.vocab)
+    d.end("a")
+    d.end("c")
+    assert d.order == [] and d.requests == {}
+
+
+def test_untrained_drafter_is_the_target_so_every_greedy_draft_is_accepted(tiny_model, tiny_folder):
+    drafter = ModelDrafter(model=str(tiny_folder), layers=1, min_prob=0.0, draft_untrained=True)
+    prompts = [[1, 2, 3, 4], [9, 8, 7, 6, 5, 4, 3], [200, 201]]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    plain = make_engine(tiny_model).generate(prompts, params)
+    spec = make_engine(tiny_model, drafter=drafter, max_draft_tokens=4).generate(prompts, params)
+    for p, s in zip(plain, spec):
+        assert s.token_ids == p.token_ids  # lossless whatever the drafter
+        # drafter == target: every drafted token is accepted (tiny lm_head is scaled, so no near-ties)
+        assert s.spec.drafted > 0 and s.spec.accepted == s.spec.drafted
+    assert drafter.order == []  # every request ended
+
+
+def history_of(rows: list[tuple[list[int], list[int], int]]) -> RolloutHistory:
+    h = RolloutHistory()
+    h.append(
+        pa.table(
+            {
+                "request_id": [str(i) for i in range(len(rows))],
+                "prompt_key": ["k"] * len(rows),
+                "group": ["g"] * len(rows),
+                "policy_version": [v for _, _, v in rows],
+                "prompt_ids": pa.array([p for p, _, _ in rows], pa.list_(pa.int32())),
+                "token_ids": pa.array([o for _, o, _ in rows], pa.list_(pa.int32())),
+                "logprobs": pa.array([[0.0] * len(o) for _, o, _ in rows], pa.list_(pa.float32())),
+                "length": pa.array([len(o) for _, o, _ in rows], pa.int32()),
+                "finish_reason": ["length"] * len(rows),
+            }
+        )
+    )
+    return h
+
+
+def test_refresh_learns_the_policys_continuation(tiny_folder):
+    # The "policy" always answers prompt [10, 11] with 20 21 22 ... 29 (not what the random target would say):
+    # after a refresh the drafter proposes it.
+    answer = list(range(20, 30))
+    drafter = ModelDrafter(
+        model=str(tiny_folder), layers=1, min_prob=0.0, train_seconds=20, max_epochs=200, lr=3e-3, draft_untrained=True
+    )
+    drafter.begin("before", [10, 11], "g")
+    before = drafter.propose("before", 6).token_ids
+    drafter.end("before")
+    drafter.refresh(history_of([([10, 11], answer, 0)] * 8), policy_version=1)
+    assert drafter.weights_version == 1
+    log = drafter.train_log[-1]
+    assert log["loss_last"] < log["loss_first"] / 4, log
+    assert set(drafter.vocab.tolist()) == {10, 11, *answer}  # the head keeps the tokens the window has
+    drafter.begin("after", [10, 11], "g")
+    after = drafter.propose("after", 6).token_ids
+    assert after == answer[:6] and before != after
+
+
+def test_refresh_drops_versions_outside_the_window(tiny_folder):
+    drafter = ModelDrafter(model=str(tiny_folder), layers=1, train_seconds=0.5, window_versions=2)
+    rows = [([1, 2], [3, 4, 5], v) for v in range(5)]
+    drafter.refresh(history_of(rows), policy_version=5)
+    assert sorted(drafter._states) == [3, 4]
+
+
+@pytest.mark.parametrize(
+    "drafts, k, tokens, parents",
+    [
+        # one chain: unchanged
+        ([Draft([1, 2, 3], None, [0.9, 0.5, 0.5])], 3, [1, 2, 3], [-1, 0, 1]),
+        # two chains sharing their first token: one node for it, the better continuation (0.9*0.8) first
+        ([Draft([1, 2], None, [0.9, 0.5]), Draft([1, 5], None, [0.6, 0.8])], 3, [1, 5, 2], [-1, 0, 0]),
+        # disjoint first tokens: a budget of 2 goes to the likelier chain (0.6, then 0.54) before the other root (0.3)
+        ([Draft([7, 8], None, [0.3, 0.9]), Draft([4, 6], None, [0.6, 0.9])], 2, [4, 6], [-1, 0]),
+        # ... and a budget of 3 adds the other root, ahead of its child
+        ([Draft([7, 8], None, [0.3, 0.9]), Draft([4, 6], None, [0.6, 0.9])], 3, [4, 6, 7], [-1, 0, -1]),
+        # a tree (root 1 with children 2 and 3) merged with a chain 1 3 9: node 1->3 keeps the max estimate
+        (
+            [Draft([1, 2, 3], [-1, 0, 0], [0.8, 0.5, 0.25]), Draft([1, 3, 9], None, [0.5, 0.9, 0.5])],
+            4,
+            [1, 3, 2, 9],
+            [-1, 0, 0, 1],
+        ),
+        # empty drafts and a zero budget give nothing
+        ([Draft([]), Draft([])], 4, [], []),
+        ([Draft([1], None, [0.9])], 0, [], []),
+    ],
+)
+def test_merge_drafts(drafts, k, tokens, parents):
+    merged = merge_drafts(drafts, k)
+    assert merged.token_ids == tokens
+    assert merged.parent_list() == parents
+    merged.depths()  # raises if a parent came after its child
+
+
+def test_composite_proposes_the_union_and_stays_lossless(tiny_model, tiny_folder):
+    drafter = make_drafter(
+        "composite", model_options={"model": str(tiny_folder), "layers": 1, "min_prob": 0.0, "draft_untrained": True}
+    )
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [30, 31, 32]]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    plain = make_engine(tiny_model).generate(prompts, params)
+    spec = make_engine(tiny_model, drafter=drafter, max_draft_tokens=6).generate(prompts, params)
+    assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
+    assert all(s.spec.accepted > 0 for s in spec)
+
+
+def test_requests_that_end_before_the_drafter_trained(tiny_folder):
+    # untrained, the drafter declines (and never allocates its cache); rows must still compact cleanly
+    d = ModelDrafter(model=str(tiny_folder), layers=1)
+    for rid in ("a", "b", "c"):
+        d.begin(rid, [1, 2, 3], None)
+        d.observe(rid, [4])
+    assert [len(x) for x in d.propose_batch(["a", "b", "c"], [4, 4, 4])] == [0, 0, 0]
+    d.end("a")
+    assert d.order == ["c", "b"] and d.requests["c"].row == 0
+
+
+def test_bad_options_name_the_problem(tiny_folder):
+    with pytest.raises(ValueError, match="layers must be in"):
+        ModelDrafter(model=str(tiny_folder), layers=2)
+    with pytest.raises(TypeError, match="lyers"):
+        make_drafter("model", lyers=2)
+    d = ModelDrafter(model=str(tiny_folder), layers=1)
+    d.begin("x", [1, 2], None)
+    with pytest.raises(ValueError, match="began twice"):
+        d.begin("x", [1, 2], None)
+
+
+@pytest.mark.slow
+def test_acceptance_on_the_smollm2_trace_rises_after_a_refresh_on_earlier_steps():
+    """Version 3 of the committed T=1.0 trace (8 prompts x 8 samples), replayed by a drafter that has not trained
+    and by one refreshed on versions 0-2 of the same trace."""
+    table = pq.read_table(TRACE)
+    groups = sorted(set(g[2:] for g in table.column("group").to_pylist()))[:8]  # "r{round}p{i}" -> "p{i}"
+    keep = pa.array([g[2:] in groups for g in table.column("group").to_pylist()])
+    table = table.filter(keep)
+    version = table.column("policy_version").to_pylist()
+    last = table.filter(pa.array([v == 3 for v in version]))
+    earlier = RolloutHistory()
+    earlier.append(table.filter(pa.array([v < 3 for v in version])))
+    figures = {}
+    for name, history in (("untrained", None), ("refreshed", earlier)):
+        # the untrained one drafts as the cut target would (it declines by default; here we want its figure)
+        drafter = ModelDrafter(train_seconds=20, seed=0, draft_untrained=True)
+        if history is not None:
+            drafter.refresh(history, 3)
+        stats = replay(last, drafter, max_draft_tokens=8, refresh=False)
+        figures[name] = stats.acceptance_length
+    print(f"model drafter acceptance length on version 3: {figures}, training: {drafter.train_log}")
+    assert figures["refreshed"] > figures["untrained"] + 0.15
