@@ -66,6 +66,12 @@ class CompositeDrafter(BaseDrafter):
         for part in self.parts:
             part.end(request_id)
 
+    def bind_target(self, folder: str) -> None:
+        for part in self.parts:
+            bind = getattr(part, "bind_target", None)
+            if bind is not None:
+                bind(folder)
+
     def refresh(self, history, policy_version: int) -> None:
         for part in self.parts:
             part.refresh(history, policy_version)

@@ -42,7 +42,8 @@ from drafters.base import EMPTY_DRAFT, BaseDrafter, Draft, register_drafter
 
 @dataclass
 class ModelDrafterConfig:
-    model: str = "smollm2-135m"  # the target: embedded name or checkpoint folder (its first layers are reused)
+    model: str | None = None  # the target's checkpoint (its first layers are reused); None: the engine's target,
+    # or the embedded SmolLM2 where there is no engine (offline replay)
     layers: int = 4  # frozen target layers under the trained block
     vocab_size: int = 4096  # tokens the head can propose: the most frequent in the window
     train_seconds: float = 30.0  # time budget of one refresh's training
@@ -245,20 +246,35 @@ class _Request:
 class ModelDrafter(BaseDrafter):
     def __init__(self, config: ModelDrafterConfig | None = None, **overrides):
         self.config = config or ModelDrafterConfig(**overrides)
-        c = self.config
-        from rollout.engine.checkpoint import resolve_model
-
-        self.net = DraftNet(Path(resolve_model(c.model)), c.layers, c.max_len)
-        self.kv = _KVRows(self.net, c.max_requests, c.max_len)
+        self.net: DraftNet | None = None  # built from config.model, or from the engine's target (bind_target)
+        if self.config.model is not None:
+            self._build(self.config.model)
         self.requests: dict[str, _Request] = {}
         self.order: list[str] = []  # order[row] = the request in that row
-        # Until the first refresh sees rollouts, propose over the whole vocabulary.
-        self.vocab = torch.arange(self.net.shape.vocab_size)  # [Vk] token id of each head row
-        self.optimizer = torch.optim.Adam(self.net.top.parameters(), lr=c.lr)
         self.weights_version = -1  # policy version the top block was last trained on (-1: never)
         self.train_log: list[dict] = []
         self._states: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}  # version -> (ids, states, n_prompt)
-        self._rng = random.Random(c.seed)
+        self._rng = random.Random(self.config.seed)
+
+    def _build(self, model: str) -> None:
+        from rollout.engine.checkpoint import resolve_model
+
+        c = self.config
+        self.net = DraftNet(Path(resolve_model(model)), c.layers, c.max_len)
+        self.kv = _KVRows(self.net, c.max_requests, c.max_len)
+        # Until the first refresh sees rollouts, propose over the whole vocabulary.
+        self.vocab = torch.arange(self.net.shape.vocab_size)  # [Vk] token id of each head row
+        self.optimizer = torch.optim.Adam(self.net.top.parameters(), lr=c.lr)
+
+    def bind_target(self, folder: str) -> None:
+        """The engine's target checkpoint: the drafter builds on it unless its config named a model."""
+        if self.net is None:
+            self._build(folder)
+
+    def _ensure_built(self) -> DraftNet:
+        if self.net is None:  # used without an engine (replay, tests): the embedded default target
+            self._build("smollm2-135m")
+        return self.net
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -280,7 +296,8 @@ class ModelDrafter(BaseDrafter):
         last = self.order.pop()
         if last != request_id:  # keep the rows in use a prefix: the last row moves into the freed one
             moved = self.requests[last]
-            self.kv.move(moved.row, req.row, moved.cached)
+            if self.net is not None:
+                self.kv.move(moved.row, req.row, moved.cached)
             moved.row = req.row
             self.order[req.row] = last
 
@@ -294,6 +311,7 @@ class ModelDrafter(BaseDrafter):
         c = self.config
         if self.weights_version < 0 and not c.draft_untrained:
             return [EMPTY_DRAFT] * len(request_ids)
+        self._ensure_built()
         want = {rid: k for rid, k in zip(request_ids, max_tokens) if k > 0}
         if not want:
             return [EMPTY_DRAFT] * len(request_ids)
@@ -382,6 +400,7 @@ class ModelDrafter(BaseDrafter):
         """Cache frozen states of new rollouts, pick the vocabulary, train the top block within the time budget."""
         if history is None:
             return
+        self._ensure_built()
         table = history.table()
         if table.num_rows == 0:
             return

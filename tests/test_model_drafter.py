@@ -184,6 +184,24 @@ def test_requests_that_end_before_the_drafter_trained(tiny_folder):
     assert d.order == ["c", "b"] and d.requests["c"].row == 0
 
 
+def test_the_engine_hands_its_target_to_drafters_that_build_on_it(tiny_folder):
+    # no model option: the drafter (alone or inside composite) waits for the engine's target, and builds on it
+    from rollout.config import EngineConfig, SpeculationConfig
+    from rollout.engine.engine import Engine
+
+    engine = Engine.from_config(
+        EngineConfig(model=str(tiny_folder), max_num_seqs=2, max_model_len=128, tune_matmul=False),
+        SpeculationConfig(drafter="composite", budget="fixed:2", drafter_options={"model_options": {"layers": 1}}),
+    )
+    model = engine.drafter.model
+    assert model.net is not None and model.net.shape.vocab_size == 384  # the tiny target's, not SmolLM2's
+    # an explicit model wins over the engine's
+    drafter = ModelDrafter(model=str(tiny_folder), layers=1)
+    net = drafter.net
+    drafter.bind_target("/nonexistent")
+    assert drafter.net is net
+
+
 def test_bad_options_name_the_problem(tiny_folder):
     with pytest.raises(ValueError, match="layers must be in"):
         ModelDrafter(model=str(tiny_folder), layers=2)

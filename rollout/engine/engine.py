@@ -141,6 +141,9 @@ class Engine:
             folder, config.max_model_len, config.dtype, config.device, tune=config.tune_matmul, matmul=config.matmul
         )
         drafter = make_drafter(speculation.drafter, **speculation.drafter_options)
+        bind = getattr(drafter, "bind_target", None)  # drafters built on the target's own weights (drafters/model.py)
+        if bind is not None:
+            bind(str(folder))
         budget = parse_budget(
             speculation.budget,
             cost=lambda: measure_cost_model(model, config.max_num_seqs, cost_model_file(folder, config), log=log),
