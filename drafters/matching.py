@@ -35,18 +35,15 @@ class Candidates:
 
 def match_lengths(array: np.ndarray, starts: np.ndarray, context: np.ndarray, max_len: int) -> np.ndarray:
     """For each start s, the largest L <= max_len with array[s-L:s] == context[-L:] (0 if even L=1 fails)."""
-    lens = np.zeros(len(starts), dtype=np.int64)
-    alive = np.ones(len(starts), dtype=bool)
     limit = min(max_len, len(context))
-    for d in range(1, limit + 1):
-        pos = starts - d
-        ok = alive & (pos >= 0)
-        ok[ok] = array[pos[ok]] == context[-d]
-        lens[ok] = d
-        alive = ok
-        if not alive.any():
-            break
-    return lens
+    if len(starts) == 0 or limit == 0:
+        return np.zeros(len(starts), dtype=np.int64)
+    # All depths at once ([n, limit] gathers) rather than a loop of small numpy calls per depth: siblings in a
+    # GRPO group share long spans, so most candidates match to the full depth.
+    pos = starts[:, None] - np.arange(1, limit + 1)[None, :]  # [n, limit]
+    inside = pos >= 0
+    equal = inside & (array[np.maximum(pos, 0)] == context[::-1][:limit][None, :])
+    return np.cumprod(equal, axis=1).sum(axis=1).astype(np.int64)
 
 
 def match_in_array(

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from drafters.base import Draft
-from rollout.budget import AutoBudget, BudgetItem, CostModel, FixedBudget, measure_cost_model, parse_budget
+from rollout.budget import AcceptanceModel, AutoBudget, BudgetItem, DraftGate, FixedBudget, parse_budget
+from rollout.cost_model import CostModel, StepCost, measure_cost_model
 from rollout.history import RolloutHistory, rows_to_batch
 
 
@@ -44,9 +45,92 @@ def test_running_acceptance_calibrates_the_drafter():
     budget = AutoBudget(cost)
     before = budget.select(items(1, p=0.9))[0]
     for _ in range(50):  # the drafter claims 0.9 per node but nothing is ever accepted
-        budget.feedback("r0", predicted=4.0, accepted=0)
+        budget.feedback("r0", chain(4, 0.9), [])
     after = budget.select(items(1, p=0.9))[0]
     assert before > 0 and after < before
+
+
+def test_calibration_table_learns_what_a_confidence_is_worth():
+    """Nodes the drafter rates 0.95 are accepted 30% of the time: the table learns 0.3 for that bin, for every
+    sequence, and leaves other bins at their prior."""
+    model = AcceptanceModel()
+    rng = np.random.default_rng(0)
+    for i in range(2000):  # one-node drafts from many sequences
+        model.observe(f"r{i}", np.array([0.95]), np.array([float(rng.random() < 0.3)]))
+        model.forget(f"r{i}")
+    learnt = model.probs("fresh", np.array([0.95]))[0]
+    assert abs(learnt - 0.3) < 0.05, learnt
+    untouched = model.probs("fresh", np.array([0.45]))[0]
+    assert abs(untouched - 0.45 * model.prior_ratio) < 1e-9  # no outcomes in that bin: the prior alone
+
+
+def test_a_sequence_off_the_recorded_text_is_trusted_less_than_its_neighbours():
+    model = AcceptanceModel()
+    for _ in range(5):
+        model.observe("lost", np.array([0.9, 0.8]), np.array([0.0, 0.0]))
+        model.observe("on_track", np.array([0.9, 0.8]), np.array([1.0, 1.0]))
+    lost, on_track, fresh = (model.probs(r, np.array([0.9]))[0] for r in ("lost", "on_track", "fresh"))
+    assert lost < fresh < on_track
+    # Recency: after a run of accepted drafts the lost sequence is trusted again.
+    for _ in range(10):
+        model.observe("lost", np.array([0.9, 0.8]), np.array([1.0, 1.0]))
+    assert model.probs("lost", np.array([0.9]))[0] > fresh
+
+
+def test_feedback_counts_tree_nodes_on_the_accepted_path():
+    budget = AutoBudget(FLAT)
+    tree = Draft([5, 6, 7], parents=[-1, -1, 0], probs=[0.6, 0.3, 0.9])  # path probs 0.6, 0.3, 0.54
+    budget.feedback("r", tree, [0, 2])  # node 0 then its child, node 2; node 1 (a sibling) rejected
+    acc = budget.acceptance
+    assert acc._outcomes.sum() == 3 and acc._accepted.sum() == 2
+    assert acc._accepted[acc._bin(np.array([0.3]))[0]] == 0  # the rejected sibling's bin
+
+
+def test_step_cost_learns_what_extra_tokens_really_cost():
+    model = CostModel.from_function(lambda m, b: 0.010 + 0.001 * (m - b))
+    cost = StepCost(model)
+    assert cost.times(np.array([32]), 16)[0] == pytest.approx(0.026)  # 16 sequences, 16 extra tokens
+    for _ in range(40):  # plain steps take 1.5x the probe; each extra token 3x (tree masks, sampling, copies)
+        cost.observe(16, 16, 0.015)
+        cost.observe(32, 16, 0.015 + 3 * 0.016)
+    assert cost.plain(16) == pytest.approx(0.015, rel=0.02)
+    assert cost.times(np.array([32]), 16)[0] == pytest.approx(0.063, rel=0.02)
+    assert cost.plain(64) == pytest.approx(model(64, 64) * 1.5, rel=0.02)  # an unseen bucket borrows the pooled factor
+
+
+def test_expensive_verification_makes_auto_verify_less():
+    cost = CostModel.from_function(lambda m, b: 0.010 + 0.0005 * (m - b))
+    budget = AutoBudget(cost, length_aware=False)
+    before = sum(budget.select(items(4, p=0.9)))
+    for _ in range(40):  # every step with drafts takes far longer than the probe said
+        budget.max_draft(4)
+        picked = budget.select(items(4, p=0.9))
+        extra = sum(picked)
+        budget.observe_step(0.010 + 0.010 * extra, 4 + extra // 2)
+    after = sum(budget.select(items(4, p=0.9)))
+    assert before > 0 and after < before
+
+
+def test_gate_compares_arms_fairly_across_batch_sizes_and_revisits_the_loser():
+    gate = DraftGate()
+    bucket = (False, 6)  # batch 32-63
+    plays = []
+    for _ in range(64):
+        drafted = gate.choose(bucket)
+        plays.append(drafted)
+        gate.record(bucket, drafted, 1.2 if drafted else 1.0)  # drafting steps are 20% more efficient
+    assert sum(plays) > 50  # drafting wins
+    losers = [i + 1 for i, d in enumerate(plays) if not d and i >= 4]
+    assert losers and all(n & (n - 1) == 0 for n in losers)  # the loser is replayed at power-of-two plays only
+
+
+def test_auto_asks_the_drafter_for_about_twice_what_it_verifies():
+    budget = AutoBudget(FLAT, max_nodes=16)
+    for _ in range(30):
+        budget.max_draft(8)
+        budget.select([BudgetItem(f"r{i}", chain(2, 0.9), 1) for i in range(8)])  # drafts of 2 nodes: all kept
+        budget.observe_step(0.02, 24)
+    assert budget.max_draft(8) in (0, 4)  # 2 kept -> ask for 4 (the floor), or the gate's plain step
 
 
 def test_long_length_class_gets_more_of_the_budget():
@@ -109,7 +193,7 @@ def test_measured_cost_model_drafts_more_at_batch_1_than_at_batch_64(smol_model,
 
 def test_cost_model_fits_a_short_max_model_len(tiny_folder):
     """The probe's context and drafts are cut to the model's length instead of writing past the cache."""
-    from rollout.budget import measure_cost_model
+    from rollout.cost_model import measure_cost_model
     from rollout.engine.model import TargetModel
 
     model = TargetModel.from_folder(tiny_folder, max_model_len=24, tune=False)

@@ -237,3 +237,49 @@ def test_weight_updates_are_checked_before_anything_is_written(tiny_model):
         tiny_model.load_weights([("model.layers.9.foo", good)])
     # The good tensor in the failed call was not applied.
     assert tiny_model._views[name].abs().sum() > 0
+
+
+def ragged_vs_alone(model: TargetModel) -> tuple[float, float]:
+    """A batch whose sequences bring different numbers of tokens (trees and chains of several lengths, a prompt
+    beside decoding sequences) runs attention split by length class. Returns the largest logit difference of the
+    split and of the padded call from each sequence run alone (no padding, no split)."""
+    g = torch.Generator().manual_seed(3)
+    contexts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (9, 4, 12, 0, 7, 15)]
+    new = [[11], [12, 8], [13, 5, 9, 6, 7], [1, 2, 3, 4, 5, 6, 7], [14], [15, 3, 3]]
+    parents = [None, None, [-1, 0, 0, 1, 2], None, None, [-1, 0, 0]]
+    inputs = [SeqInput(len(c), n, p, 0) for c, n, p in zip(contexts, new, parents)]
+
+    def run(split: bool) -> torch.Tensor:
+        cache = model.new_cache(len(inputs))
+        for slot, c in enumerate(contexts):
+            if c:
+                model.forward(build_batch([SeqInput(0, c, None, 0)], slot, model.device), cache)
+        batch = build_batch(inputs, 0, model.device)
+        # further tokens 1, 4, 6, 2 fall in the classes 1 | 3-4 | 5-8 | 2: four groups
+        assert batch.split is not None and len(batch.split.groups) == 4
+        if not split:
+            batch.split = None
+        return model.forward(batch, cache).cpu()
+
+    alone = []
+    for c, inp in zip(contexts, inputs):
+        cache = model.new_cache(1)
+        if c:
+            model.forward(build_batch([SeqInput(0, c, None, 0)], 0, model.device), cache)
+        alone.append(model.forward(build_batch([inp], 0, model.device), cache).cpu())
+    alone = torch.cat(alone)
+    return (run(split=True) - alone).abs().max().item(), (run(split=False) - alone).abs().max().item()
+
+
+@pytest.mark.exactness
+def test_ragged_split_attention_matches_each_sequence_alone_tiny(tiny_model):
+    split, padded = ragged_vs_alone(tiny_model)
+    assert split <= TOL and padded <= TOL
+
+
+@pytest.mark.exactness
+@pytest.mark.slow
+def test_ragged_split_attention_matches_each_sequence_alone_smollm2(smol_model):
+    split, padded = ragged_vs_alone(smol_model)
+    print(f"max |batched - alone|: split {split:.2e}, padded {padded:.2e}")
+    assert split <= TOL and padded <= 10 * TOL

@@ -8,7 +8,11 @@ cached context plus its ancestors and itself; its key/value is written at cache 
 the new tokens), so siblings never overwrite each other. After acceptance the engine moves the accepted path into
 place (KV of the token at depth d to cache index cache_len + d).
 
-Linear layers see only the packed tokens [M]; attention sees them scattered into a padded [B, T] block.
+Linear layers see only the packed tokens [M]; attention sees them scattered into a padded [B, T] block when all
+sequences bring the same number of tokens. Where they differ (a long draft for a tail sequence beside short ones,
+a prompt admitted beside running sequences) that padding would make every sequence pay for the longest one's T
+rows, so attention is split instead (`RaggedSplit`): every sequence's first new token in one decode-shaped call,
+then the remaining tokens in one call per length class, each over just its sequences' cache slots.
 """
 
 from __future__ import annotations
@@ -30,6 +34,61 @@ class SeqInput:
 
 
 @dataclass
+class RaggedGroup:
+    """Sequences whose tokens after the first are padded together: [D, W] rows over their own cache slots."""
+
+    seqs: torch.Tensor  # [D] int64, sequences (0-based in the batch)
+    rows: torch.Tensor  # [N] int64, packed rows of their tokens after the first
+    padded_index: torch.Tensor  # [N] int64, row of each in the padded [D * W] layout
+    mask: torch.Tensor  # [D, 1, W, ctx_g] bool
+    width: int  # W
+    ctx: int  # ctx_g: cache positions the group needs
+
+
+@dataclass
+class RaggedSplit:
+    """Attention for a batch whose sequences bring different numbers of new tokens, with little padding.
+
+    Call 1: each sequence's first new token (it attends to its cached context and itself) as a [B, 1] decode.
+    Then one call per group: sequences whose count of further tokens falls in the same power-of-two class, so a
+    group pads each of its sequences to at most twice its own rows.
+    """
+
+    first_rows: torch.Tensor  # [B] int64, packed row of each sequence's first new token
+    first_mask: torch.Tensor  # [B, 1, 1, ctx] bool
+    groups: list[RaggedGroup]
+
+
+def _ragged_split(seqs: list[SeqInput], lengths: list[int], mask: np.ndarray, as_tensor, device) -> RaggedSplit:
+    starts = np.cumsum([0] + lengths[:-1])
+    classes: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        if n > 1:
+            classes.setdefault((n - 2).bit_length(), []).append(i)  # 1 | 2 | 3-4 | 5-8 | ... further tokens
+    groups = []
+    for members in classes.values():
+        width = max(lengths[i] for i in members) - 1
+        rows, pad = [], []
+        for j, i in enumerate(members):
+            rows.extend(range(starts[i] + 1, starts[i] + lengths[i]))
+            pad.extend(range(j * width, j * width + lengths[i] - 1))
+        ctx = max(seqs[i].cache_len + lengths[i] for i in members)
+        group_mask = np.ascontiguousarray(mask[members, 1 : 1 + width, :ctx])
+        groups.append(
+            RaggedGroup(
+                seqs=as_tensor(members),
+                rows=as_tensor(rows),
+                padded_index=as_tensor(pad),
+                mask=torch.from_numpy(group_mask).to(device).unsqueeze(1),
+                width=width,
+                ctx=ctx,
+            )
+        )
+    first_mask = torch.from_numpy(np.ascontiguousarray(mask[:, :1])).to(device).unsqueeze(1)
+    return RaggedSplit(first_rows=as_tensor(starts), first_mask=first_mask, groups=groups)
+
+
+@dataclass
 class ForwardBatch:
     token_ids: torch.Tensor  # [M] int64, packed new tokens
     positions: torch.Tensor  # [M] int64, RoPE positions
@@ -44,6 +103,7 @@ class ForwardBatch:
     max_new: int  # T
     ctx: int
     is_decode: bool  # every sequence brings exactly one token: the padded layout is the packed layout
+    split: RaggedSplit | None = None  # set where sequences bring different numbers of tokens
 
     @property
     def num_tokens(self) -> int:
@@ -108,6 +168,10 @@ def build_batch(seqs: list[SeqInput], slot_lo: int, device: torch.device | str =
     def as_tensor(values, dtype=torch.int64):
         return torch.as_tensor(np.asarray(values), dtype=dtype, device=device)
 
+    # Equal counts pad nothing: one call. Otherwise split (prefill batches included: a prompt beside decoding
+    # sequences would pad them all to its length).
+    split = None if min(lengths) == t_max else _ragged_split(seqs, lengths, mask, as_tensor, device)
+
     return ForwardBatch(
         token_ids=as_tensor(tokens),
         positions=as_tensor(positions),
@@ -122,4 +186,5 @@ def build_batch(seqs: list[SeqInput], slot_lo: int, device: torch.device | str =
         max_new=t_max,
         ctx=ctx,
         is_decode=t_max == 1,
+        split=split,
     )

@@ -21,8 +21,9 @@ from typing import Sequence as Seq
 import torch
 
 from drafters.base import EMPTY_DRAFT, Draft, Drafter, NoDrafter, make_drafter, propose_all
-from rollout.budget import Budget, BudgetItem, measure_cost_model, parse_budget
+from rollout.budget import Budget, BudgetItem, parse_budget
 from rollout.config import EngineConfig, HistoryConfig, SpeculationConfig
+from rollout.cost_model import measure_cost_model
 from rollout.engine.batch import SeqInput, build_batch
 from rollout.engine.checkpoint import resolve_model
 from rollout.engine.model import TargetModel
@@ -123,6 +124,7 @@ class Engine:
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(self.config.seed)
         self.total_forwards = 0
+        self._draft_seconds = 0.0  # of the step in flight: the budget weighs drafting time apart
 
     @classmethod
     def from_config(
@@ -274,9 +276,11 @@ class Engine:
         asks = [min(ask, nodes, depth) if s.speculate else 0 for s, (nodes, depth) in zip(seqs, rooms)]
         # one call for the batch: a parametric drafter runs one forward per draft position for all sequences
         wanted = [i for i, k in enumerate(asks) if k > 0]
+        started = time.perf_counter()
         proposed = dict(
             zip(wanted, propose_all(self.drafter, [seqs[i].request_id for i in wanted], [asks[i] for i in wanted]))
         )
+        self._draft_seconds = time.perf_counter() - started
         drafts, items = [], []
         for i, (s, (nodes, depth)) in enumerate(zip(seqs, rooms)):
             k = asks[i]
@@ -296,9 +300,10 @@ class Engine:
     def _run(self, seqs: list[Sequence], slot_lo: int) -> list[Sequence]:
         started = time.perf_counter()
         emitted_before = sum(len(s.output) for s in seqs)
+        self._draft_seconds = 0.0
         finished = self._verify_step(seqs, slot_lo)
         tokens = sum(len(s.output) for s in seqs) - emitted_before
-        self.budget.observe_step(time.perf_counter() - started, tokens)
+        self.budget.observe_step(time.perf_counter() - started, tokens, self._draft_seconds)
         return finished
 
     def _min_tokens_mask(self, seqs: list[Sequence], drafts: list[Draft], logit_counts: list[int]):
@@ -393,7 +398,7 @@ class Engine:
             s.cache_len += p + len(path)
             s.stats.record(max(d.depths(), default=0), len(path), len(d))
             if len(d):
-                self.budget.feedback(s.request_id, sum(d.path_probs()), len(path))
+                self.budget.feedback(s.request_id, d, path)
         if move_slots:
             self.cache.move_positions(torch.tensor(move_slots), torch.tensor(move_src), torch.tensor(move_dst))
         # One copy to the host for the whole step: float() per token would wait on a GPU once per token.

@@ -338,16 +338,43 @@ class TargetModel:
         s = self.shape
         b, t, m = batch.num_seqs, batch.max_new, batch.num_tokens
         keys, values = cache.view(layer, batch.slot_lo, batch.slot_lo + b, batch.ctx)  # [B, KVH, ctx, hd]
+        scale = s.head_dim**-0.5
         if batch.is_decode:
-            q_pad = q.unsqueeze(2)  # [B, H, 1, hd]
-        else:
-            q_pad = q.new_zeros(b * t, s.num_heads, s.head_dim)
-            q_pad[batch.padded_index] = q
-            q_pad = q_pad.view(b, t, s.num_heads, s.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        out = F.scaled_dot_product_attention(
-            q_pad, keys, values, attn_mask=batch.attn_mask, scale=s.head_dim**-0.5, enable_gqa=True
-        )  # [B, H, T, hd]
-        if batch.is_decode:
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(2), keys, values, attn_mask=batch.attn_mask, scale=scale, enable_gqa=True
+            )  # [B, H, 1, hd]
             return out.reshape(m, s.q_size)  # [M, H * hd]
+        if batch.split is not None:
+            return self._split_attention(q, keys, values, batch)
+        q_pad = q.new_zeros(b * t, s.num_heads, s.head_dim)
+        q_pad[batch.padded_index] = q
+        q_pad = q_pad.view(b, t, s.num_heads, s.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        out = F.scaled_dot_product_attention(
+            q_pad, keys, values, attn_mask=batch.attn_mask, scale=scale, enable_gqa=True
+        )  # [B, H, T, hd]
         out = out.transpose(1, 2).reshape(b * t, s.q_size)  # [B * T, H * hd]
         return out[batch.padded_index]  # [M, H * hd]
+
+    def _split_attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """Attention for a batch whose sequences bring different numbers of tokens (see batch.RaggedSplit)."""
+        s, sp = self.shape, batch.split
+        scale = s.head_dim**-0.5
+        out = q.new_empty(batch.num_tokens, s.q_size)  # [M, H * hd]
+        first = F.scaled_dot_product_attention(
+            q[sp.first_rows].unsqueeze(2), keys, values, attn_mask=sp.first_mask, scale=scale, enable_gqa=True
+        )  # [B, H, 1, hd]
+        out[sp.first_rows] = first.reshape(batch.num_seqs, s.q_size)
+        for g in sp.groups:
+            d, w = len(g.seqs), g.width
+            keys_g = keys.index_select(0, g.seqs)[:, :, : g.ctx]  # [D, KVH, ctx_g, hd]
+            values_g = values.index_select(0, g.seqs)[:, :, : g.ctx]  # [D, KVH, ctx_g, hd]
+            q_pad = q.new_zeros(d * w, s.num_heads, s.head_dim)
+            q_pad[g.padded_index] = q[g.rows]
+            q_pad = q_pad.view(d, w, s.num_heads, s.head_dim).transpose(1, 2)  # [D, H, W, hd]
+            rest = F.scaled_dot_product_attention(
+                q_pad, keys_g, values_g, attn_mask=g.mask, scale=scale, enable_gqa=True
+            )  # [D, H, W, hd]
+            out[g.rows] = rest.transpose(1, 2).reshape(d * w, s.q_size)[g.padded_index]
+        return out

@@ -1,0 +1,160 @@
+"""What a forward costs on this machine: measured once at start-up, corrected by what steps actually take.
+
+`CostModel` is t(M, B), the seconds of a forward with M new tokens from B sequences, interpolated from a grid timed
+at start-up (cached per machine and model). The probe times chain-shaped forwards at one context length; a run's
+steps differ (tree masks, longer contexts, sampling and bookkeeping around the forward), so `StepCost` corrects it
+online from the steps it observes: per batch-size bucket, a factor on the plain step and a factor on the extra
+tokens a draft adds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class CostModel:
+    """t(M, B): seconds for a forward with M new tokens from B sequences, interpolated from a measured grid."""
+
+    grid: dict[int, list[tuple[int, float]]]  # B -> [(M, seconds)] sorted by M
+
+    def __post_init__(self):
+        self.grid = {int(b): sorted((int(m), float(t)) for m, t in pts) for b, pts in self.grid.items()}
+        self._bs = sorted(self.grid)
+
+    def _curve(self, b: int, m: np.ndarray) -> np.ndarray:
+        pts = self.grid[b]
+        ms = np.array([p[0] for p in pts], dtype=np.float64)
+        ts = np.array([p[1] for p in pts], dtype=np.float64)
+        m = np.asarray(m, dtype=np.float64)
+        if len(pts) == 1:
+            return ts[0] * np.maximum(m, 1) / max(ms[0], 1)
+        slope = (ts[-1] - ts[-2]) / max(ms[-1] - ms[-2], 1)
+        # Below the first point: the first point's time; beyond the last: the last segment's slope.
+        return np.where(m > ms[-1], ts[-1] + slope * (m - ms[-1]), np.interp(m, ms, ts))
+
+    def times(self, m: np.ndarray, b: int) -> np.ndarray:
+        """t(M, B) for many M at once."""
+        bs = self._bs
+        if b <= bs[0]:
+            return self._curve(bs[0], m)
+        if b >= bs[-1]:
+            return self._curve(bs[-1], m)
+        hi = next(x for x in bs if x >= b)
+        lo = max(x for x in bs if x <= b)
+        if hi == lo:
+            return self._curve(lo, m)
+        w = (math.log(b) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        return (1 - w) * self._curve(lo, m) + w * self._curve(hi, m)
+
+    def __call__(self, m: int, b: int) -> float:
+        return float(self.times(np.array([m]), b)[0])
+
+    @classmethod
+    def from_function(cls, fn: Callable[[int, int], float], batches=(1, 4, 16, 64), ks=(1, 2, 4, 8, 16)) -> "CostModel":
+        return cls({b: [(b * k, fn(b * k, b)) for k in ks] for b in batches})
+
+    def to_json(self) -> dict:
+        return {str(b): pts for b, pts in self.grid.items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CostModel":
+        return cls({int(b): [tuple(p) for p in pts] for b, pts in data.items()})
+
+
+def measure_cost_model(
+    model, max_batch: int, cache_file: Path | None = None, context: int = 128, log: Callable[[str], None] = print
+) -> CostModel:
+    """Time forwards on this machine: B sequences with a `context`-token cache, each bringing k new tokens."""
+    if cache_file is not None and cache_file.exists():
+        return CostModel.from_json(json.loads(cache_file.read_text()))
+    log("measuring the step cost model on this machine (once; cached)")
+    from rollout.engine.batch import SeqInput, build_batch
+    from rollout.engine.hardware import synchronize
+
+    batches = [b for b in (1, 4, 16, 64, 256) if b <= max_batch] or [1]
+    ks = (1, 2, 4, 8, 16)
+    # A short max_model_len must still hold the probe's context plus its largest draft.
+    context = max(1, min(context, model.max_model_len - max(ks) - 1))
+    ks = tuple(k for k in ks if context + k <= model.max_model_len) or (1,)
+    cache = model.new_cache(max(batches))
+    filler = [1] * context
+    model.forward(build_batch([SeqInput(0, filler, None, context - 1)] * max(batches), 0, model.device), cache)
+    shapes = [(b, k) for b in batches for k in ks if b * k <= 2048]
+    forwards = {(b, k): build_batch([SeqInput(context, filler[:k], None, 0)] * b, 0, model.device) for b, k in shapes}
+    best = {shape: float("inf") for shape in shapes}
+    # Rounds over the whole grid, keeping each point's fastest: a burst of load elsewhere on the machine then
+    # spoils one round of a point, not the point.
+    for _ in range(3):
+        for shape in shapes:
+            synchronize(model.device)
+            t0 = time.perf_counter()
+            model.forward(forwards[shape], cache)
+            synchronize(model.device)  # a GPU forward returns at launch; time its work
+            best[shape] = min(best[shape], time.perf_counter() - t0)
+    grid: dict[int, list[tuple[int, float]]] = {}
+    for b in batches:
+        running = 0.0
+        for k in ks:
+            if (b, k) in best:
+                running = max(running, best[(b, k)])  # more tokens never cost less
+                grid.setdefault(b, []).append((b * k, running))
+    cost = CostModel(grid)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cost.to_json(), indent=1))
+    return cost
+
+
+def batch_bucket(batch: int) -> int:
+    """Batch sizes are pooled by powers of two: 1, 2-3, 4-7, ..."""
+    return max(batch, 1).bit_length()
+
+
+@dataclass
+class StepCost:
+    """t(M, B) of a real step: the cost model's plain step x a measured factor, plus its extra tokens' cost x a
+    second measured factor. Each factor is a ratio of decayed sums, observed seconds over predicted seconds, per
+    batch bucket (a ratio of sums, not an average of ratios: a step with a small predicted extra and a noisy
+    duration must not swing it), falling back to the pooled ratio over all buckets where a bucket has no steps."""
+
+    model: CostModel
+    decay: float = 0.95  # weight of a step's evidence after each later step of its bucket
+    _plain: dict[int, list[float]] = field(default_factory=dict)  # bucket -> [observed, predicted]
+    _extra: dict[int, list[float]] = field(default_factory=dict)
+
+    def _factor(self, table: dict[int, list[float]], bucket: int) -> float:
+        observed, predicted = table.get(bucket) or [sum(v[i] for v in table.values()) for i in (0, 1)]
+        # Clipped: a probe measured on a quiet machine and a run on a busy one differ, but not by 10x.
+        return float(np.clip(observed / predicted, 0.5, 8.0)) if predicted > 0 else 1.0
+
+    def _add(self, table: dict[int, list[float]], bucket: int, observed: float, predicted: float) -> None:
+        sums = table.setdefault(bucket, [0.0, 0.0])
+        sums[0] = self.decay * sums[0] + observed
+        sums[1] = self.decay * sums[1] + predicted
+
+    def plain(self, batch: int) -> float:
+        """Seconds of a step of `batch` sequences with one new token each."""
+        return self.model(batch, batch) * self._factor(self._plain, batch_bucket(batch))
+
+    def times(self, m: np.ndarray, batch: int) -> np.ndarray:
+        """Seconds of steps of `batch` sequences bringing m new tokens in all (m >= batch)."""
+        extra = np.maximum(self.model.times(m, batch) - self.model(batch, batch), 0.0)
+        return self.plain(batch) + self._factor(self._extra, batch_bucket(batch)) * extra
+
+    def observe(self, tokens: int, batch: int, seconds: float) -> None:
+        """A decoding step (no prompt tokens) of `batch` sequences that brought `tokens` new tokens in all."""
+        bucket = batch_bucket(batch)
+        if tokens <= batch:
+            self._add(self._plain, bucket, seconds, self.model(batch, batch))
+            return
+        predicted_extra = self.model(tokens, batch) - self.model(batch, batch)
+        if predicted_extra > 0:
+            self._add(self._extra, bucket, max(seconds - self.plain(batch), 0.0), predicted_extra)
