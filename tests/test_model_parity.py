@@ -239,7 +239,7 @@ def test_weight_updates_are_checked_before_anything_is_written(tiny_model):
     assert tiny_model._views[name].abs().sum() > 0
 
 
-def ragged_vs_alone(model: TargetModel) -> tuple[float, float]:
+def ragged_vs_alone(model: TargetModel, monkeypatch) -> tuple[float, float]:
     """A batch whose sequences bring different numbers of tokens (trees and chains of several lengths, a prompt
     beside decoding sequences) runs attention split by length class. Returns the largest logit difference of the
     split and of the padded call from each sequence run alone (no padding, no split)."""
@@ -248,6 +248,10 @@ def ragged_vs_alone(model: TargetModel) -> tuple[float, float]:
     new = [[11], [12, 8], [13, 5, 9, 6, 7], [1, 2, 3, 4, 5, 6, 7], [14], [15, 3, 3]]
     parents = [None, None, [-1, 0, 0, 1, 2], None, None, [-1, 0, 0]]
     inputs = [SeqInput(len(c), n, p, 0) for c, n, p in zip(contexts, new, parents)]
+
+    import rollout.engine.batch as batch_module
+
+    monkeypatch.setattr(batch_module, "COPY_ROWS", 0)  # split this small batch, which would not pay by itself
 
     def run(split: bool) -> torch.Tensor:
         cache = model.new_cache(len(inputs))
@@ -272,14 +276,29 @@ def ragged_vs_alone(model: TargetModel) -> tuple[float, float]:
 
 
 @pytest.mark.exactness
-def test_ragged_split_attention_matches_each_sequence_alone_tiny(tiny_model):
-    split, padded = ragged_vs_alone(tiny_model)
+def test_ragged_split_attention_matches_each_sequence_alone_tiny(tiny_model, monkeypatch):
+    split, padded = ragged_vs_alone(tiny_model, monkeypatch)
     assert split <= TOL and padded <= TOL
 
 
 @pytest.mark.exactness
 @pytest.mark.slow
-def test_ragged_split_attention_matches_each_sequence_alone_smollm2(smol_model):
-    split, padded = ragged_vs_alone(smol_model)
+def test_ragged_split_attention_matches_each_sequence_alone_smollm2(smol_model, monkeypatch):
+    split, padded = ragged_vs_alone(smol_model, monkeypatch)
     print(f"max |batched - alone|: split {split:.2e}, padded {padded:.2e}")
     assert split <= TOL and padded <= 10 * TOL
+
+
+@pytest.mark.parametrize(
+    "drafts,split",
+    [
+        ([16] + [0] * 63, True),  # one long tail draft beside plain sequences: padding would cost 17 rows each
+        ([16] * 8 + [0] * 56, True),
+        ([4] * 56 + [2] * 4 + [0] * 4, False),  # nearly uniform: copies of 60 slots cost more than the padding
+        ([2] * 32 + [0] * 32, False),
+        ([4] * 64, False),  # uniform: nothing to split
+    ],
+)
+def test_attention_is_split_only_where_padding_costs_more(drafts, split):
+    batch = build_batch([SeqInput(100, [1] * (k + 1), None, 0) for k in drafts], 0)
+    assert (batch.split is not None) == split
