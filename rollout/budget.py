@@ -189,6 +189,7 @@ class _Step:
     prefill: bool
     drafted: bool
     tokens_in: int = 0  # new tokens in the forward
+    drafting: int = 0  # sequences that verify a draft
 
 
 @dataclass
@@ -223,7 +224,7 @@ class AutoBudget:
         if step is None or seconds <= 0:
             return
         if not step.prefill and step.tokens_in:
-            self.step_cost.observe(step.tokens_in, step.batch, max(seconds - draft_seconds, 1e-6))
+            self.step_cost.observe(step.tokens_in, step.batch, max(seconds - draft_seconds, 1e-6), step.drafting)
         # Drafting time stays in the gate's figure: it is what the gate is there to weigh.
         efficiency = tokens * self.cost(step.batch, step.batch) / (seconds * step.batch)
         self.gate.record((step.prefill, batch_bucket(step.batch)), step.drafted, efficiency)
@@ -259,18 +260,29 @@ class AutoBudget:
         if not any(len(g) for g in gains):
             return [0] * b
         owner = np.concatenate(owners)
-        # Keep each draft's own order (a prefix per sequence), then merge by gain: sort by (gain desc) but never
-        # put a node before an earlier node of the same draft, by taking the running minimum along each draft.
         position = np.concatenate([np.arange(len(g)) for g in gains])
-        capped = np.concatenate([np.minimum.accumulate(g) if len(g) else g for g in gains])
-        order = np.lexsort((position, -capped))
+        # Nodes are merged across drafts by gain per second. A sequence's first node also carries the cost of
+        # drafting that sequence at all, so its later nodes are cheaper than another sequence's first: each
+        # draft's densities are capped by a running minimum so a draft is always taken as a prefix.
+        a, c = self.step_cost.draft_factors(b)
+        plain_model = self.cost(base_tokens, b)
+        per_token = a * max(self.cost(base_tokens + b, b) - plain_model, 1e-9) / b
+        per_seq = c * plain_model / b
+        density = np.concatenate(
+            [np.minimum.accumulate(g / (per_token + per_seq * (np.arange(len(g)) == 0))) for g in gains if len(g)]
+        )
+        order = np.lexsort((position, -density))
+        gain = np.concatenate(gains)[order]
+        first = (position[order] == 0).astype(np.float64)
         base = float(weights.sum())  # every sequence emits one token per step whatever is drafted
-        taken_gain = base + np.concatenate([[0.0], np.cumsum(capped[order])])
-        times = self.step_cost.times(base_tokens + np.arange(len(order) + 1), b)
+        taken_gain = base + np.concatenate([[0.0], np.cumsum(gain)])
+        drafting = np.concatenate([[0.0], np.cumsum(first)])
+        times = self.step_cost.plain(b) + self.step_cost.extra(base_tokens + np.arange(len(order) + 1), drafting, b)
         best = int(np.argmax(taken_gain / times))
         counts = np.bincount(owner[order[:best]], minlength=b)
         if self._step is not None:
             self._step.tokens_in += best
+            self._step.drafting = int(np.count_nonzero(counts))
             drafted = counts[[len(g) > 0 for g in gains]]
             kept = float(np.percentile(drafted, 90)) if len(drafted) else 0.0
             bucket = batch_bucket(b)

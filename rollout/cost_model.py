@@ -120,41 +120,74 @@ def batch_bucket(batch: int) -> int:
 
 @dataclass
 class StepCost:
-    """t(M, B) of a real step: the cost model's plain step x a measured factor, plus its extra tokens' cost x a
-    second measured factor. Each factor is a ratio of decayed sums, observed seconds over predicted seconds, per
-    batch bucket (a ratio of sums, not an average of ratios: a step with a small predicted extra and a noisy
-    duration must not swing it), falling back to the pooled ratio over all buckets where a bucket has no steps."""
+    """Seconds of a real step: the cost model's plain step x a measured factor, plus what the draft adds.
+
+    A draft adds two kinds of cost, both learnt per batch bucket from the steps observed:
+    - per token: the cost model's price of the extra tokens x a factor `a` (the probe times uniform chains; real
+      steps verify trees and sample more rows);
+    - per drafting sequence: `c` x a plain step's time per sequence, for each sequence that verifies any draft (its
+      rows of attention in a split call, the copy of its cache slot, its verification bookkeeping). This is why a
+      draft of 8 for one sequence is cheaper than drafts of 1 for eight.
+    The plain factor is a ratio of decayed sums (observed over predicted seconds); (a, c) solve decayed least
+    squares on dimensionless features with a ridge prior at (1, 0). A bucket without steps borrows the pooled fit.
+    """
 
     model: CostModel
     decay: float = 0.95  # weight of a step's evidence after each later step of its bucket
+    prior: float = 2.0  # steps' worth of evidence behind the prior (a, c) = (1, 0)
     _plain: dict[int, list[float]] = field(default_factory=dict)  # bucket -> [observed, predicted]
-    _extra: dict[int, list[float]] = field(default_factory=dict)
-
-    def _factor(self, table: dict[int, list[float]], bucket: int) -> float:
-        observed, predicted = table.get(bucket) or [sum(v[i] for v in table.values()) for i in (0, 1)]
-        # Clipped: a probe measured on a quiet machine and a run on a busy one differ, but not by 10x.
-        return float(np.clip(observed / predicted, 0.5, 8.0)) if predicted > 0 else 1.0
-
-    def _add(self, table: dict[int, list[float]], bucket: int, observed: float, predicted: float) -> None:
-        sums = table.setdefault(bucket, [0.0, 0.0])
-        sums[0] = self.decay * sums[0] + observed
-        sums[1] = self.decay * sums[1] + predicted
+    _gram: dict[int, np.ndarray] = field(default_factory=dict)  # bucket -> [2, 2] decayed sum of f f^T
+    _moment: dict[int, np.ndarray] = field(default_factory=dict)  # bucket -> [2] decayed sum of f y
 
     def plain(self, batch: int) -> float:
         """Seconds of a step of `batch` sequences with one new token each."""
-        return self.model(batch, batch) * self._factor(self._plain, batch_bucket(batch))
-
-    def times(self, m: np.ndarray, batch: int) -> np.ndarray:
-        """Seconds of steps of `batch` sequences bringing m new tokens in all (m >= batch)."""
-        extra = np.maximum(self.model.times(m, batch) - self.model(batch, batch), 0.0)
-        return self.plain(batch) + self._factor(self._extra, batch_bucket(batch)) * extra
-
-    def observe(self, tokens: int, batch: int, seconds: float) -> None:
-        """A decoding step (no prompt tokens) of `batch` sequences that brought `tokens` new tokens in all."""
         bucket = batch_bucket(batch)
+        observed, predicted = self._plain.get(bucket) or [sum(v[i] for v in self._plain.values()) for i in (0, 1)]
+        # Clipped: a probe measured on a quiet machine and a run on a busy one differ, but not by 10x.
+        factor = float(np.clip(observed / predicted, 0.5, 8.0)) if predicted > 0 else 1.0
+        return self.model(batch, batch) * factor
+
+    def draft_factors(self, batch: int) -> tuple[float, float]:
+        """(a, c): the factor on the probe's price of extra tokens, and the cost per drafting sequence in plain
+        per-sequence steps."""
+        bucket = batch_bucket(batch)
+        if bucket in self._gram:
+            gram, moment = self._gram[bucket], self._moment[bucket]
+        elif self._gram:
+            gram, moment = sum(self._gram.values()), sum(self._moment.values())
+        else:
+            return 1.0, 0.0
+        a, c = np.linalg.solve(gram + self.prior * np.eye(2), moment + self.prior * np.array([1.0, 0.0]))
+        return float(np.clip(a, 0.5, 8.0)), float(np.clip(c, 0.0, 4.0))
+
+    def extra(self, tokens: np.ndarray, drafting: np.ndarray, batch: int) -> np.ndarray:
+        """Seconds a draft adds to a plain step of `batch` sequences: `tokens` new tokens in all (>= batch), of
+        which the drafts of `drafting` sequences."""
+        a, c = self.draft_factors(batch)
+        plain_model = self.model(batch, batch)
+        per_token = np.maximum(self.model.times(tokens, batch) - plain_model, 0.0)
+        return a * per_token + c * (plain_model / batch) * np.asarray(drafting, dtype=np.float64)
+
+    def times(self, tokens: np.ndarray, batch: int, drafting: np.ndarray | int = 0) -> np.ndarray:
+        """Seconds of steps of `batch` sequences bringing `tokens` new tokens in all, `drafting` of them drafting."""
+        return self.plain(batch) + self.extra(tokens, drafting, batch)
+
+    def observe(self, tokens: int, batch: int, seconds: float, drafting: int = 0) -> None:
+        """A decoding step (no prompt tokens) of `batch` sequences that brought `tokens` new tokens in all, of
+        which the drafts of `drafting` sequences, and took `seconds` (drafting itself excluded)."""
+        bucket = batch_bucket(batch)
+        plain_model = self.model(batch, batch)
         if tokens <= batch:
-            self._add(self._plain, bucket, seconds, self.model(batch, batch))
+            sums = self._plain.setdefault(bucket, [0.0, 0.0])
+            sums[0] = self.decay * sums[0] + seconds
+            sums[1] = self.decay * sums[1] + plain_model
             return
-        predicted_extra = self.model(tokens, batch) - self.model(batch, batch)
-        if predicted_extra > 0:
-            self._add(self._extra, bucket, max(seconds - self.plain(batch), 0.0), predicted_extra)
+        # Dimensionless: seconds over the probe's plain step, sequences over the batch.
+        features = np.array([(self.model(tokens, batch) - plain_model) / plain_model, max(drafting, 1) / batch])
+        target = (seconds - self.plain(batch)) / plain_model
+        gram = self._gram.setdefault(bucket, np.zeros((2, 2)))
+        moment = self._moment.setdefault(bucket, np.zeros(2))
+        gram *= self.decay
+        moment *= self.decay
+        gram += np.outer(features, features)
+        moment += features * target

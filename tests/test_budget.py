@@ -7,7 +7,7 @@ import pytest
 
 from drafters.base import Draft
 from rollout.budget import AcceptanceModel, AutoBudget, BudgetItem, DraftGate, FixedBudget, parse_budget
-from rollout.cost_model import CostModel, StepCost, measure_cost_model
+from rollout.cost_model import CostModel, StepCost, batch_bucket, measure_cost_model
 from rollout.history import RolloutHistory, rows_to_batch
 
 
@@ -86,16 +86,35 @@ def test_feedback_counts_tree_nodes_on_the_accepted_path():
     assert acc._accepted[acc._bin(np.array([0.3]))[0]] == 0  # the rejected sibling's bin
 
 
-def test_step_cost_learns_what_extra_tokens_really_cost():
+def test_step_cost_learns_what_extra_tokens_and_drafting_sequences_cost():
     model = CostModel.from_function(lambda m, b: 0.010 + 0.001 * (m - b))
-    cost = StepCost(model)
-    assert cost.times(np.array([32]), 16)[0] == pytest.approx(0.026)  # 16 sequences, 16 extra tokens
-    for _ in range(40):  # plain steps take 1.5x the probe; each extra token 3x (tree masks, sampling, copies)
+    cost = StepCost(model, prior=0.01)
+    assert cost.times(np.array([32]), 16)[0] == pytest.approx(0.026)  # 16 sequences, 16 extra tokens: the probe
+    # The machine: plain steps take 1.5x the probe; an extra token 3x the probe's price; each sequence that drafts
+    # costs half a plain step's time per sequence on top.
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        extra, drafting = int(rng.integers(1, 48)), int(rng.integers(1, 17))
         cost.observe(16, 16, 0.015)
-        cost.observe(32, 16, 0.015 + 3 * 0.016)
-    assert cost.plain(16) == pytest.approx(0.015, rel=0.02)
-    assert cost.times(np.array([32]), 16)[0] == pytest.approx(0.063, rel=0.02)
-    assert cost.plain(64) == pytest.approx(model(64, 64) * 1.5, rel=0.02)  # an unseen bucket borrows the pooled factor
+        cost.observe(16 + extra, 16, 0.015 + 3 * 0.001 * extra + 0.5 * (0.010 / 16) * drafting, drafting)
+    a, c = cost.draft_factors(16)
+    assert cost.plain(16) == pytest.approx(0.015, rel=0.01)
+    assert a == pytest.approx(3.0, rel=0.05) and c == pytest.approx(0.5, rel=0.1)
+    assert cost.plain(64) == pytest.approx(model(64, 64) * 1.5, rel=0.01)  # an unseen bucket borrows the pooled fit
+
+
+def test_a_cost_per_drafting_sequence_concentrates_the_budget():
+    """When drafting a sequence at all costs more than its extra tokens, fewer sequences get longer drafts."""
+    cost = CostModel.from_function(lambda m, b: 0.010 + 0.0002 * (m - b))
+    batch = [BudgetItem(f"r{i}", chain(8, 0.95 if i < 2 else 0.5), 1) for i in range(8)]
+    free = AutoBudget(cost, length_aware=False)
+    costly = AutoBudget(cost, length_aware=False)
+    costly.step_cost._gram[batch_bucket(8)] = np.diag([1e6, 1e6])  # pinned fit: a = 1, c = 2
+    costly.step_cost._moment[batch_bucket(8)] = np.array([1e6, 2e6])
+    assert costly.step_cost.draft_factors(8) == pytest.approx((1.0, 2.0), rel=1e-3)
+    spread, concentrated = free.select(batch), costly.select(batch)
+    assert sum(k > 0 for k in concentrated) < sum(k > 0 for k in spread)
+    assert concentrated[0] > 0 and concentrated[1] > 0  # the confident drafts keep theirs
 
 
 def test_expensive_verification_makes_auto_verify_less():
