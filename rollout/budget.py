@@ -8,9 +8,10 @@ Modes: `auto` (default) chooses per step from a measured step cost and calibrate
   machine at start-up (rollout/cost_model.py), corrected online by what this run's steps actually take;
 - each draft node's chance of acceptance is the drafter's path probability passed through a calibration table
   learnt from every verified node, times a recency-weighted ratio of how this sequence's drafts have fared;
-- each sequence's tokens are weighted by its length class: the expected number of tokens it still has to go, from
-  the lengths recorded for its prompt, relative to the other running sequences. The longest rollouts set the
-  makespan, so their tokens are worth more;
+- in the tail (no request waiting for a slot), each sequence's tokens are weighted by its length class: the expected
+  number of tokens it still has to go, from the lengths recorded for its prompt, relative to the other running
+  sequences. The longest rollouts set the makespan, so their tokens are worth more. While requests queue, a
+  sequence that ends hands its slot to the next and throughput is what counts: every token weighs the same;
 - nodes are taken in order of weighted gain, and the prefix that maximises (weighted expected tokens emitted) /
   t(M, B) is kept. Where verifying costs more than it brings, nothing is drafted;
 - whether to draft at all at a batch size (drafting itself takes time) is measured: see DraftGate. How many nodes
@@ -41,8 +42,9 @@ class BudgetItem:
 
 
 class Budget(Protocol):
-    def select(self, items: list[BudgetItem]) -> list[int]:
-        """Nodes of each draft to verify (a prefix of the draft's node list)."""
+    def select(self, items: list[BudgetItem], waiting: int = 0) -> list[int]:
+        """Nodes of each draft to verify (a prefix of the draft's node list); `waiting`: requests queued for a
+        slot."""
         ...
 
     def max_draft(self, batch: int, prefill: bool = False) -> int:
@@ -80,7 +82,7 @@ class _NoFeedback:
 class FixedBudget(_NoFeedback):
     k: int
 
-    def select(self, items: list[BudgetItem]) -> list[int]:
+    def select(self, items: list[BudgetItem], waiting: int = 0) -> list[int]:
         return [min(self.k, len(it.draft)) for it in items]
 
     def max_draft(self, batch: int, prefill: bool = False) -> int:
@@ -155,12 +157,15 @@ class DraftGate:
 
     Drafting takes time the cost model does not price (the drafter itself), and the calibration can be wrong for a
     while, so per batch bucket (prefill steps apart) the gate keeps the efficiency of steps that drafted and of
-    steps that did not, plays the better arm, and plays the other again at the bucket's 2^k-th step: a losing arm
-    costs O(log steps). Efficiency is tokens per second per sequence, relative to the cost model's plain step at
-    that batch size, so steps at different batch sizes within one bucket compare fairly.
+    steps that did not, plays the better arm, and plays the other again at the bucket's 2^k-th step up to
+    `revisit`, then every `revisit`-th: acceptance drifts within a batch (siblings in flight early, novel tails
+    late), so a loser's figure must not go stale, yet re-checking it costs at most 1/revisit of the steps.
+    Efficiency is tokens per second per sequence, relative to the cost model's plain step at that batch size, so
+    steps at different batch sizes within one bucket compare fairly.
     """
 
     smoothing: float = 0.3
+    revisit: int = 16
     _arms: dict[tuple[bool, int], dict[bool, list[float]]] = field(default_factory=dict)  # arm -> [ema, count]
     _plays: dict[tuple[bool, int], int] = field(default_factory=dict)
 
@@ -173,7 +178,8 @@ class DraftGate:
             # first measurement should not take on the whole batch).
             return arms[True][1] < arms[False][1] or (arms[True][1] == arms[False][1] and not prefill)
         best = arms[True][0] >= arms[False][0]
-        return (not best) if plays & (plays - 1) == 0 else best
+        recheck = plays & (plays - 1) == 0 or plays % self.revisit == 0
+        return (not best) if recheck else best
 
     def record(self, bucket: tuple[bool, int], drafted: bool, efficiency: float) -> None:
         ema, count = self._arms[bucket][drafted]
@@ -239,14 +245,16 @@ class AutoBudget:
         """Calibrated acceptance chances of the draft's nodes, in draft order."""
         return self.acceptance.probs(it.request_id, np.asarray(it.draft.path_probs(), dtype=np.float64))
 
-    def select(self, items: list[BudgetItem]) -> list[int]:
+    def select(self, items: list[BudgetItem], waiting: int = 0) -> list[int]:
         if not items:
             return []
         b = len(items)
         base_tokens = sum(it.pending for it in items)
         if self._step is not None:
             self._step.tokens_in = base_tokens
-        if self.length_aware:
+        if self.length_aware and waiting == 0:
+            # The tail: nothing waits for a slot, so the longest rollouts set the makespan. While requests queue,
+            # a sequence that ends frees its slot for the next one and every token counts the same.
             remaining = np.array([self._expected_remaining(it) for it in items])
             weights = np.clip(remaining / remaining.mean(), 0.25, 4.0)
         else:

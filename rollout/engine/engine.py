@@ -294,7 +294,7 @@ class Engine:
                 d = d.truncated(k, depth)
             drafts.append(d)
             items.append(BudgetItem(s.request_id, d, len(s.tokens) - s.cache_len, s.prompt_key, len(s.output)))
-        counts = self.budget.select(items)
+        counts = self.budget.select(items, waiting=len(self.waiting))
         return [d if n >= len(d) else d.truncated(n, n) for d, n in zip(drafts, counts)]
 
     def _run(self, seqs: list[Sequence], slot_lo: int) -> list[Sequence]:
