@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from adapters.sampling_fields import translate
 from rollout.sampling import SamplingParams
 from rollout.worker import RolloutRequest
 
@@ -51,23 +52,18 @@ class RolloutStats:
 
 
 def sampling_params_from(args: Any, seed: int | None = None) -> SamplingParams:
-    """GRPOConfig (or anything with the same fields) -> SamplingParams; unsupported options are errors."""
-    min_p = getattr(args, "min_p", None)
-    if min_p not in (None, 0, 0.0):
-        raise ValueError(f"min_p={min_p} is not supported by specrollout's sampler; leave GRPOConfig.min_p at None")
-    rep = getattr(args, "repetition_penalty", 1.0)
-    if rep not in (None, 1, 1.0):
-        raise ValueError(f"repetition_penalty={rep} is not supported by specrollout's sampler; leave it at 1.0")
+    """GRPOConfig (or anything with the same fields) -> SamplingParams; unsupported options are errors.
+
+    GRPOConfig's fields are vLLM's under other names (max_completion_length is max_tokens), so they go through the
+    translation every adapter uses (adapters/sampling_fields.py): honoured, or refused with the field named."""
     if getattr(args, "generation_kwargs", None):
         raise ValueError("GRPOConfig.generation_kwargs is not supported with specrollout; set the sampling fields")
-    top_k = getattr(args, "top_k", None)
-    return SamplingParams(
-        temperature=float(getattr(args, "temperature", 1.0)),
-        top_p=float(getattr(args, "top_p", 1.0) or 1.0),
-        top_k=int(top_k) if top_k and top_k > 0 else 0,
-        max_tokens=int(getattr(args, "max_completion_length", 256)),
-        seed=seed,
-    )
+    names = {"max_tokens": "max_completion_length"}
+    fields = {
+        field: getattr(args, names.get(field, field), None)
+        for field in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
+    }
+    return translate(fields, default_max_tokens=256, default_seed=seed).params
 
 
 def render_prompt(tokenizer, prompt: Any) -> list[int]:

@@ -47,16 +47,25 @@ def match_lengths(array: np.ndarray, starts: np.ndarray, context: np.ndarray, ma
 
 
 def match_in_array(
-    array: np.ndarray, n: int, context: np.ndarray, min_start: int, min_match: int, max_match: int
+    array: np.ndarray,
+    n: int,
+    context: np.ndarray,
+    min_start: int,
+    min_match: int,
+    max_match: int,
+    allowed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Starts s in [max(min_start, 1), n) whose preceding tokens match the context's tail by >= min_match tokens.
 
-    array[:n] is the valid part; s < n guarantees at least one continuation token.
+    array[:n] is the valid part; s < n guarantees at least one continuation token. `allowed` ([>= n] bool), when
+    given, admits only the starts it marks (several rollouts laid end to end: starts inside outputs only).
     """
     lo = max(min_start, 1)
     if n - lo <= 0 or len(context) == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     starts = np.flatnonzero(array[lo - 1 : n - 1] == context[-1]) + lo
+    if allowed is not None:
+        starts = starts[allowed[starts]]
     if len(starts) == 0:
         return starts, starts
     lens = match_lengths(array, starts, context, max_match)

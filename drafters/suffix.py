@@ -129,6 +129,56 @@ class _InflightIndex:
         self.entries = {k: kept for k, v in self.entries.items() if (kept := [e for e in v if e[0].alive])}
 
 
+class _PromptStore:
+    """Finished rollouts of one prompt, kept for its group and scanned as one array per policy version.
+
+    A prompt holds up to max_rollouts_per_prompt rollouts (G samples x the window's versions) and a scan of a small
+    array costs mostly its call overhead, so rollouts of one version are laid end to end and scanned at once. Each
+    is kept as the last `tail` tokens of its prompt (a match may reach back into the prompt, as far as a match is
+    ever counted), its output, and a separator (-1, which no context token equals, so matches and continuations stop
+    there); continuations may start only inside outputs.
+    """
+
+    def __init__(self, max_rollouts: int, tail: int):
+        self.rollouts: deque[tuple[np.ndarray, np.ndarray, int, int]] = deque(maxlen=max_rollouts)
+        self.tail = tail
+        self._flat: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] | None = None
+
+    def append(self, tokens: np.ndarray, probs: np.ndarray, prompt_len: int, version: int) -> None:
+        """A finished rollout: prompt + output tokens, the policy's probability of each (NaN: unknown)."""
+        lo = prompt_len - min(self.tail, prompt_len)
+        self.rollouts.append((tokens[lo:], probs[lo:], prompt_len - lo, int(version)))
+        self._flat = None
+
+    def __len__(self) -> int:
+        return len(self.rollouts)
+
+    def flat(self) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """(version, tokens [N], probs [N], allowed starts [N] bool) per version, rebuilt after an append."""
+        if self._flat is None:
+            parts: dict[int, list[tuple[np.ndarray, np.ndarray, int]]] = {}
+            for tokens, probs, skip, version in self.rollouts:
+                if len(tokens) > skip:
+                    parts.setdefault(version, []).append((tokens, probs, skip))
+            self._flat = []
+            separator, unknown = np.full(1, -1, np.int32), np.full(1, np.nan, np.float32)
+            for version, pieces in parts.items():
+                arrays, prob_arrays, masks = [], [], []
+                for tokens, probs, skip in pieces:
+                    arrays += [tokens, separator]
+                    prob_arrays += [probs, unknown]
+                    mask = np.zeros(len(tokens) + 1, dtype=bool)
+                    mask[skip : len(tokens)] = True
+                    masks.append(mask)
+                self._flat.append((version, np.concatenate(arrays), np.concatenate(prob_arrays), np.concatenate(masks)))
+        return self._flat
+
+    @property
+    def nbytes(self) -> int:
+        kept = sum(t.nbytes + p.nbytes for t, p, _, _ in self.rollouts)
+        return kept + sum(t.nbytes + p.nbytes + m.nbytes for _, t, p, m in self._flat or ())
+
+
 @register_drafter("suffix")
 class SuffixDrafter(BaseDrafter):
     def __init__(self, config: SuffixConfig | None = None, **overrides):
@@ -144,8 +194,7 @@ class SuffixDrafter(BaseDrafter):
         self.version = 0
         self.requests: dict[str, _Request] = {}
         self.groups: dict[str, set[str]] = {}  # group -> in-flight request ids
-        # prompt key -> finished rollouts (prompt + output tokens, their probabilities, prompt length, version)
-        self.by_prompt: dict[str, deque[tuple[np.ndarray, np.ndarray, int, int]]] = {}
+        self.by_prompt: dict[str, _PromptStore] = {}  # prompt key -> its finished rollouts
         self.global_index = TokenIndex(max_tokens=cfg.global_max_tokens)
         self.inflight = _InflightIndex(cfg.tree.max_match)
 
@@ -180,8 +229,7 @@ class SuffixDrafter(BaseDrafter):
             self._remember(req.key, seq.view.copy(), seq.probs[: seq.n].copy(), seq.prompt_len, self.version)
 
     def _remember(self, key: str, tokens: np.ndarray, probs: np.ndarray, prompt_len: int, version: int) -> None:
-        store = self.by_prompt.setdefault(key, deque(maxlen=self.cfg.max_rollouts_per_prompt))
-        store.append((tokens, probs, prompt_len, version))
+        self._store(key).append(tokens, probs, prompt_len, version)
         tail = min(self.cfg.prompt_tail, prompt_len)
         self.global_index.add(tokens[prompt_len - tail :], version, tail, probs[prompt_len - tail :])
 
@@ -208,11 +256,16 @@ class SuffixDrafter(BaseDrafter):
             probs = np.full(len(tokens), np.nan, dtype=np.float32)
             if logprobs and len(logprobs) == len(output):
                 probs[len(prompt) :] = np.exp(np.asarray(logprobs, dtype=np.float32))
-            store = self.by_prompt.setdefault(key, deque(maxlen=self.cfg.max_rollouts_per_prompt))
-            store.append((tokens, probs, len(prompt), int(version)))
+            self._store(key).append(tokens, probs, len(prompt), int(version))
             tail = min(self.cfg.prompt_tail, len(prompt))
             sequences.append((tokens[len(prompt) - tail :], int(version), tail, probs[len(prompt) - tail :]))
         self.global_index.build(sequences)
+
+    def _store(self, key: str) -> _PromptStore:
+        store = self.by_prompt.get(key)
+        if store is None:
+            store = self.by_prompt[key] = _PromptStore(self.cfg.max_rollouts_per_prompt, self.cfg.tree.max_match)
+        return store
 
     # ------------------------------------------------------------------ drafting
 
@@ -228,8 +281,8 @@ class SuffixDrafter(BaseDrafter):
         max_match = cfg.tree.max_match
         sources: list[Candidates] = []
 
-        def add(array, probs, n: int, min_start: int, min_match: int, weight: float) -> None:
-            starts, lens = match_in_array(array, n, context, min_start, min_match, max_match)
+        def add(array, probs, n: int, min_start: int, min_match: int, weight: float, allowed=None) -> None:
+            starts, lens = match_in_array(array, n, context, min_start, min_match, max_match, allowed)
             if len(starts):
                 sources.append(Candidates(array, starts, lens, weight, n, probs))
 
@@ -239,9 +292,10 @@ class SuffixDrafter(BaseDrafter):
             if sid != request_id:
                 sib = self.requests[sid].seq
                 add(sib.data, sib.probs, sib.n, sib.prompt_len, cfg.min_match_group, cfg.group_weight)
-        for tokens, probs, plen, version in self.by_prompt.get(req.key, ()):
+        store = self.by_prompt.get(req.key)
+        for version, tokens, probs, allowed in store.flat() if store is not None else ():
             weight = cfg.group_weight * self._recency(version)
-            add(tokens, probs, len(tokens), plen, cfg.min_match_group, weight)
+            add(tokens, probs, len(tokens), 1, cfg.min_match_group, weight, allowed)
         # The request itself: prompt lookup and repetition.
         add(context, req.seq.probs, len(context), 1, cfg.min_match_self, cfg.self_weight)
         # Other groups in flight.
@@ -273,7 +327,7 @@ class SuffixDrafter(BaseDrafter):
 
     @property
     def nbytes(self) -> int:
-        stored = sum(t.nbytes + p.nbytes for store in self.by_prompt.values() for t, p, _, _ in store)
+        stored = sum(store.nbytes for store in self.by_prompt.values())
         return self.global_index.nbytes + stored
 
     def check_integrity(self) -> None:

@@ -122,51 +122,62 @@ def batch_bucket(batch: int) -> int:
 class StepCost:
     """Seconds of a real step: the cost model's plain step x a measured factor, plus what the draft adds.
 
-    A draft adds two kinds of cost, both learnt per batch bucket from the steps observed:
-    - per token: the cost model's price of the extra tokens x a factor `a` (the probe times uniform chains; real
-      steps verify trees and sample more rows);
-    - per drafting sequence: `c` x a plain step's time per sequence, for each sequence that verifies any draft (its
-      rows of attention in a split call, the copy of its cache slot, its verification bookkeeping). This is why a
-      draft of 8 for one sequence is cheaper than drafts of 1 for eight.
-    The plain factor is a ratio of decayed sums (observed over predicted seconds); (a, c) solve decayed least
-    squares on dimensionless features with a ridge prior at (1, 0). A bucket without steps borrows the pooled fit.
+    One decayed ridge regression per batch bucket, on every step observed (drafted or not), in units of the
+    probe's plain step, learns
+    - f: the plain step, as a factor on the probe's (a run's steps sample, and keep books, and run on a machine
+      busier or quieter than the probe's);
+    - d: what a step pays for drafting at all, as a fraction of a plain step (the split attention call per layer,
+      the verification loop over draft depths);
+    - a: a factor on the probe's price of the extra tokens (the probe times uniform chains; real steps verify
+      trees and sample more rows);
+    - c: a cost per sequence that verifies a draft, in plain per-sequence steps (its rows of attention in a split
+      call, the copy of its cache slot, its verification bookkeeping). This is why a draft of 8 for one sequence
+      is cheaper than drafts of 1 for eight.
+    Fitted jointly, so the plain factor stays current while the budget mostly drafts (a stale plain factor would
+    show up as a dear draft), with a ridge prior at (f, d, a, c) = (1, 0, 1, 0). A bucket without steps borrows
+    the pooled fit.
     """
 
     model: CostModel
     decay: float = 0.95  # weight of a step's evidence after each later step of its bucket
-    prior: float = 2.0  # steps' worth of evidence behind the prior (a, c) = (1, 0)
-    _plain: dict[int, list[float]] = field(default_factory=dict)  # bucket -> [observed, predicted]
-    _gram: dict[int, np.ndarray] = field(default_factory=dict)  # bucket -> [2, 2] decayed sum of f f^T
-    _moment: dict[int, np.ndarray] = field(default_factory=dict)  # bucket -> [2] decayed sum of f y
+    prior: float = 2.0  # steps' worth of evidence behind the prior
+    _gram: dict[int, np.ndarray] = field(default_factory=dict)  # bucket -> [4, 4] decayed sum of x x^T
+    _moment: dict[int, np.ndarray] = field(default_factory=dict)  # bucket -> [4] decayed sum of x y
 
-    def plain(self, batch: int) -> float:
-        """Seconds of a step of `batch` sequences with one new token each."""
-        bucket = batch_bucket(batch)
-        observed, predicted = self._plain.get(bucket) or [sum(v[i] for v in self._plain.values()) for i in (0, 1)]
-        # Clipped: a probe measured on a quiet machine and a run on a busy one differ, but not by 10x.
-        factor = float(np.clip(observed / predicted, 0.5, 8.0)) if predicted > 0 else 1.0
-        return self.model(batch, batch) * factor
+    PRIOR = np.array([1.0, 0.0, 1.0, 0.0])  # (f, d, a, c)
+    LOW = np.array([0.5, 0.0, 0.5, 0.0])  # clipped: a probe and a run differ, but not by 10x
+    HIGH = np.array([8.0, 2.0, 8.0, 4.0])
 
-    def draft_factors(self, batch: int) -> tuple[float, float]:
-        """(a, c): the factor on the probe's price of extra tokens, and the cost per drafting sequence in plain
-        per-sequence steps."""
+    def fit(self, batch: int) -> np.ndarray:
+        """(f, d, a, c) for a step of `batch` sequences; see the class docstring."""
         bucket = batch_bucket(batch)
         if bucket in self._gram:
             gram, moment = self._gram[bucket], self._moment[bucket]
         elif self._gram:
             gram, moment = sum(self._gram.values()), sum(self._moment.values())
         else:
-            return 1.0, 0.0
-        a, c = np.linalg.solve(gram + self.prior * np.eye(2), moment + self.prior * np.array([1.0, 0.0]))
-        return float(np.clip(a, 0.5, 8.0)), float(np.clip(c, 0.0, 4.0))
+            return self.PRIOR.copy()
+        theta = np.linalg.solve(gram + self.prior * np.eye(4), moment + self.prior * self.PRIOR)
+        return np.clip(theta, self.LOW, self.HIGH)
+
+    def plain(self, batch: int) -> float:
+        """Seconds of a step of `batch` sequences with one new token each."""
+        return self.model(batch, batch) * float(self.fit(batch)[0])
+
+    def draft_factors(self, batch: int) -> tuple[float, float]:
+        """(a, c): the factor on the probe's price of extra tokens, and the cost per drafting sequence in plain
+        per-sequence steps."""
+        _, _, a, c = self.fit(batch)
+        return float(a), float(c)
 
     def extra(self, tokens: np.ndarray, drafting: np.ndarray, batch: int) -> np.ndarray:
         """Seconds a draft adds to a plain step of `batch` sequences: `tokens` new tokens in all (>= batch), of
         which the drafts of `drafting` sequences."""
-        a, c = self.draft_factors(batch)
+        _, d, a, c = self.fit(batch)
         plain_model = self.model(batch, batch)
+        drafting = np.asarray(drafting, dtype=np.float64)
         per_token = np.maximum(self.model.times(tokens, batch) - plain_model, 0.0)
-        return a * per_token + c * (plain_model / batch) * np.asarray(drafting, dtype=np.float64)
+        return a * per_token + c * (plain_model / batch) * drafting + d * plain_model * (drafting > 0)
 
     def times(self, tokens: np.ndarray, batch: int, drafting: np.ndarray | int = 0) -> np.ndarray:
         """Seconds of steps of `batch` sequences bringing `tokens` new tokens in all, `drafting` of them drafting."""
@@ -177,17 +188,19 @@ class StepCost:
         which the drafts of `drafting` sequences, and took `seconds` (drafting itself excluded)."""
         bucket = batch_bucket(batch)
         plain_model = self.model(batch, batch)
-        if tokens <= batch:
-            sums = self._plain.setdefault(bucket, [0.0, 0.0])
-            sums[0] = self.decay * sums[0] + seconds
-            sums[1] = self.decay * sums[1] + plain_model
-            return
+        drafted = tokens > batch
         # Dimensionless: seconds over the probe's plain step, sequences over the batch.
-        features = np.array([(self.model(tokens, batch) - plain_model) / plain_model, max(drafting, 1) / batch])
-        target = (seconds - self.plain(batch)) / plain_model
-        gram = self._gram.setdefault(bucket, np.zeros((2, 2)))
-        moment = self._moment.setdefault(bucket, np.zeros(2))
+        features = np.array(
+            [
+                1.0,
+                float(drafted),
+                (self.model(tokens, batch) - plain_model) / plain_model if drafted else 0.0,
+                max(drafting, 1) / batch if drafted else 0.0,
+            ]
+        )
+        gram = self._gram.setdefault(bucket, np.zeros((4, 4)))
+        moment = self._moment.setdefault(bucket, np.zeros(4))
         gram *= self.decay
         moment *= self.decay
         gram += np.outer(features, features)
-        moment += features * target
+        moment += features * (seconds / plain_model)

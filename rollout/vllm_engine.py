@@ -511,11 +511,9 @@ class VLLMEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]], version: int | None = None) -> int:
         """Load new policy weights between rollouts; in-flight requests would mix two policies, so none may run."""
-        if self.has_unfinished():
-            raise RuntimeError(
-                f"{self.num_unfinished()} requests are in flight; weights change only between rollouts "
-                "(finish or abort them first) so that every rollout comes from one policy"
-            )
+        from rollout.engine.engine import require_idle
+
+        require_idle(self)
         checked = []
         for name, tensor in named_tensors:  # every tensor checked before any is sent
             key = self.model.check_weight(name, tensor)
@@ -542,10 +540,9 @@ class VLLMEngine:
         return self.policy_version
 
     def flush_history(self) -> None:
-        """Move rollouts finished since the last flush into the history, as one record batch."""
-        if self.history is not None and self._unrecorded:
-            self.history.append_results(self._unrecorded)
-        self._unrecorded = []
+        from rollout.engine.engine import flush_history
+
+        flush_history(self)
 
     def refresh_drafter(self) -> None:
         """Record finished rollouts, send the new history rows to the drafter's copy and refresh it there."""

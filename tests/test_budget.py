@@ -90,17 +90,35 @@ def test_step_cost_learns_what_extra_tokens_and_drafting_sequences_cost():
     model = CostModel.from_function(lambda m, b: 0.010 + 0.001 * (m - b))
     cost = StepCost(model, prior=0.01)
     assert cost.times(np.array([32]), 16)[0] == pytest.approx(0.026)  # 16 sequences, 16 extra tokens: the probe
-    # The machine: plain steps take 1.5x the probe; an extra token 3x the probe's price; each sequence that drafts
-    # costs half a plain step's time per sequence on top.
+    # The machine: plain steps take 1.5x the probe; a drafted step pays 0.3 of a probe's plain step for drafting at
+    # all; an extra token 3x the probe's price; each sequence that drafts costs half a plain step's time per
+    # sequence on top.
     rng = np.random.default_rng(0)
     for _ in range(200):
         extra, drafting = int(rng.integers(1, 48)), int(rng.integers(1, 17))
         cost.observe(16, 16, 0.015)
-        cost.observe(16 + extra, 16, 0.015 + 3 * 0.001 * extra + 0.5 * (0.010 / 16) * drafting, drafting)
-    a, c = cost.draft_factors(16)
+        seconds = 0.015 + 0.3 * 0.010 + 3 * 0.001 * extra + 0.5 * (0.010 / 16) * drafting
+        cost.observe(16 + extra, 16, seconds, drafting)
+    f, d, a, c = cost.fit(16)
     assert cost.plain(16) == pytest.approx(0.015, rel=0.01)
+    assert d == pytest.approx(0.3, abs=0.03)
     assert a == pytest.approx(3.0, rel=0.05) and c == pytest.approx(0.5, rel=0.1)
+    assert cost.times(np.array([16 + 8]), 16, 4)[0] == pytest.approx(0.015 + 0.003 + 0.024 + 0.00125, rel=0.02)
     assert cost.plain(64) == pytest.approx(model(64, 64) * 1.5, rel=0.01)  # an unseen bucket borrows the pooled fit
+
+
+def test_step_cost_follows_a_slowdown_while_it_mostly_drafts():
+    """The machine gets twice as slow while the budget drafts, with a plain step every 16th (as the gate re-checks
+    it): one fit over all steps follows, for plain and drafted steps alike."""
+    model = CostModel.from_function(lambda m, b: 0.010 + 0.001 * (m - b))
+    cost = StepCost(model, prior=0.01)
+    for i in range(40):
+        cost.observe(16, 16, 0.010) if i % 2 else cost.observe(32, 16, 0.010 + 0.016, 8)
+    for i in range(160):
+        cost.observe(16, 16, 0.020) if i % 16 == 0 else cost.observe(32, 16, 2 * (0.010 + 0.016), 8 if i % 2 else 4)
+    assert cost.fit(16)[0] == pytest.approx(2.0, rel=0.1)  # the plain factor followed the few plain steps
+    assert cost.plain(16) == pytest.approx(0.020, rel=0.1)
+    assert cost.times(np.array([32]), 16, 8)[0] == pytest.approx(0.052, rel=0.05)  # and drafted steps are priced
 
 
 def test_a_cost_per_drafting_sequence_concentrates_the_budget():
@@ -109,8 +127,8 @@ def test_a_cost_per_drafting_sequence_concentrates_the_budget():
     batch = [BudgetItem(f"r{i}", chain(8, 0.95 if i < 2 else 0.5), 1) for i in range(8)]
     free = AutoBudget(cost, length_aware=False)
     costly = AutoBudget(cost, length_aware=False)
-    costly.step_cost._gram[batch_bucket(8)] = np.diag([1e6, 1e6])  # pinned fit: a = 1, c = 2
-    costly.step_cost._moment[batch_bucket(8)] = np.array([1e6, 2e6])
+    costly.step_cost._gram[batch_bucket(8)] = np.diag([1e6] * 4)  # pinned fit: f = 1, d = 0, a = 1, c = 2
+    costly.step_cost._moment[batch_bucket(8)] = np.array([1e6, 0.0, 1e6, 2e6])
     assert costly.step_cost.draft_factors(8) == pytest.approx((1.0, 2.0), rel=1e-3)
     spread, concentrated = free.select(batch), costly.select(batch)
     assert sum(k > 0 for k in concentrated) < sum(k > 0 for k in spread)

@@ -53,6 +53,53 @@ def test_match_in_array(array, context, min_start, min_match, starts, lens):
     assert got_s.tolist() == starts and got_l.tolist() == lens
 
 
+def test_match_in_array_keeps_only_allowed_starts():
+    # Two rollouts laid end to end, each as prompt tail + output + separator (-1); starts only inside outputs.
+    arr = np.array([1, 2, 3, 4, -1, 1, 2, 3, 5, -1], dtype=np.int32)
+    allowed = np.array([0, 0, 1, 1, 0, 0, 0, 1, 1, 0], dtype=bool)  # outputs: "3 4" and "3 5"
+    got_s, got_l = match_in_array(arr, len(arr), np.array([1, 2]), 1, 1, 8, allowed)
+    assert got_s.tolist() == [2, 7] and got_l.tolist() == [2, 2]
+    got_s, _ = match_in_array(arr, len(arr), np.array([2, 3]), 1, 1, 8, allowed)
+    assert got_s.tolist() == [3, 8]  # "2 3" spans tail and output: continuations "4" and "5"
+    # the separator ends a match as the array's start does: the second rollout's "1 2" does not reach back into
+    # the first rollout's "4" (the context "4 1 2" matches 2 tokens in both)
+    got_s, got_l = match_in_array(arr, len(arr), np.array([4, 1, 2]), 1, 1, 8, allowed)
+    assert got_s.tolist() == [2, 7] and got_l.tolist() == [2, 2]
+    # a start the mask does not mark is no candidate, however well it matches: "1" is followed by "2" only in tails
+    got_s, _ = match_in_array(arr, len(arr), np.array([1]), 1, 1, 8, allowed)
+    assert got_s.tolist() == []
+
+
+def test_prompt_store_scan_finds_what_scanning_each_rollout_finds():
+    """A prompt's rollouts laid end to end per version give the same candidates as one scan per rollout."""
+    from drafters.suffix import _PromptStore
+
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, 6, 40).astype(np.int32)
+    store, rollouts = _PromptStore(max_rollouts=6, tail=8), []
+    for version in (0, 0, 1, 1, 1, 2, 2, 3):  # 8 appended, the oldest 2 evicted
+        tokens = np.concatenate([prompt, rng.integers(0, 6, int(rng.integers(1, 30))).astype(np.int32)])
+        probs = rng.random(len(tokens)).astype(np.float32)
+        store.append(tokens, probs, len(prompt), version)
+        rollouts = (rollouts + [(tokens, probs, version)])[-6:]
+    found = 0
+    for trial in range(50):
+        context = np.concatenate([prompt, rng.integers(0, 6, int(rng.integers(0, 12))).astype(np.int32)])
+        want = []
+        for tokens, probs, version in rollouts:
+            starts, lens = match_in_array(tokens, len(tokens), context, len(prompt), 1, 8)
+            want += [(version, tuple(tokens[s:].tolist()), tuple(probs[s:].tolist()), n) for s, n in zip(starts, lens)]
+        got = []
+        for version, tokens, probs, allowed in store.flat():
+            starts, lens = match_in_array(tokens, len(tokens), context, 1, 1, 8, allowed)
+            for s, n in zip(starts, lens):
+                end = s + int(np.argmax(tokens[s:] < 0))  # up to the separator
+                got.append((version, tuple(tokens[s:end].tolist()), tuple(probs[s:end].tolist()), n))
+        assert sorted(got) == sorted(want), trial
+        found += len(want)
+    assert found > 100  # the comparison covered many candidates
+
+
 def test_match_lengths_stop_at_array_start_and_cap():
     arr = np.array([5, 6, 7, 5, 6, 7], dtype=np.int32)
     # Start 3: "5 6 7" before it equals the context's tail of 3; the array starts there, so no more.

@@ -220,21 +220,14 @@ class Engine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
         """Load new policy weights between rollouts; in-flight sequences would mix two policies, so none may run."""
-        if self.has_unfinished():
-            raise RuntimeError(
-                f"{self.num_unfinished()} requests are in flight; weights change only between rollouts "
-                "(finish or abort them first) so that every rollout comes from one policy"
-            )
+        require_idle(self)
         self.model.load_weights(named_tensors, strict=True)
         self.policy_version = self.policy_version + 1 if version is None else int(version)
         self.refresh_drafter()
         return self.policy_version
 
     def flush_history(self) -> None:
-        """Move rollouts finished since the last flush into the history, as one record batch."""
-        if self.history is not None and self._unrecorded:
-            self.history.append_results(self._unrecorded)
-        self._unrecorded = []
+        flush_history(self)
 
     def refresh_drafter(self) -> None:
         """Record finished rollouts and let the drafter rebuild from the history at the current policy version."""
@@ -466,6 +459,22 @@ class Engine:
             group=s.group,
             policy_version=self.policy_version,
         )
+
+
+def require_idle(engine) -> None:
+    """Weights change only between rollouts: a request in flight would mix two policies. Both engines refuse alike."""
+    if engine.has_unfinished():
+        raise RuntimeError(
+            f"{engine.num_unfinished()} requests are in flight; weights change only between rollouts "
+            "(finish or abort them first) so that every rollout comes from one policy"
+        )
+
+
+def flush_history(engine) -> None:
+    """Move the rollouts an engine finished since the last flush into its history, as one record batch."""
+    if engine.history is not None and engine._unrecorded:
+        engine.history.append_results(engine._unrecorded)
+    engine._unrecorded = []
 
 
 def generate_batch(
