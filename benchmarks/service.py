@@ -1,6 +1,6 @@
 """Makespan of a GRPO-shaped batch under each draft budget, side by side on one machine.
 
-    python benchmarks/service.py     # writes benchmarks/results/service.json (~10 minutes on 2 cores)
+    python benchmarks/service.py     # writes benchmarks/results/service.json (15-30 minutes on 2 cores)
 
 Workload: 32 prompts x 8 samples, up to 256 tokens, 64 sequences decoded together (the rest queue), sampled at
 T=1.0 from a *sharpened* policy. Until the main job's trained policy exists, the proxy for sharpening is the base
