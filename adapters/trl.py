@@ -58,11 +58,10 @@ def sampling_params_from(args: Any, seed: int | None = None) -> SamplingParams:
     translation every adapter uses (adapters/sampling_fields.py): honoured, or refused with the field named."""
     if getattr(args, "generation_kwargs", None):
         raise ValueError("GRPOConfig.generation_kwargs is not supported with specrollout; set the sampling fields")
-    names = {"max_tokens": "max_completion_length"}
     fields = {
-        field: getattr(args, names.get(field, field), None)
-        for field in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
+        name: getattr(args, name, None) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
     }
+    fields["max_tokens"] = getattr(args, "max_completion_length", None)
     return translate(fields, default_max_tokens=256, default_seed=seed).params
 
 

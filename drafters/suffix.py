@@ -150,9 +150,6 @@ class _PromptStore:
         self.rollouts.append((tokens[lo:], probs[lo:], prompt_len - lo, int(version)))
         self._flat = None
 
-    def __len__(self) -> int:
-        return len(self.rollouts)
-
     def flat(self) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
         """(version, tokens [N], probs [N], allowed starts [N] bool) per version, rebuilt after an append."""
         if self._flat is None:

@@ -143,6 +143,8 @@ class StepCost:
     prior: float = 2.0  # steps' worth of evidence behind the prior
     _gram: dict[int, np.ndarray] = field(default_factory=dict)  # bucket -> [4, 4] decayed sum of x x^T
     _moment: dict[int, np.ndarray] = field(default_factory=dict)  # bucket -> [4] decayed sum of x y
+    # bucket -> its solved fit until the next observation: a step's selection prices its draft several times
+    _fits: dict[int, np.ndarray] = field(default_factory=dict)
 
     PRIOR = np.array([1.0, 0.0, 1.0, 0.0])  # (f, d, a, c)
     LOW = np.array([0.5, 0.0, 0.5, 0.0])  # clipped: a probe and a run differ, but not by 10x
@@ -151,6 +153,11 @@ class StepCost:
     def fit(self, batch: int) -> np.ndarray:
         """(f, d, a, c) for a step of `batch` sequences; see the class docstring."""
         bucket = batch_bucket(batch)
+        if bucket not in self._fits:
+            self._fits[bucket] = self._solve(bucket)
+        return self._fits[bucket]
+
+    def _solve(self, bucket: int) -> np.ndarray:
         if bucket in self._gram:
             gram, moment = self._gram[bucket], self._moment[bucket]
         elif self._gram:
@@ -198,6 +205,7 @@ class StepCost:
                 max(drafting, 1) / batch if drafted else 0.0,
             ]
         )
+        self._fits.clear()  # a bucket without steps of its own reads the pooled fit, which this step changes
         gram = self._gram.setdefault(bucket, np.zeros((4, 4)))
         moment = self._moment.setdefault(bucket, np.zeros(4))
         gram *= self.decay
