@@ -156,7 +156,7 @@ class DraftGate:
     """Whether drafting pays at all at a batch size, settled by measurement.
 
     Drafting takes time the cost model does not price (the drafter itself), and the calibration can be wrong for a
-    while, so per batch bucket (prefill steps apart) the gate keeps the efficiency of steps that drafted and of
+    while, so per batch bucket (decoding steps: auto drafts no prefill) the gate keeps the efficiency of steps that drafted and of
     steps that did not, plays the better arm, and plays the other again at the bucket's 2^k-th step up to
     `revisit`, then every `revisit`-th: acceptance drifts within a batch (siblings in flight early, novel tails
     late), so a loser's figure must not go stale, yet re-checking it costs at most 1/revisit of the steps.
@@ -166,22 +166,20 @@ class DraftGate:
 
     smoothing: float = 0.3
     revisit: int = 16
-    _arms: dict[tuple[bool, int], dict[bool, list[float]]] = field(default_factory=dict)  # arm -> [ema, count]
-    _plays: dict[tuple[bool, int], int] = field(default_factory=dict)
+    _arms: dict[int, dict[bool, list[float]]] = field(default_factory=dict)  # bucket -> arm -> [ema, count]
+    _plays: dict[int, int] = field(default_factory=dict)
 
-    def choose(self, bucket: tuple[bool, int]) -> bool:
-        prefill = bucket[0]
+    def choose(self, bucket: int) -> bool:
         arms = self._arms.setdefault(bucket, {True: [0.0, 0], False: [0.0, 0]})
         plays = self._plays[bucket] = self._plays.get(bucket, 0) + 1
         if arms[True][1] < 2 or arms[False][1] < 2:
-            # Try both arms before judging; a prefill starts plain (drafts beside a long prompt are a gamble the
-            # first measurement should not take on the whole batch).
-            return arms[True][1] < arms[False][1] or (arms[True][1] == arms[False][1] and not prefill)
+            # Try both arms before judging, drafting first.
+            return arms[True][1] <= arms[False][1]
         best = arms[True][0] >= arms[False][0]
         recheck = plays & (plays - 1) == 0 or plays % self.revisit == 0
         return (not best) if recheck else best
 
-    def record(self, bucket: tuple[bool, int], drafted: bool, efficiency: float) -> None:
+    def record(self, bucket: int, drafted: bool, efficiency: float) -> None:
         ema, count = self._arms[bucket][drafted]
         a = self.smoothing
         self._arms[bucket][drafted] = [efficiency if count == 0 else (1 - a) * ema + a * efficiency, count + 1]
@@ -215,7 +213,11 @@ class AutoBudget:
         self.step_cost = StepCost(self.cost)
 
     def max_draft(self, batch: int, prefill: bool = False) -> int:
-        drafted = self.gate.choose((prefill, batch_bucket(batch)))
+        # A prefill step is not drafted: a draft beside a prompt saves its sequence at most one decode step, while
+        # the step it rides on is its batch's dearest, and (with share_prompts) the sequences prefilled are the
+        # first copy of each prompt, whose siblings join one step later and keep the batch going anyway. Measured
+        # on the RL workload: +47% on the prefill step for about two tokens per sequence.
+        drafted = not prefill and self.gate.choose(batch_bucket(batch))
         self._step = _Step(batch, prefill, drafted)
         if not drafted:
             return 0
@@ -231,9 +233,11 @@ class AutoBudget:
             return
         if not step.prefill and step.tokens_in:
             self.step_cost.observe(step.tokens_in, step.batch, max(seconds - draft_seconds, 1e-6), step.drafting)
+        if step.prefill:
+            return
         # Drafting time stays in the gate's figure: it is what the gate is there to weigh.
         efficiency = tokens * self.cost(step.batch, step.batch) / (seconds * step.batch)
-        self.gate.record((step.prefill, batch_bucket(step.batch)), step.drafted, efficiency)
+        self.gate.record(batch_bucket(step.batch), step.drafted, efficiency)
 
     def _expected_remaining(self, it: BudgetItem) -> float:
         lengths = self._lengths.get(it.prompt_key or "", [])

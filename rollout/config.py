@@ -27,6 +27,9 @@ class EngineConfig:
     tune_matmul: bool = True  # measure the fastest matmul kernel per weight shape (cached per machine)
     matmul: str = "fast"  # "fast": fastest kernels incl. oneDNN; "mkl": transformers' kernels (see matmul.py)
     seed: int = 0  # seeds requests that bring no seed of their own
+    # A request whose prompt a running sequence holds copies that prompt's keys/values instead of prefilling it
+    # again (prefix caching for whole prompts: GRPO's G samples of a prompt pay for one prefill)
+    share_prompts: bool = True
     backend: str = "embedded"  # one of ENGINE_BACKENDS; the fields above that vLLM has no use for are ignored there
     vllm_options: dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments (backend=vllm only)
 
@@ -81,6 +84,10 @@ class ServiceConfig:
             raise ValueError(f"engine.dtype must be float32, bfloat16 or float16, got {e.dtype!r}")
         if e.matmul not in ("fast", "mkl"):
             raise ValueError(f"engine.matmul must be 'fast' or 'mkl', got {e.matmul!r}")
+        if s.budget.strip().lower() in ("false", "no"):
+            # YAML 1.1 reads a bare `off` (or `no`) as a boolean, which OmegaConf then stores as "False": the user
+            # wrote `budget: off` or `speculation.budget=off` and meant the mode.
+            s.budget = "off"
         if s.budget.strip().lower() != "auto":
             parse_budget(s.budget)
         if s.max_draft_tokens < 0:

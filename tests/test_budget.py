@@ -150,7 +150,7 @@ def test_expensive_verification_makes_auto_verify_less():
 
 def test_gate_compares_arms_fairly_across_batch_sizes_and_revisits_the_loser():
     gate = DraftGate()
-    bucket = (False, 6)  # batch 32-63
+    bucket = 6  # batch 32-63
     plays = []
     for _ in range(64):
         drafted = gate.choose(bucket)

@@ -115,6 +115,14 @@ def test_malformed_config_and_unknown_drafter_are_clear_errors(tmp_path):
         load_config(None, ["speculation.budget=sometimes"])
 
 
+def test_budget_off_survives_yaml_booleans(tmp_path):
+    # YAML 1.1 reads a bare `off` as false; the mode the user wrote must still be the one they get.
+    assert load_config(None, ["speculation.budget=off"]).speculation.budget == "off"
+    config = tmp_path / "off.yaml"
+    config.write_text("speculation:\n  budget: off\n")
+    assert load_config(config).speculation.budget == "off"
+
+
 def test_a_worker_killed_mid_batch(cluster):
     version = cluster.update_weights([], version=cluster.policy_version + 1)
     reqs = requests(groups=16, samples=4, max_tokens=200, tag="k")

@@ -125,6 +125,9 @@ class Engine:
         self._seeds = torch.Generator().manual_seed(self.config.seed)
         self.total_forwards = 0
         self._draft_seconds = 0.0  # of the step in flight: the budget weighs drafting time apart
+        # prompt key -> (prompt, its keys, its values): kept from a finished sequence while a queued request has the
+        # same prompt and no running sequence holds it (share_prompts)
+        self._kept_prompts: dict[str, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_config(
@@ -250,11 +253,50 @@ class Engine:
         return self._release(finished)
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            s = self.waiting.pop(0)
+        """Move waiting requests into free slots. With share_prompts, a request whose prompt a running sequence
+        already holds copies that prompt's keys/values from its slot and starts decoding at once (GRPO samples
+        every prompt G times: only the first copy pays for the prefill); one whose prompt is first being prefilled
+        in this very step waits one step for that copy to exist, and requests behind it go ahead."""
+        share = self.config.share_prompts
+        # prompt key -> the running slot that holds that prompt's keys/values, or the copy kept of a finished one
+        sources: dict[str, int | tuple[list[int], torch.Tensor, torch.Tensor]] = dict(self._kept_prompts)
+        if share:
+            sources.update({s.prompt_key: slot for slot, s in enumerate(self.running) if s.cache_len > 0})
+        prefilling: set[str] = set()
+        shared: list[tuple[Sequence, int | tuple]] = []  # (sequence, where it copies its prompt from)
+        fresh: list[Sequence] = []
+        deferred: list[Sequence] = []
+        queue, self.waiting = self.waiting, []
+        for i, s in enumerate(queue):
+            if len(self.running) + len(shared) + len(fresh) >= self.config.max_num_seqs:
+                self.waiting = queue[i:]
+                break
+            source = sources.get(s.prompt_key) if len(s.prompt) > 1 else None
+            held = self.running[source].prompt if isinstance(source, int) else source[0] if source else None
+            if held == s.prompt:
+                shared.append((s, source))
+            elif share and s.prompt_key in prefilling:
+                deferred.append(s)
+            else:
+                prefilling.add(s.prompt_key)
+                fresh.append(s)
+        self.waiting = deferred + self.waiting
+        # Slots [0, n) hold sequences with a cache, the new prefills come after them (step() runs the two apart).
+        admitted = len(self.running)
+        for s, src in shared:
+            if isinstance(src, int):
+                self.cache.move_slot(src, len(self.running), len(s.prompt) - 1)
+            else:
+                self.cache.load_prefix(len(self.running), src[1], src[2])
+            s.cache_len = len(s.prompt) - 1  # the last prompt token is fed at this step, like a sampled token
             self.running.append(s)
+        self.running += fresh
+        for s in self.running[admitted:]:
             if s.speculate:
                 self.drafter.begin(s.request_id, s.prompt, s.group)
+        if self._kept_prompts:
+            queued = {s.prompt_key for s in self.waiting}
+            self._kept_prompts = {k: v for k, v in self._kept_prompts.items() if k in queued}
 
     def _room(self, s: Sequence) -> tuple[int, int]:
         """(most draft nodes the cache can take, deepest node worth verifying) for this step."""
@@ -263,6 +305,12 @@ class Engine:
 
     def _drafts(self, seqs: list[Sequence]) -> list[Draft]:
         """Ask the drafter for each sequence's draft, then let the budget decide how much of each to verify."""
+        if not any(s.speculate for s in seqs):
+            # Plain requests only (a comparison twin, or speculation turned off per request): nothing for the budget
+            # to decide, and nothing for it to learn, since its gate would file the step under whichever arm it
+            # happened to pick.
+            self._draft_seconds = 0.0
+            return [EMPTY_DRAFT] * len(seqs)
         prefill = any(s.cache_len == 0 for s in seqs)
         ask = min(self.max_draft_tokens, self.budget.max_draft(len(seqs), prefill))
         rooms = [self._room(s) for s in seqs]
@@ -429,6 +477,13 @@ class Engine:
             return []
         done = {id(s) for s in finished}
         keep = [s for s in self.running if id(s) not in done]
+        if self.config.share_prompts and self.waiting:
+            # A queued sibling would otherwise prefill this prompt again: keep its keys/values past the slot.
+            queued = {s.prompt_key for s in self.waiting} - {s.prompt_key for s in keep} - set(self._kept_prompts)
+            for slot, s in enumerate(self.running):
+                if id(s) in done and s.prompt_key in queued and s.cache_len >= len(s.prompt) - 1 > 0:
+                    self._kept_prompts[s.prompt_key] = (s.prompt, *self.cache.copy_prefix(slot, len(s.prompt) - 1))
+                    queued.discard(s.prompt_key)
         # Fill each hole left of the new end with the last running sequence beyond it (one KV copy each).
         new_running: list[Sequence | None] = [s if id(s) not in done else None for s in self.running[: len(keep)]]
         movers = [(slot, s) for slot, s in enumerate(self.running) if slot >= len(keep) and id(s) not in done]

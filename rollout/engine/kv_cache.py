@@ -64,3 +64,14 @@ class SlotKVCache:
         """Copy the first `length` positions of slot src into slot dst in every layer."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def copy_prefix(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` positions of a slot in every layer, as a copy that outlives the slot:
+        two [L, KVH, length, hd]."""
+        return self.k[:, slot, :, :length].clone(), self.v[:, slot, :, :length].clone()
+
+    def load_prefix(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write a copy_prefix result into the first positions of a slot."""
+        self.k[:, slot, :, : k.shape[2]] = k
+        self.v[:, slot, :, : v.shape[2]] = v
+
