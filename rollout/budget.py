@@ -153,36 +153,49 @@ class AcceptanceModel:
 
 @dataclass
 class DraftGate:
-    """Whether drafting pays at all at a batch size, settled by measurement.
+    """How boldly to draft at a batch size, settled by measurement.
 
-    Drafting takes time the cost model does not price (the drafter itself), and the calibration can be wrong for a
-    while, so per batch bucket (decoding steps: auto drafts no prefill) the gate keeps the efficiency of steps that drafted and of
-    steps that did not, plays the better arm, and plays the other again at the bucket's 2^k-th step up to
-    `revisit`, then every `revisit`-th: acceptance drifts within a batch (siblings in flight early, novel tails
-    late), so a loser's figure must not go stale, yet re-checking it costs at most 1/revisit of the steps.
-    Efficiency is tokens per second per sequence, relative to the cost model's plain step at that batch size, so
-    steps at different batch sizes within one bucket compare fairly.
+    The selection prices a draft from the step cost and the calibrated acceptance, and either can be off for this
+    workload: drafting takes time neither prices (the drafter itself), acceptance drifts within a batch (siblings in
+    flight early, novel tails late), and a node rated just below break-even may still pay. So per batch bucket
+    (decoding steps: auto drafts no prefill) the gate plays arms that scale the price the selection puts on draft
+    tokens: 0 drafts nothing, 1 trusts the estimates, 2 drafts as if verification cost half as much. It keeps each
+    arm's efficiency (tokens per second per sequence, relative to the cost model's plain step at that batch size,
+    so steps at different batch sizes within one bucket compare fairly), plays the best, and re-checks the arms next
+    to it (efficiency is near unimodal in boldness) at the bucket's 2^k-th step up to `revisit`, then every
+    `revisit`-th, taking turns: a loser's figure must not go stale, yet re-checking costs at most 1/revisit of the
+    steps.
     """
 
+    scales: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # in order of boldness
+    first: float = 1.0  # the arm tried first
     smoothing: float = 0.3
-    revisit: int = 16
-    _arms: dict[int, dict[bool, list[float]]] = field(default_factory=dict)  # bucket -> arm -> [ema, count]
+    revisit: int = 8
+    _arms: dict[int, dict[float, list[float]]] = field(default_factory=dict)  # bucket -> arm -> [ema, count]
     _plays: dict[int, int] = field(default_factory=dict)
+    _turn: dict[int, int] = field(default_factory=dict)  # bucket -> re-checks so far (whose turn it is)
 
-    def choose(self, bucket: int) -> bool:
-        arms = self._arms.setdefault(bucket, {True: [0.0, 0], False: [0.0, 0]})
+    def choose(self, bucket: int) -> float:
+        """The price scale for a step of this bucket (0: do not draft)."""
+        arms = self._arms.setdefault(bucket, {s: [0.0, 0] for s in self.scales})
         plays = self._plays[bucket] = self._plays.get(bucket, 0) + 1
-        if arms[True][1] < 2 or arms[False][1] < 2:
-            # Try both arms before judging, drafting first.
-            return arms[True][1] <= arms[False][1]
-        best = arms[True][0] >= arms[False][0]
-        recheck = plays & (plays - 1) == 0 or plays % self.revisit == 0
-        return (not best) if recheck else best
+        fewest = min(count for _, count in arms.values())
+        if fewest < 2:
+            # Try every arm twice before judging, the trusted one first, then outward from it.
+            order = sorted(self.scales, key=lambda s: (arms[s][1], abs(s - self.first)))
+            return order[0]
+        best = max(self.scales, key=lambda s: arms[s][0])
+        if plays & (plays - 1) == 0 or plays % self.revisit == 0:
+            i = self.scales.index(best)
+            neighbours = [self.scales[j] for j in (i - 1, i + 1) if 0 <= j < len(self.scales)]
+            turn = self._turn[bucket] = self._turn.get(bucket, 0) + 1
+            return neighbours[turn % len(neighbours)]
+        return best
 
-    def record(self, bucket: int, drafted: bool, efficiency: float) -> None:
-        ema, count = self._arms[bucket][drafted]
+    def record(self, bucket: int, scale: float, efficiency: float) -> None:
+        ema, count = self._arms[bucket][scale]
         a = self.smoothing
-        self._arms[bucket][drafted] = [efficiency if count == 0 else (1 - a) * ema + a * efficiency, count + 1]
+        self._arms[bucket][scale] = [efficiency if count == 0 else (1 - a) * ema + a * efficiency, count + 1]
 
 
 @dataclass
@@ -191,7 +204,7 @@ class _Step:
 
     batch: int
     prefill: bool
-    drafted: bool
+    scale: float  # the gate's arm: the factor on the price of draft tokens (0: no drafting)
     tokens_in: int = 0  # new tokens in the forward
     drafting: int = 0  # sequences that verify a draft
 
@@ -217,9 +230,9 @@ class AutoBudget:
         # the step it rides on is its batch's dearest, and (with share_prompts) the sequences prefilled are the
         # first copy of each prompt, whose siblings join one step later and keep the batch going anyway. Measured
         # on the RL workload: +47% on the prefill step for about two tokens per sequence.
-        drafted = not prefill and self.gate.choose(batch_bucket(batch))
-        self._step = _Step(batch, prefill, drafted)
-        if not drafted:
+        scale = 0.0 if prefill else self.gate.choose(batch_bucket(batch))
+        self._step = _Step(batch, prefill, scale)
+        if scale == 0:
             return 0
         # Proposing costs time per node asked: ask for about twice what verification has recently kept, so the
         # selection can grow (doubling per step) without paying for 16 nodes where 2 are verified.
@@ -237,7 +250,7 @@ class AutoBudget:
             return
         # Drafting time stays in the gate's figure: it is what the gate is there to weigh.
         efficiency = tokens * self.cost(step.batch, step.batch) / (seconds * step.batch)
-        self.gate.record(batch_bucket(step.batch), step.drafted, efficiency)
+        self.gate.record(batch_bucket(step.batch), step.scale, efficiency)
 
     def _expected_remaining(self, it: BudgetItem) -> float:
         lengths = self._lengths.get(it.prompt_key or "", [])
@@ -289,7 +302,10 @@ class AutoBudget:
         base = float(weights.sum())  # every sequence emits one token per step whatever is drafted
         taken_gain = base + np.concatenate([[0.0], np.cumsum(gain)])
         drafting = np.concatenate([[0.0], np.cumsum(first)])
-        times = self.step_cost.plain(b) + self.step_cost.extra(base_tokens + np.arange(len(order) + 1), drafting, b)
+        # The gate's arm scales what the draft is priced at (the order of nodes does not change, only how many).
+        scale = self._step.scale if self._step is not None and self._step.scale > 0 else 1.0
+        extra = self.step_cost.extra(base_tokens + np.arange(len(order) + 1), drafting, b)
+        times = self.step_cost.plain(b) + extra / scale
         best = int(np.argmax(taken_gain / times))
         counts = np.bincount(owner[order[:best]], minlength=b)
         if self._step is not None:

@@ -148,19 +148,44 @@ def test_expensive_verification_makes_auto_verify_less():
     assert before > 0 and after < before
 
 
-def test_gate_compares_arms_fairly_across_batch_sizes_and_revisits_the_loser():
+def test_gate_finds_the_best_boldness_and_revisits_its_neighbours():
     gate = DraftGate()
     bucket = 6  # batch 32-63
+    worth = {0.0: 1.0, 0.5: 1.1, 1.0: 1.15, 2.0: 1.3}  # drafting boldly is most efficient here
+    plays = []
+    for _ in range(96):
+        scale = gate.choose(bucket)
+        plays.append(scale)
+        gate.record(bucket, scale, worth[scale])
+    assert plays[:2] == [1.0, 0.5] and sorted(plays[:8]) == sorted(list(worth) * 2)  # every arm twice first
+    assert plays.count(2.0) > 70
+    rechecks = [i + 1 for i, s in enumerate(plays) if s != 2.0 and i >= 8]
+    # only the best arm's neighbour is re-checked, at power-of-two plays, then every 8th (its figure must not go
+    # stale); arms two steps away are left alone
+    assert rechecks and all(n & (n - 1) == 0 or n % 8 == 0 for n in rechecks)
+    assert {plays[n - 1] for n in rechecks} == {1.0}
+
+
+def test_gate_turns_drafting_off_where_it_loses():
+    gate = DraftGate()
+    worth = {0.0: 1.0, 0.5: 0.9, 1.0: 0.8, 2.0: 0.6}
     plays = []
     for _ in range(64):
-        drafted = gate.choose(bucket)
-        plays.append(drafted)
-        gate.record(bucket, drafted, 1.2 if drafted else 1.0)  # drafting steps are 20% more efficient
-    assert sum(plays) > 50  # drafting wins
-    losers = [i + 1 for i, d in enumerate(plays) if not d and i >= 4]
-    # the loser is replayed at power-of-two plays, then every 16th (its figure must not go stale)
-    assert losers and all(n & (n - 1) == 0 or n % 16 == 0 for n in losers)
-    assert 48 in losers
+        scale = gate.choose(3)
+        plays.append(scale)
+        gate.record(3, scale, worth[scale])
+    assert plays[8:].count(0.0) > 45 and set(plays[8:]) == {0.0, 0.5}
+
+
+def test_a_bolder_arm_verifies_more():
+    cost = CostModel.from_function(lambda m, b: 0.010 + 0.0004 * (m - b))
+    counts = {}
+    for scale in (0.5, 1.0, 2.0):
+        budget = AutoBudget(cost, length_aware=False)
+        budget.gate.first = scale
+        budget.max_draft(8)
+        counts[scale] = sum(budget.select(items(8, p=0.6)))
+    assert counts[0.5] <= counts[1.0] <= counts[2.0] and counts[0.5] < counts[2.0]
 
 
 def test_auto_asks_the_drafter_for_about_twice_what_it_verifies():
@@ -243,3 +268,12 @@ def test_cost_model_fits_a_short_max_model_len(tiny_folder):
     model = TargetModel.from_folder(tiny_folder, max_model_len=24, tune=False)
     cost = measure_cost_model(model, max_batch=4, log=lambda _: None)
     assert float(cost.times(np.array([8.0]), 1)[0]) > 0
+
+
+def test_auto_drafts_no_prefill_step_and_leaves_its_gate_alone():
+    budget = AutoBudget(CostModel.from_function(lambda m, b: 0.010))  # verification free: decoding steps draft
+    assert budget.max_draft(8, prefill=True) == 0
+    budget.select(items(8))
+    budget.observe_step(0.5, 8)
+    assert not budget.gate._plays and not budget.gate._arms  # a prefill is neither arm's evidence
+    assert budget.max_draft(8) > 0

@@ -74,4 +74,3 @@ class SlotKVCache:
         """Write a copy_prefix result into the first positions of a slot."""
         self.k[:, slot, :, : k.shape[2]] = k
         self.v[:, slot, :, : v.shape[2]] = v
-
