@@ -289,10 +289,7 @@ class AutoBudget:
         # Nodes are merged across drafts by gain per second. A sequence's first node also carries the cost of
         # drafting that sequence at all, so its later nodes are cheaper than another sequence's first: each
         # draft's densities are capped by a running minimum so a draft is always taken as a prefix.
-        a, c = self.step_cost.draft_factors(b)
-        plain_model = self.cost(base_tokens, b)
-        per_token = a * max(self.cost(base_tokens + b, b) - plain_model, 1e-9) / b
-        per_seq = c * plain_model / b
+        per_token, per_seq = self.step_cost.unit_prices(b, base_tokens)
         density = np.concatenate(
             [np.minimum.accumulate(g / (per_token + per_seq * (np.arange(len(g)) == 0))) for g in gains if len(g)]
         )

@@ -177,14 +177,24 @@ class StepCost:
         _, _, a, c = self.fit(batch)
         return float(a), float(c)
 
+    def unit_prices(self, batch: int, base_tokens: int | None = None) -> tuple[float, float]:
+        """(seconds per extra token, seconds per drafting sequence) in a step of `batch` sequences that brings
+        `base_tokens` besides its drafts (default: one each): the prices the selection orders nodes by. `extra`
+        charges the same prices, with the extra tokens' curve in full."""
+        _, _, a, c = self.fit(batch)
+        base = batch if base_tokens is None else base_tokens
+        per_token = a * max(self.model(base + batch, batch) - self.model(base, batch), 1e-9) / batch
+        return per_token, c * self.model(batch, batch) / batch
+
     def extra(self, tokens: np.ndarray, drafting: np.ndarray, batch: int) -> np.ndarray:
         """Seconds a draft adds to a plain step of `batch` sequences: `tokens` new tokens in all (>= batch), of
         which the drafts of `drafting` sequences."""
-        _, d, a, c = self.fit(batch)
+        _, d, a, _ = self.fit(batch)
         plain_model = self.model(batch, batch)
         drafting = np.asarray(drafting, dtype=np.float64)
-        per_token = np.maximum(self.model.times(tokens, batch) - plain_model, 0.0)
-        return a * per_token + c * (plain_model / batch) * drafting + d * plain_model * (drafting > 0)
+        extra_tokens = np.maximum(self.model.times(tokens, batch) - plain_model, 0.0)
+        _, per_seq = self.unit_prices(batch)
+        return a * extra_tokens + per_seq * drafting + d * plain_model * (drafting > 0)
 
     def times(self, tokens: np.ndarray, batch: int, drafting: np.ndarray | int = 0) -> np.ndarray:
         """Seconds of steps of `batch` sequences bringing `tokens` new tokens in all, `drafting` of them drafting."""

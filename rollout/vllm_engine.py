@@ -92,6 +92,7 @@ class VLLMEngineConfig:
     max_model_len: int = 2048
     dtype: str = "float32"
     seed: int = 0  # vLLM's seed, and the seed of the per-request seeds of requests that bring none
+    share_prompts: bool = True  # vLLM's prefix caching: a prompt's G samples share its cached blocks
     num_speculative_tokens: int = 0  # 0: plain decoding, no speculative_config
     drafter: str = "none"
     drafter_options: dict[str, Any] = field(default_factory=dict)
@@ -123,6 +124,7 @@ def llm_kwargs(config: VLLMEngineConfig, platform_is_cpu: bool) -> dict[str, Any
         "max_model_len": config.max_model_len,
         "max_num_seqs": config.max_num_seqs,
         "seed": config.seed,
+        "enable_prefix_caching": config.share_prompts,
         # Logprobs of the distribution each token was sampled from, not of the raw logits.
         "logprobs_mode": "processed_logprobs",
         "worker_extension_cls": WORKER_EXTENSION,
@@ -359,6 +361,7 @@ class VLLMEngine:
             max_model_len=config.max_model_len,
             dtype=config.dtype,
             seed=config.seed,
+            share_prompts=config.share_prompts,
             num_speculative_tokens=k,
             drafter=speculation.drafter if k else "none",
             drafter_options=dict(speculation.drafter_options),

@@ -118,3 +118,15 @@ def test_plain_only_batches_leave_the_auto_budget_alone(tiny_model):
     assert not budget.gate._plays
     engine.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=6, ignore_eos=True))
     assert budget.gate._plays
+
+
+def test_kept_prompts_do_not_outlive_the_weights(tiny_model):
+    # A sibling queued behind a finished copy is aborted: the kept keys/values must not serve the next policy.
+    engine = make_engine(tiny_model, max_num_seqs=1)
+    engine.add_request([4, 5, 6], SamplingParams(max_tokens=1))
+    queued = engine.add_request([4, 5, 6], SamplingParams(max_tokens=1))
+    engine.step()
+    assert engine._kept_prompts  # the first copy finished while its sibling queued
+    engine.abort(queued)
+    engine.update_weights([], version=1)
+    assert not engine._kept_prompts

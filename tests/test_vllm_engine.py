@@ -409,6 +409,9 @@ def test_llm_kwargs():
     plain = llm_kwargs(VLLMEngineConfig(model="/m", max_num_seqs=8, max_model_len=512), platform_is_cpu=False)
     assert plain["logprobs_mode"] == "processed_logprobs" and plain["worker_extension_cls"] == WORKER_EXTENSION
     assert "speculative_config" not in plain and "enforce_eager" not in plain
+    assert plain["enable_prefix_caching"]  # engine.share_prompts, on by default
+    unshared = VLLMEngineConfig(model="/m", share_prompts=False)
+    assert llm_kwargs(unshared, platform_is_cpu=False)["enable_prefix_caching"] is False
     spec = VLLMEngineConfig(model="/m", num_speculative_tokens=4, drafter="suffix", llm_kwargs={"seed": 3})
     cpu = llm_kwargs(spec, platform_is_cpu=True)
     assert cpu["speculative_config"] == {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": 4}

@@ -225,6 +225,7 @@ class Engine:
         """Load new policy weights between rollouts; in-flight sequences would mix two policies, so none may run."""
         require_idle(self)
         self.model.load_weights(named_tensors, strict=True)
+        self._kept_prompts.clear()  # keys/values of the old weights (left by aborted requests)
         self.policy_version = self.policy_version + 1 if version is None else int(version)
         self.refresh_drafter()
         return self.policy_version
