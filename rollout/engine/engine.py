@@ -482,7 +482,9 @@ class Engine:
             # A queued sibling would otherwise prefill this prompt again: keep its keys/values past the slot.
             queued = {s.prompt_key for s in self.waiting} - {s.prompt_key for s in keep} - set(self._kept_prompts)
             for slot, s in enumerate(self.running):
-                if id(s) in done and s.prompt_key in queued and s.cache_len >= len(s.prompt) - 1 > 0:
+                # At most a cache's worth of slots is kept (beyond that, prefilling again is the cheaper memory).
+                room = len(self._kept_prompts) < self.config.max_num_seqs
+                if room and id(s) in done and s.prompt_key in queued and s.cache_len >= len(s.prompt) - 1 > 0:
                     self._kept_prompts[s.prompt_key] = (s.prompt, *self.cache.copy_prefix(slot, len(s.prompt) - 1))
                     queued.discard(s.prompt_key)
         # Fill each hole left of the new end with the last running sequence beyond it (one KV copy each).
