@@ -104,8 +104,10 @@ def test_trl_client_generates_groups_with_logprobs(client, service, smol_tokeniz
     )
     assert [r.token_ids for r in direct] == out["completion_ids"]
     for r, lps in zip(direct, out["logprobs"]):
-        # Not bit-equal: the drafter, fed by the first call, drafts other trees, so the forwards batch other rows.
-        assert [x[0] for x in lps] == pytest.approx(r.logprobs, abs=1e-4)
+        # Not bit-equal: the drafter, fed by the first call, drafts other trees, so the forwards batch other rows,
+        # and at top_p=0.95 a token at the nucleus's edge can fall in or out by that rounding, which shifts its
+        # row's logprobs by the token's mass (4.6e-4 seen). A lost or reordered completion would be off by ~1.
+        assert [x[0] for x in lps] == pytest.approx(r.logprobs, abs=2e-3)
     assert len({tuple(c) for c in out["completion_ids"][:3]}) > 1, "the n samples of a prompt differ"
 
 
