@@ -244,10 +244,10 @@ class AutoBudget:
         step, self._step = self._step, None
         if step is None or seconds <= 0:
             return
-        if not step.prefill and step.tokens_in:
-            self.step_cost.observe(step.tokens_in, step.batch, max(seconds - draft_seconds, 1e-6), step.drafting)
-        if step.prefill:
+        if step.prefill:  # neither a decoding step's cost nor either arm's evidence
             return
+        if step.tokens_in:
+            self.step_cost.observe(step.tokens_in, step.batch, max(seconds - draft_seconds, 1e-6), step.drafting)
         # Drafting time stays in the gate's figure: it is what the gate is there to weigh.
         efficiency = tokens * self.cost(step.batch, step.batch) / (seconds * step.batch)
         self.gate.record(batch_bucket(step.batch), step.scale, efficiency)

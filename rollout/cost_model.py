@@ -171,12 +171,6 @@ class StepCost:
         """Seconds of a step of `batch` sequences with one new token each."""
         return self.model(batch, batch) * float(self.fit(batch)[0])
 
-    def draft_factors(self, batch: int) -> tuple[float, float]:
-        """(a, c): the factor on the probe's price of extra tokens, and the cost per drafting sequence in plain
-        per-sequence steps."""
-        _, _, a, c = self.fit(batch)
-        return float(a), float(c)
-
     def unit_prices(self, batch: int, base_tokens: int | None = None) -> tuple[float, float]:
         """(seconds per extra token, seconds per drafting sequence) in a step of `batch` sequences that brings
         `base_tokens` besides its drafts (default: one each): the prices the selection orders nodes by. `extra`

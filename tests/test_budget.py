@@ -129,7 +129,7 @@ def test_a_cost_per_drafting_sequence_concentrates_the_budget():
     costly = AutoBudget(cost, length_aware=False)
     costly.step_cost._gram[batch_bucket(8)] = np.diag([1e6] * 4)  # pinned fit: f = 1, d = 0, a = 1, c = 2
     costly.step_cost._moment[batch_bucket(8)] = np.array([1e6, 0.0, 1e6, 2e6])
-    assert costly.step_cost.draft_factors(8) == pytest.approx((1.0, 2.0), rel=1e-3)
+    assert costly.step_cost.fit(8)[2:] == pytest.approx((1.0, 2.0), rel=1e-3)  # (a, c)
     spread, concentrated = free.select(batch), costly.select(batch)
     assert sum(k > 0 for k in concentrated) < sum(k > 0 for k in spread)
     assert concentrated[0] > 0 and concentrated[1] > 0  # the confident drafts keep theirs

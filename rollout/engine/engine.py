@@ -310,7 +310,6 @@ class Engine:
             # Plain requests only (a comparison twin, or speculation turned off per request): nothing for the budget
             # to decide, and nothing for it to learn, since its gate would file the step under whichever arm it
             # happened to pick.
-            self._draft_seconds = 0.0
             return [EMPTY_DRAFT] * len(seqs)
         prefill = any(s.cache_len == 0 for s in seqs)
         ask = min(self.max_draft_tokens, self.budget.max_draft(len(seqs), prefill))
