@@ -84,7 +84,7 @@ class _Node:
 @dataclass
 class TreeConfig:
     max_candidates: int = 32  # continuations merged into the trie, highest weight first
-    match_power: float = 3.0  # a candidate's weight grows as match_len ** match_power: long matches dominate
+    match_power: float = 4.0  # a candidate's weight grows as match_len ** match_power: long matches dominate
     max_match: int = 32  # longer matches count as this long
     prior: float = 1.0  # pseudo-weight of "none of the stored continuations": tempers thin evidence
     min_prob: float = 0.05  # drop nodes whose estimated path probability is below this

@@ -31,13 +31,17 @@ from rollout.history import prompt_key
 @dataclass
 class SuffixConfig:
     decay: float = 0.5  # weight of a rollout one policy version old, relative to the current version
-    window_versions: int = 4  # global window and per-prompt store keep this many versions
+    window_versions: int = 8  # global window and per-prompt store keep this many versions (GRPO revisits a
+    # prompt every dataset/prompts-per-step steps: 4 in the main job)
     group_weight: float = 4.0  # a match in a sibling counts this many times a global one
-    self_weight: float = 1.0
+    # The request's own prompt and output: prompt lookup. One matching token is enough (as vLLM's n-gram drafter
+    # allows) because a copied span is usually entered by a token that occurs once in the prompt; the extra weight
+    # lets such a match outvote a global one of the same length.
+    self_weight: float = 3.0
     global_weight: float = 1.0  # finished rollouts of other prompts, and in-flight outputs of other groups
     min_match_group: int = 1
-    min_match_self: int = 3
-    min_match_global: int = 3
+    min_match_self: int = 1
+    min_match_global: int = 2  # the global index is keyed by token pairs; in-flight outputs of other groups need 3
     max_rollouts_per_prompt: int = 64  # earlier rollouts of one prompt kept for its group
     global_max_tokens: int = 2_000_000
     prompt_tail: int = 16  # prompt tokens stored ahead of each rollout in the global index

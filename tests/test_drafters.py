@@ -183,8 +183,10 @@ def test_earlier_rollouts_of_the_same_prompt_after_refresh():
     d.refresh(history, 1)
     d.begin("x", [1, 2, 3], None)  # same prompt, no group given: grouped by prompt
     assert d.propose("x", 3).token_ids == [20, 21, 22]
-    d.begin("y", [9, 9, 9], None)  # another prompt: only the global window, which needs a 3-token match
+    d.begin("y", [7, 8, 9], None)  # another prompt, no repeats in it, no two-token match in the global window
     assert d.propose("y", 3).token_ids == []
+    d.begin("w", [9, 5, 9], None)  # prompt lookup: "9" was followed by "5" in the prompt itself
+    assert d.propose("w", 2).token_ids == [5, 9]
 
 
 def test_global_window_serves_other_prompts():
