@@ -80,6 +80,7 @@ class SpecRolloutFunc:
     service: Any  # RolloutService: RolloutCluster or LocalService
     compare_without_speculation: bool = False  # also time a plain-decoding twin of every batch (benchmarks)
     on_rollouts: Callable[[list, RolloutStats], None] | None = None  # e.g. to save traces or log
+    sampling_seed: int | None = None  # seeds the rollouts' samples; None: the trainer's args.seed
     history: list[RolloutStats] = field(default_factory=list)
     _synced_step: int = 0
 
@@ -104,7 +105,7 @@ class SpecRolloutFunc:
         step = int(trainer.state.global_step)
         tokenizer = trainer.processing_class
         g = max(int(getattr(trainer, "num_generations", 1) or 1), 1)
-        base_seed = int(getattr(args, "seed", 0) or 0)
+        base_seed = self.sampling_seed if self.sampling_seed is not None else int(getattr(args, "seed", 0) or 0)
         requests = []
         for i, prompt in enumerate(prompts):
             params = sampling_params_from(args, seed=base_seed * 1_000_003 + step * 100_003 + i)

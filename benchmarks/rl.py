@@ -5,7 +5,11 @@
 
 Run 1 trains with speculative rollouts; at every step the same prompts, with the same seeds, are also generated
 without speculation on the same engine and weights (which goes first alternates), so spec_s / nospec_s is measured
-on identical work. Run 2 trains from the same seed with speculation off, for the reward curve to compare.
+on identical work. Run 2 trains from the same seed with speculation off, for the reward curve to compare. Run 3
+trains with speculation off with the next sampling seed (same prompts, data order and initial weights; other sampled
+rollouts): how far two runs that differ only by chance drift apart is the noise the spec/no-spec difference is
+judged against. (Sampled rollouts of runs 1 and 2 differ where rounding moves a
+sample across a CDF edge, README "Lossless"; from there on the two trainings differ as runs with two seeds do.)
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ def run_benchmark(cfg: RLConfig, service: ServiceConfig) -> dict:
     spec = run_grpo(replace(cfg, compare_without_speculation=True, out_dir=f"{cfg.out_dir}/spec"), service)
     service_off = replace(service, speculation=replace(service.speculation, budget="off"))
     off = run_grpo(replace(cfg, out_dir=f"{cfg.out_dir}/nospec"), service_off)
+    other_seed = (cfg.sampling_seed if cfg.sampling_seed is not None else cfg.seed) + 1
+    noise = run_grpo(
+        replace(cfg, sampling_seed=other_seed, out_dir=f"{cfg.out_dir}/nospec_sampling_seed{other_seed}"), service_off
+    )
     reward_off = {m.step: m.reward for m in off.steps}
+    reward_noise = {m.step: m.reward for m in noise.steps}
     steps = [
         {
             "step": m.step,
@@ -39,24 +48,33 @@ def run_benchmark(cfg: RLConfig, service: ServiceConfig) -> dict:
             "draft_volume": round(m.draft_volume, 3),
             "reward": m.reward,
             "reward_nospec_run": reward_off.get(m.step),
+            "reward_nospec_other_sampling_seed": reward_noise.get(m.step),
             "entropy": m.entropy,
             "logp_difference": m.logp_difference,
         }
         for m in spec.steps
     ]
     speedups = [s["speedup"] for s in steps if s["speedup"]]
-    pairs = [
-        (s["reward"], s["reward_nospec_run"])
-        for s in steps
-        if s["reward"] is not None and s["reward_nospec_run"] is not None
-    ]
+
+    def gaps(a: str, b: str) -> list[float]:
+        return [abs(s[a] - s[b]) for s in steps if s[a] is not None and s[b] is not None]
+
+    spec_vs_off = gaps("reward", "reward_nospec_run")
+    seed_vs_seed = gaps("reward_nospec_run", "reward_nospec_other_sampling_seed")
     payload = {
         "steps": steps,
         "speedup_last5": round(statistics.median(speedups[-5:]), 3) if speedups else None,
         "speedup_first5": round(statistics.median(speedups[:5]), 3) if speedups else None,
-        "reward_max_abs_difference_between_runs": round(max(abs(a - b) for a, b in pairs), 4) if pairs else None,
+        "reward_max_abs_difference_between_runs": round(max(spec_vs_off), 4) if spec_vs_off else None,
+        "reward_mean_abs_difference_between_runs": round(statistics.mean(spec_vs_off), 4) if spec_vs_off else None,
+        # the same two figures for two runs without speculation whose sampling seeds differ: run-to-run noise
+        "reward_max_abs_difference_two_sampling_seeds": round(max(seed_vs_seed), 4) if seed_vs_seed else None,
+        "reward_mean_abs_difference_two_sampling_seeds": (
+            round(statistics.mean(seed_vs_seed), 4) if seed_vs_seed else None
+        ),
         "summary_spec_run": spec.summary(),
         "summary_nospec_run": off.summary(),
+        "summary_nospec_other_sampling_seed": noise.summary(),
         "setup": {
             **{k: v for k, v in vars(cfg).items()},
             "model": service.engine.model,
@@ -73,7 +91,10 @@ def run_benchmark(cfg: RLConfig, service: ServiceConfig) -> dict:
         spec.steps,
         out_dir / "rl.png",
         "GRPO through specrollout: speedup and reward by step",
-        extra={"reward, run without speculation": [reward_off.get(m.step) for m in spec.steps]},
+        rewards={
+            "without speculation": [reward_off.get(m.step) for m in spec.steps],
+            f"without speculation, sampling seed {other_seed}": [reward_noise.get(m.step) for m in spec.steps],
+        },
     )
     print(f"speedup (median of last 5 steps): {payload['speedup_last5']}; wrote {out_dir / 'rl.json'}")
     return payload

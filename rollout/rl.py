@@ -32,7 +32,8 @@ class RLConfig:
     max_completion_length: int = 48
     temperature: float = 1.0
     learning_rate: float = 2e-5
-    seed: int = 0
+    seed: int = 0  # the task's prompts, the data order, the trainer; and the rollouts' samples unless sampling_seed
+    sampling_seed: int | None = None  # another value changes only the sampled rollouts (bench-rl's noise run)
     out_dir: str = "runs/grpo"
     use_ray: bool = True  # False: the engine runs in this process (LocalService)
     save_policy: bool = False
@@ -185,7 +186,10 @@ def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResu
         dataloader_num_workers=0,
     )
     rollout_func = make_rollout_func(
-        service, compare_without_speculation=cfg.compare_without_speculation, on_rollouts=on_rollouts
+        service,
+        compare_without_speculation=cfg.compare_without_speculation,
+        on_rollouts=on_rollouts,
+        sampling_seed=cfg.sampling_seed,
     )
     trainer = GRPOTrainer(
         model=model,
@@ -225,27 +229,31 @@ def write_outputs(result: RunResult) -> None:
     plot_steps(result.steps, out / "metrics.png", f"GRPO on {result.config.task}: SmolLM2-135M via specrollout")
 
 
-def plot_steps(steps: list[StepMetrics], path: Path, title: str, extra: dict[str, list[float]] | None = None) -> None:
+def plot_steps(
+    steps: list[StepMetrics], path: Path, title: str, rewards: dict[str, list[float | None]] | None = None
+) -> None:
+    """One panel per metric; `rewards` are other runs' reward curves, drawn over this run's for comparison."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     x = [m.step for m in steps]
-    panels = [
-        ("reward", [m.reward for m in steps]),
-        ("entropy", [m.entropy for m in steps]),
-        ("acceptance length (tokens / sequence-forward)", [m.acceptance_length for m in steps]),
-        ("rollout tokens / s", [m.tokens_per_s for m in steps]),
+    panels: list[tuple[str, dict[str, list]]] = [
+        ("reward", {"this run": [m.reward for m in steps], **(rewards or {})}),
+        ("entropy", {"": [m.entropy for m in steps]}),
+        ("acceptance length (tokens / sequence-forward)", {"": [m.acceptance_length for m in steps]}),
+        ("rollout tokens / s", {"": [m.tokens_per_s for m in steps]}),
     ]
     if any(m.nospec_s for m in steps):
         speedups = [(m.nospec_s or 0) / m.rollout_s if m.rollout_s else 0 for m in steps]
-        panels.append(("speedup vs no speculation", speedups))
-    for name, values in (extra or {}).items():
-        panels.append((name, values))
+        panels.append(("speedup vs no speculation", {"": speedups}))
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True)
-    for ax, (name, values) in zip(axes, panels):
-        ax.plot(x, [v if v is not None else float("nan") for v in values], marker="o", ms=3)
+    for ax, (name, series) in zip(axes, panels):
+        for label, values in series.items():
+            ax.plot(x, [v if v is not None else float("nan") for v in values], marker="o", ms=3, label=label or None)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
         ax.set_ylabel(name, fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].set_title(title, fontsize=10)

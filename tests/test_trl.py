@@ -78,6 +78,39 @@ def test_render_prompt(smol_tokenizer):
 # ---------------------------------------------------------------------------------------------- the trainer
 
 
+def test_sampling_seed_changes_only_the_rollouts_seeds(smol_tokenizer):
+    """bench-rl's noise run: another sampling_seed gives every request another seed, the same prompts and groups."""
+    from types import SimpleNamespace
+
+    class Recorder:  # stands in for the service: this test is about the requests the adapter builds
+        def __init__(self):
+            self.requests = []
+
+        def generate(self, requests):
+            self.requests += requests
+            return []
+
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(seed=3, temperature=1.0, max_completion_length=8),
+        state=SimpleNamespace(global_step=0),
+        processing_class=smol_tokenizer,
+        num_generations=2,
+    )
+    prompts = [[{"role": "user", "content": "Copy: a, b"}]] * 2 + [[{"role": "user", "content": "Copy: c"}]] * 2
+    made = {}
+    for sampling_seed in (None, 3, 4):
+        service = Recorder()
+        make_rollout_func(service, sampling_seed=sampling_seed)(prompts, trainer)
+        made[sampling_seed] = service.requests
+    assert [r.params.seed for r in made[None]] == [r.params.seed for r in made[3]], "None: the trainer's seed"
+    other = made[4]
+    assert all(a.params.seed != b.params.seed for a, b in zip(made[3], other))
+    assert len({r.params.seed for r in other}) == 4, "each sample of a group keeps its own seed"
+    for a, b in zip(made[3], other):
+        assert (a.prompt_token_ids, a.group) == (b.prompt_token_ids, b.group)
+        assert a.params.temperature == b.params.temperature
+
+
 @pytest.mark.slow
 def test_grpo_trainer_with_our_rollout_func(smol_folder, smol_tokenizer, tmp_path):
     """Two real GRPO steps on SmolLM2: rollouts have TRL's shapes, the trained weights reach the service."""
