@@ -172,6 +172,15 @@ def propose_all(drafter: Drafter, request_ids: Sequence[str], max_tokens: Sequen
     return [drafter.propose(r, k) if k > 0 else EMPTY_DRAFT for r, k in zip(request_ids, max_tokens)]
 
 
+def bind_target(drafter: Drafter, folder: str | None) -> Drafter:
+    """Hand the target's checkpoint folder to a drafter built on the target's own weights (drafters/model.py has
+    `bind_target`); others ignore it. Both engines call this, so a drafter sees the same target on either."""
+    bind = getattr(drafter, "bind_target", None)
+    if bind is not None and folder is not None:
+        bind(str(folder))
+    return drafter
+
+
 def known_drafters() -> list[str]:
     _load_builtin_drafters()
     return sorted(DRAFTERS)

@@ -329,6 +329,7 @@ class VLLMEngine:
                 dict(config.drafter_options),
                 history.max_bytes if history.record else None,
                 history.window_versions,
+                config.model,
             )
             if not all(attached):
                 raise RuntimeError(

@@ -327,20 +327,28 @@ class SpecRolloutWorkerExtension:
         return proposer if isinstance(proposer, SpecRolloutProposer) else None
 
     def specrollout_setup(
-        self, drafter: str, drafter_options: dict, history_max_bytes: int | None, history_window: int | None
+        self,
+        drafter: str,
+        drafter_options: dict,
+        history_max_bytes: int | None,
+        history_window: int | None,
+        target_folder: str | None = None,
     ) -> bool:
-        """Build the drafter here and attach it, with the model runner, to the proposer; False if none runs."""
+        """Build the drafter here and attach it, with the model runner, to the proposer; False if none runs.
+
+        target_folder: the checkpoint vLLM serves, for drafters built on the target's own weights (`model`)."""
         proposer = self._specrollout_proposer()
         if proposer is None:
             return False
-        from drafters.base import make_drafter
+        from drafters.base import bind_target, make_drafter
 
         history = None
         if history_max_bytes is not None:
             from rollout.history import RolloutHistory
 
             history = RolloutHistory(history_max_bytes, history_window)
-        proposer.attach(self.model_runner, make_drafter(drafter, **(drafter_options or {})), history)
+        built = bind_target(make_drafter(drafter, **(drafter_options or {})), target_folder)
+        proposer.attach(self.model_runner, built, history)
         return True
 
     def specrollout_stage_weights(self, packed: list) -> int:

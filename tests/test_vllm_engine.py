@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from drafters.base import BaseDrafter, Draft, make_drafter
+from drafters.base import BaseDrafter, Draft, make_drafter, register_drafter
 from rollout.config import ENGINE_BACKENDS, EngineConfig, ServiceConfig, SpeculationConfig, load_config
 from rollout.engines import BACKENDS, make_engine
 from rollout.history import results_to_batch
@@ -274,6 +274,14 @@ def test_suffix_drafter_drafts_from_a_sibling_in_flight():
     assert proposer._stats["B"].accepted == 2
 
 
+@register_drafter("test-binds-target")
+class BindsTarget(BaseDrafter):
+    bound = None
+
+    def bind_target(self, folder):
+        self.bound = folder
+
+
 def test_worker_extension_refresh_weights_and_stats():
     runner = FakeRunner()
     runner.drafter = SpecRolloutProposer(fake_vllm_config(3))
@@ -281,6 +289,9 @@ def test_worker_extension_refresh_weights_and_stats():
     runner.model.load_weights = lambda weights: runner.model.loaded.extend(weights)
     ext = SpecRolloutWorkerExtension()
     ext.model_runner = runner  # vLLM mixes the extension into its worker, which owns model_runner
+    # A drafter built on the target's weights is handed the checkpoint vLLM serves, as our engine does.
+    assert ext.specrollout_setup("test-binds-target", {}, None, None, "/models/policy") is True
+    assert runner.drafter.drafter.bound == "/models/policy"
     assert ext.specrollout_setup("suffix", {}, 2**20, 4) is True
 
     # An earlier rollout of prompt 1 2 3 (another group), sent as Arrow IPC, reaches the drafter's history.
@@ -490,7 +501,7 @@ def test_frontend_steps_aborts_and_pushes_weights(tiny_folder):
     )
     config = VLLMEngineConfig(model=str(tiny_folder), num_speculative_tokens=2, drafter="suffix")
     engine = VLLMEngine(config, llm=llm, platform_is_cpu=False)
-    assert llm.rpcs == [("specrollout_setup", ("suffix", {}, 512 * 2**20, 8))]
+    assert llm.rpcs == [("specrollout_setup", ("suffix", {}, 512 * 2**20, 8, str(tiny_folder)))]
     engine._track("a", "a-1234", [1, 2, 3], "g", True)
     engine._track("b", "b-5678", [4, 5], None, True)
     llm.replies["specrollout_pop_stats"] = {"a-1234": SpecStats(2, 2, 2, [1, 1], [1, 1]).to_dict()}

@@ -20,7 +20,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from drafters.base import EMPTY_DRAFT, Draft, Drafter, NoDrafter, make_drafter, propose_all
+from drafters.base import EMPTY_DRAFT, Draft, Drafter, NoDrafter, bind_target, make_drafter, propose_all
 from rollout.budget import Budget, BudgetItem, parse_budget
 from rollout.config import EngineConfig, HistoryConfig, SpeculationConfig
 from rollout.cost_model import measure_cost_model
@@ -145,10 +145,7 @@ class Engine:
         model = TargetModel.from_folder(
             folder, config.max_model_len, config.dtype, config.device, tune=config.tune_matmul, matmul=config.matmul
         )
-        drafter = make_drafter(speculation.drafter, **speculation.drafter_options)
-        bind = getattr(drafter, "bind_target", None)  # drafters built on the target's own weights (drafters/model.py)
-        if bind is not None:
-            bind(str(folder))
+        drafter = bind_target(make_drafter(speculation.drafter, **speculation.drafter_options), str(folder))
         budget = parse_budget(
             speculation.budget,
             cost=lambda: measure_cost_model(model, config.max_num_seqs, cost_model_file(folder, config), log=log),
