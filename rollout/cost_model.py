@@ -183,11 +183,11 @@ class StepCost:
     def extra(self, tokens: np.ndarray, drafting: np.ndarray, batch: int) -> np.ndarray:
         """Seconds a draft adds to a plain step of `batch` sequences: `tokens` new tokens in all (>= batch), of
         which the drafts of `drafting` sequences."""
-        _, d, a, _ = self.fit(batch)
+        _, d, a, c = self.fit(batch)
         plain_model = self.model(batch, batch)
         drafting = np.asarray(drafting, dtype=np.float64)
         extra_tokens = np.maximum(self.model.times(tokens, batch) - plain_model, 0.0)
-        _, per_seq = self.unit_prices(batch)
+        per_seq = c * plain_model / batch  # unit_prices' price of a drafting sequence
         return a * extra_tokens + per_seq * drafting + d * plain_model * (drafting > 0)
 
     def times(self, tokens: np.ndarray, batch: int, drafting: np.ndarray | int = 0) -> np.ndarray:

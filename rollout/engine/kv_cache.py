@@ -62,8 +62,7 @@ class SlotKVCache:
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot src into slot dst in every layer."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        self.load_prefix(dst, self.k[:, src, :, :length], self.v[:, src, :, :length])
 
     def copy_prefix(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `length` positions of a slot in every layer, as a copy that outlives the slot:
