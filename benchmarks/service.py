@@ -76,6 +76,7 @@ def main() -> None:
             "tokens_per_sequence_forward": round(tokens / forwards, 3),
             "drafted": sum(r.spec.drafted for r in results),
             "accepted": sum(r.spec.accepted for r in results),
+            **({"gate": engine.budget.gate.summary()} if hasattr(engine.budget, "gate") else {}),
         }
 
     makespan = {m: float("inf") for m in MODES}

@@ -159,15 +159,16 @@ class DraftGate:
     workload: drafting takes time neither prices (the drafter itself), acceptance drifts within a batch (siblings in
     flight early, novel tails late), and a node rated just below break-even may still pay. So per batch bucket
     (decoding steps: auto drafts no prefill) the gate plays arms that scale the price the selection puts on draft
-    tokens: 0 drafts nothing, 1 trusts the estimates, 2 drafts as if verification cost half as much. It keeps each
-    arm's efficiency (tokens per second per sequence, relative to the cost model's plain step at that batch size,
-    so steps at different batch sizes within one bucket compare fairly), plays the best, and re-checks the arms next
-    to it (efficiency is near unimodal in boldness) at the bucket's 2^k-th step up to `revisit`, then every
-    `revisit`-th, taking turns: a loser's figure must not go stale, yet re-checking costs at most 1/revisit of the
+    tokens: 0 drafts nothing, 1 trusts the estimates, 2 (4) drafts as if verification cost half (a quarter) as
+    much. It keeps each arm's efficiency (tokens per second per sequence, relative to the cost model's plain step
+    at that batch size, so steps at different batch sizes within one bucket compare fairly), plays the best, and
+    re-checks the arms next to it (efficiency is near unimodal in boldness) at the bucket's 2^k-th step up to
+    `revisit`, then every `revisit`-th, taking turns: a loser's figure must not go stale, yet re-checking costs at
+    most 1/revisit of the
     steps.
     """
 
-    scales: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # in order of boldness
+    scales: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)  # in order of boldness
     first: float = 1.0  # the arm tried first
     smoothing: float = 0.3
     revisit: int = 8
@@ -191,6 +192,10 @@ class DraftGate:
             turn = self._turn[bucket] = self._turn.get(bucket, 0) + 1
             return neighbours[turn % len(neighbours)]
         return best
+
+    def summary(self) -> dict[int, dict[float, tuple[float, int]]]:
+        """bucket -> arm -> (smoothed efficiency, plays), for benchmarks and stats."""
+        return {b: {s: (round(e, 4), n) for s, (e, n) in arms.items()} for b, arms in self._arms.items()}
 
     def record(self, bucket: int, scale: float, efficiency: float) -> None:
         ema, count = self._arms[bucket][scale]

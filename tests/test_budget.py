@@ -149,7 +149,7 @@ def test_expensive_verification_makes_auto_verify_less():
 
 
 def test_gate_finds_the_best_boldness_and_revisits_its_neighbours():
-    gate = DraftGate()
+    gate = DraftGate(scales=(0.0, 0.5, 1.0, 2.0))  # four arms, so the boldest is best and has one neighbour
     bucket = 6  # batch 32-63
     worth = {0.0: 1.0, 0.5: 1.1, 1.0: 1.15, 2.0: 1.3}  # drafting boldly is most efficient here
     plays = []
@@ -167,7 +167,7 @@ def test_gate_finds_the_best_boldness_and_revisits_its_neighbours():
 
 
 def test_gate_turns_drafting_off_where_it_loses():
-    gate = DraftGate()
+    gate = DraftGate(scales=(0.0, 0.5, 1.0, 2.0))
     worth = {0.0: 1.0, 0.5: 0.9, 1.0: 0.8, 2.0: 0.6}
     plays = []
     for _ in range(64):
