@@ -8,8 +8,8 @@ without speculation on the same engine and weights (which goes first alternates)
 on identical work. Run 2 trains from the same seed with speculation off, for the reward curve to compare. Run 3
 trains with speculation off with the next sampling seed (same prompts, data order and initial weights; other sampled
 rollouts): how far two runs that differ only by chance drift apart is the noise the spec/no-spec difference is
-judged against. (Sampled rollouts of runs 1 and 2 differ where rounding moves a
-sample across a CDF edge, README "Lossless"; from there on the two trainings differ as runs with two seeds do.)
+judged against. (Sampled rollouts of runs 1 and 2 differ where rounding moves a sample across a CDF edge, README
+"Lossless"; from there on the two trainings differ as runs with two seeds do.)
 """
 
 from __future__ import annotations

@@ -164,8 +164,7 @@ class DraftGate:
     at that batch size, so steps at different batch sizes within one bucket compare fairly), plays the best, and
     re-checks the arms next to it (efficiency is near unimodal in boldness) at the bucket's 2^k-th step up to
     `revisit`, then every `revisit`-th, taking turns: a loser's figure must not go stale, yet re-checking costs at
-    most 1/revisit of the
-    steps.
+    most 1/revisit of the steps.
     """
 
     scales: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)  # in order of boldness
