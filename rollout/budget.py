@@ -160,46 +160,72 @@ class DraftGate:
     flight early, novel tails late), and a node rated just below break-even may still pay. So per batch bucket
     (decoding steps: auto drafts no prefill) the gate plays arms that scale the price the selection puts on draft
     tokens: 0 drafts nothing, 1 trusts the estimates, 2 (4) drafts as if verification cost half (a quarter) as
-    much. It keeps each arm's efficiency (tokens per second per sequence, relative to the cost model's plain step
-    at that batch size, so steps at different batch sizes within one bucket compare fairly), plays the best, and
-    re-checks the arms next to it (efficiency is near unimodal in boldness) at the bucket's 2^k-th step up to
-    `revisit`, then every `revisit`-th, taking turns: a loser's figure must not go stale, yet re-checking costs at
-    most 1/revisit of the steps.
+    much. An arm's figure is its efficiency: tokens per second per sequence, relative to the cost model's plain
+    step at that batch size (so steps at different batch sizes within one bucket compare fairly).
+
+    Arms are chosen by discounted UCB (a bandit whose rewards drift): each arm keeps discounted sums of its plays'
+    efficiency, weighted by the plays' length in plain steps, and the gate plays the arm with the best figure plus
+    `explore` x sqrt(ln(plays) / its plays). Every play discounts every arm's evidence of the bucket, so an arm
+    left alone grows uncertain and is re-checked: the workload changes as the batch drains (siblings early, novel
+    tails late) and a loser's two unlucky first plays must not bench it for the rest of the batch. A bucket first
+    played starts from the figures of the nearest bucket already played (the batch shrinks through the buckets one
+    by one), worth `borrowed` plays per arm, so the tail's short buckets do not spend their few steps exploring.
     """
 
     scales: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)  # in order of boldness
-    first: float = 1.0  # the arm tried first
-    smoothing: float = 0.3
-    revisit: int = 8
-    _arms: dict[int, dict[float, list[float]]] = field(default_factory=dict)  # bucket -> arm -> [ema, count]
+    first: float = 1.0  # the arm tried first where nothing is known
+    discount: float = 0.95  # evidence kept per play of the bucket: about 20 plays' memory
+    explore: float = 0.1  # width of the confidence bonus, in units of efficiency
+    borrowed: float = 0.5  # plays' worth of evidence a new bucket takes over per arm from its nearest neighbour
+    # bucket -> arm -> [discounted sum of weight x efficiency, discounted sum of weight, discounted plays]
+    _arms: dict[int, dict[float, list[float]]] = field(default_factory=dict)
     _plays: dict[int, int] = field(default_factory=dict)
-    _turn: dict[int, int] = field(default_factory=dict)  # bucket -> re-checks so far (whose turn it is)
+
+    def _open(self, bucket: int) -> dict[float, list[float]]:
+        if bucket not in self._arms:
+            arms = {s: [0.0, 0.0, 0.0] for s in self.scales}
+            known = [b for b, a in self._arms.items() if any(n > 0 for _, _, n in a.values())]
+            if known:
+                near = self._arms[min(known, key=lambda b: (abs(b - bucket), -b))]
+                for s, (value, weight, n) in near.items():
+                    if n > 0:
+                        keep = min(1.0, self.borrowed / n)
+                        arms[s] = [value * keep, weight * keep, n * keep]
+            self._arms[bucket] = arms
+        return self._arms[bucket]
+
+    @staticmethod
+    def _figure(arm: list[float]) -> float:
+        return arm[0] / arm[1] if arm[1] > 0 else 0.0
 
     def choose(self, bucket: int) -> float:
         """The price scale for a step of this bucket (0: do not draft)."""
-        arms = self._arms.setdefault(bucket, {s: [0.0, 0] for s in self.scales})
-        plays = self._plays[bucket] = self._plays.get(bucket, 0) + 1
-        fewest = min(count for _, count in arms.values())
-        if fewest < 2:
-            # Try every arm twice before judging, the trusted one first, then outward from it.
-            order = sorted(self.scales, key=lambda s: (arms[s][1], abs(s - self.first)))
-            return order[0]
-        best = max(self.scales, key=lambda s: arms[s][0])
-        if plays & (plays - 1) == 0 or plays % self.revisit == 0:
-            i = self.scales.index(best)
-            neighbours = [self.scales[j] for j in (i - 1, i + 1) if 0 <= j < len(self.scales)]
-            turn = self._turn[bucket] = self._turn.get(bucket, 0) + 1
-            return neighbours[turn % len(neighbours)]
-        return best
+        arms = self._open(bucket)
+        self._plays[bucket] = self._plays.get(bucket, 0) + 1
+        untried = [s for s in self.scales if arms[s][2] == 0]
+        if untried:  # nothing known at all: the trusted arm first, then outward from it
+            return min(untried, key=lambda s: abs(s - self.first))
+        total = sum(n for _, _, n in arms.values())
+        width = self.explore * math.sqrt(math.log(max(total, math.e)))
+        return max(self.scales, key=lambda s: self._figure(arms[s]) + width / math.sqrt(arms[s][2]))
 
-    def summary(self) -> dict[int, dict[float, tuple[float, int]]]:
-        """bucket -> arm -> (smoothed efficiency, plays), for benchmarks and stats."""
-        return {b: {s: (round(e, 4), n) for s, (e, n) in arms.items()} for b, arms in self._arms.items()}
+    def record(self, bucket: int, scale: float, efficiency: float, weight: float = 1.0) -> None:
+        """A played step's efficiency; `weight`: its length in plain steps (longer steps are more evidence)."""
+        arms = self._open(bucket)
+        for arm in arms.values():
+            for i in range(3):
+                arm[i] *= self.discount
+        arm = arms[scale]
+        arm[0] += weight * efficiency
+        arm[1] += weight
+        arm[2] += 1.0
 
-    def record(self, bucket: int, scale: float, efficiency: float) -> None:
-        ema, count = self._arms[bucket][scale]
-        a = self.smoothing
-        self._arms[bucket][scale] = [efficiency if count == 0 else (1 - a) * ema + a * efficiency, count + 1]
+    def summary(self) -> dict[int, dict[float, tuple[float, float]]]:
+        """bucket -> arm -> (efficiency, discounted plays), for benchmarks and stats."""
+        return {
+            b: {s: (round(self._figure(a), 4), round(a[2], 2)) for s, a in arms.items()}
+            for b, arms in self._arms.items()
+        }
 
 
 @dataclass
@@ -253,8 +279,9 @@ class AutoBudget:
         if step.tokens_in:
             self.step_cost.observe(step.tokens_in, step.batch, max(seconds - draft_seconds, 1e-6), step.drafting)
         # Drafting time stays in the gate's figure: it is what the gate is there to weigh.
-        efficiency = tokens * self.cost(step.batch, step.batch) / (seconds * step.batch)
-        self.gate.record(batch_bucket(step.batch), step.scale, efficiency)
+        plain = self.cost(step.batch, step.batch)
+        efficiency = tokens * plain / (seconds * step.batch)
+        self.gate.record(batch_bucket(step.batch), step.scale, efficiency, weight=seconds / plain)
 
     def _expected_remaining(self, it: BudgetItem) -> float:
         lengths = self._lengths.get(it.prompt_key or "", [])

@@ -175,20 +175,23 @@ class StepCost:
         """(seconds per extra token, seconds per drafting sequence) in a step of `batch` sequences that brings
         `base_tokens` besides its drafts (default: one each): the prices the selection orders nodes by. `extra`
         charges the same prices, with the extra tokens' curve in full."""
-        _, _, a, c = self.fit(batch)
+        a = self.fit(batch)[2]
         base = batch if base_tokens is None else base_tokens
         per_token = a * max(self.model(base + batch, batch) - self.model(base, batch), 1e-9) / batch
-        return per_token, c * self.model(batch, batch) / batch
+        return per_token, self._per_seq(batch)
+
+    def _per_seq(self, batch: int) -> float:
+        """Seconds a sequence adds by drafting at all (its share of attention rows, slot copy, bookkeeping)."""
+        return float(self.fit(batch)[3]) * self.model(batch, batch) / batch
 
     def extra(self, tokens: np.ndarray, drafting: np.ndarray, batch: int) -> np.ndarray:
         """Seconds a draft adds to a plain step of `batch` sequences: `tokens` new tokens in all (>= batch), of
         which the drafts of `drafting` sequences."""
-        _, d, a, c = self.fit(batch)
+        _, d, a, _ = self.fit(batch)
         plain_model = self.model(batch, batch)
         drafting = np.asarray(drafting, dtype=np.float64)
         extra_tokens = np.maximum(self.model.times(tokens, batch) - plain_model, 0.0)
-        per_seq = c * plain_model / batch  # unit_prices' price of a drafting sequence
-        return a * extra_tokens + per_seq * drafting + d * plain_model * (drafting > 0)
+        return a * extra_tokens + self._per_seq(batch) * drafting + d * plain_model * (drafting > 0)
 
     def times(self, tokens: np.ndarray, batch: int, drafting: np.ndarray | int = 0) -> np.ndarray:
         """Seconds of steps of `batch` sequences bringing `tokens` new tokens in all, `drafting` of them drafting."""

@@ -125,6 +125,7 @@ class Engine:
         self._seeds = torch.Generator().manual_seed(self.config.seed)
         self.total_forwards = 0
         self._draft_seconds = 0.0  # of the step in flight: the budget weighs drafting time apart
+        self._unverified: list[Draft] = []  # of the step in flight: drafts the budget verified none of, first level
         # prompt key -> (prompt, its keys, its values): kept from a finished sequence while a queued request has the
         # same prompt and no running sequence holds it (share_prompts)
         self._kept_prompts: dict[str, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
@@ -307,6 +308,7 @@ class Engine:
             # Plain requests only (a comparison twin, or speculation turned off per request): nothing for the budget
             # to decide, and nothing for it to learn, since its gate would file the step under whichever arm it
             # happened to pick.
+            self._unverified = [EMPTY_DRAFT] * len(seqs)
             return [EMPTY_DRAFT] * len(seqs)
         prefill = any(s.cache_len == 0 for s in seqs)
         ask = min(self.max_draft_tokens, self.budget.max_draft(len(seqs), prefill))
@@ -333,6 +335,12 @@ class Engine:
             drafts.append(d)
             items.append(BudgetItem(s.request_id, d, len(s.tokens) - s.cache_len, s.prompt_key, len(s.output)))
         counts = self.budget.select(items, waiting=len(self.waiting))
+        # A draft the budget verifies none of is still judged at its first level, for free: the token this step
+        # emits does not depend on the draft (verify.py), so a first-level node would have been accepted exactly
+        # when it equals that token. Without it, a sequence whose drafts once fared badly is never drafted again,
+        # since only verified drafts teach the budget (measured: the tail's last sequences went undrafted while a
+        # fixed budget of 4 accepted about half).
+        self._unverified = [d.truncated(len(d), 1) if n == 0 else EMPTY_DRAFT for d, n in zip(drafts, counts)]
         return [d if n >= len(d) else d.truncated(n, n) for d, n in zip(drafts, counts)]
 
     def _run(self, seqs: list[Sequence], slot_lo: int) -> list[Sequence]:
@@ -437,6 +445,9 @@ class Engine:
             s.stats.record(max(d.depths(), default=0), len(path), len(d))
             if len(d):
                 self.budget.feedback(s.request_id, d, path)
+            elif len(shadow := self._unverified[i]):
+                hit = [j for j, t in enumerate(shadow.token_ids) if t == next_token[i]]
+                self.budget.feedback(s.request_id, shadow, hit)
         if move_slots:
             self.cache.move_positions(torch.tensor(move_slots), torch.tensor(move_src), torch.tensor(move_dst))
         # One copy to the host for the whole step: float() per token would wait on a GPU once per token.
