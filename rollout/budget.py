@@ -175,7 +175,7 @@ class DraftGate:
     scales: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)  # in order of boldness
     first: float = 1.0  # the arm tried first where nothing is known
     discount: float = 0.95  # evidence kept per play of the bucket: about 20 plays' memory
-    explore: float = 0.1  # width of the confidence bonus, in units of efficiency
+    explore: float = 0.05  # width of the confidence bonus, in units of efficiency (0.1 re-checked losers too often)
     borrowed: float = 0.5  # plays' worth of evidence a new bucket takes over per arm from its nearest neighbour
     # bucket -> arm -> [discounted sum of weight x efficiency, discounted sum of weight, discounted plays]
     _arms: dict[int, dict[float, list[float]]] = field(default_factory=dict)
