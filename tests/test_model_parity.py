@@ -286,7 +286,10 @@ def test_ragged_split_attention_matches_each_sequence_alone_tiny(tiny_model, mon
 def test_ragged_split_attention_matches_each_sequence_alone_smollm2(smol_model, monkeypatch):
     split, padded = ragged_vs_alone(smol_model, monkeypatch)
     print(f"max |batched - alone|: split {split:.2e}, padded {padded:.2e}")
-    assert split <= TOL and padded <= 10 * TOL
+    # float32 rounding only: each row count's matmul kernel is chosen by timing on the machine
+    # (rollout/engine/matmul.py), so batched and alone runs may sum in different orders; a fresh CI machine measured
+    # 1.05e-4 on SmolLM2's logits (magnitude ~20). A wrong mask or offset shows as errors of order 1.
+    assert split <= 3 * TOL and padded <= 10 * TOL
 
 
 @pytest.mark.parametrize(
