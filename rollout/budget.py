@@ -179,7 +179,6 @@ class DraftGate:
     borrowed: float = 0.5  # plays' worth of evidence a new bucket takes over per arm from its nearest neighbour
     # bucket -> arm -> [discounted sum of weight x efficiency, discounted sum of weight, discounted plays]
     _arms: dict[int, dict[float, list[float]]] = field(default_factory=dict)
-    _plays: dict[int, int] = field(default_factory=dict)
 
     def _open(self, bucket: int) -> dict[float, list[float]]:
         if bucket not in self._arms:
@@ -201,7 +200,6 @@ class DraftGate:
     def choose(self, bucket: int) -> float:
         """The price scale for a step of this bucket (0: do not draft)."""
         arms = self._open(bucket)
-        self._plays[bucket] = self._plays.get(bucket, 0) + 1
         untried = [s for s in self.scales if arms[s][2] == 0]
         if untried:  # nothing known at all: the trusted arm first, then outward from it
             return min(untried, key=lambda s: abs(s - self.first))

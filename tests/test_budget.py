@@ -299,7 +299,7 @@ def test_auto_drafts_no_prefill_step_and_leaves_its_gate_alone():
     assert budget.max_draft(8, prefill=True) == 0
     budget.select(items(8))
     budget.observe_step(0.5, 8)
-    assert not budget.gate._plays and not budget.gate._arms  # a prefill is neither arm's evidence
+    assert not budget.gate._arms  # a prefill is neither arm's evidence
     assert budget.max_draft(8) > 0
 
 

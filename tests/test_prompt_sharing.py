@@ -115,9 +115,9 @@ def test_plain_only_batches_leave_the_auto_budget_alone(tiny_model):
     budget = parse_budget("auto", cost=CostModel.from_function(lambda m, b: 0.01 + 0.001 * m))
     engine = make_engine(tiny_model, drafter=RandomDrafter(384), budget=budget)
     engine.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=6, ignore_eos=True), speculate=[False] * 4)
-    assert not budget.gate._plays
+    assert not budget.gate._arms
     engine.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=6, ignore_eos=True))
-    assert budget.gate._plays
+    assert budget.gate._arms
 
 
 def test_kept_prompts_do_not_outlive_the_weights(tiny_model):
