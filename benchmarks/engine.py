@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, machine, versions, write  # noqa: E402
+from benchmarks.common import add_run_options, check_run_options, machine, versions, write  # noqa: E402
 from drafters.reference import ReferenceDrafter  # noqa: E402
 from rollout.budget import parse_budget  # noqa: E402
 from rollout.config import EngineConfig  # noqa: E402
@@ -208,17 +208,9 @@ def oracle_speedup(model, prompts, b: int, n_new: int = 128, rounds: int = 2, ks
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="torch device to run the engine on (default: cpu)")
-    parser.add_argument("--out", type=Path, help="JSON path (default: results/engine[_<device type>][_quick].json)")
-    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or a checkpoint folder")
-    parser.add_argument("--quick", action="store_true", help="a reduced run that checks the wiring, not the figures")
+    add_run_options(parser, "engine")
     args = parser.parse_args(argv)
-    args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
-    if args.out is None:
-        suffix = ("" if args.device.type == "cpu" else f"_{args.device.type}") + ("_quick" if args.quick else "")
-        args.out = RESULTS / f"engine{suffix}.json"
+    check_run_options(parser, args, "engine")
     return args
 
 

@@ -3,6 +3,8 @@
     python benchmarks/service.py                       # the proxy policy (15-30 minutes on 2 cores)
     specrollout run --save-policy --out runs/main      # the main job, keeping its trained policy (~11 minutes)
     python benchmarks/service.py --policy runs/main/policy   # adds the trained policy's rows (~4 minutes)
+    python benchmarks/service.py --device cuda               # on a GPU: results/service_cuda.json, CPU figures stay
+    python benchmarks/service.py --quick --out /tmp/s.json   # a reduced run that only proves the wiring
 
 Workload: 32 prompts x 8 samples, up to 256 tokens, 64 sequences decoded together (the rest queue), sampled at
 T=1.0 from a *sharpened* policy. Two policies:
@@ -29,7 +31,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, machine, versions, write  # noqa: E402
+from benchmarks.common import add_run_options, check_run_options, machine, versions, write  # noqa: E402
 from drafters.base import make_drafter  # noqa: E402
 from rollout.budget import parse_budget  # noqa: E402
 from rollout.config import EngineConfig  # noqa: E402
@@ -41,26 +43,35 @@ from rollout.sampling import SamplingParams  # noqa: E402
 from rollout.tasks import TASKS, chat_prompt_ids, list_tasks  # noqa: E402
 
 PROMPTS, SAMPLES, MAX_TOKENS, SLOTS = 32, 8, 256, 64
+QUICK = dict(prompts=4, samples=4, max_tokens=32)  # --quick: proves the wiring, figures too noisy to quote
 SHARPEN = 0.6  # the proxy policy samples the base model at this temperature
 MODES = ("auto", "fixed:4", "fixed:8", "off")
 KEYS = {"auto": "auto", "fixed:4": "fixed4", "fixed:8": "fixed8", "off": "off"}
 
 
-def measure(folder: Path, prompt_texts: list[str], temperature: float, passes: int = 2) -> dict:
-    """Every mode's makespan on one workload: {makespan_s, speedup_auto_vs_off, fastest_mode, detail}."""
+def measure(
+    folder: Path,
+    prompt_texts: list[str],
+    temperature: float,
+    passes: int = 2,
+    device: str = "cpu",
+    samples: int = SAMPLES,
+    max_tokens: int = MAX_TOKENS,
+) -> dict:
+    """Every mode's makespan on one workload: {makespan_s, speedup_auto_vs_off, fastest_mode, runs, detail}."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    config = EngineConfig(max_num_seqs=SLOTS, max_model_len=512)
-    model = TargetModel.from_folder(folder, max_model_len=config.max_model_len)
+    config = EngineConfig(max_num_seqs=SLOTS, max_model_len=512, device=device)
+    model = TargetModel.from_folder(folder, max_model_len=config.max_model_len, device=device)
     cost = measure_cost_model(model, SLOTS, cost_model_file(folder, config))
     prompts = [chat_prompt_ids(tokenizer, text) for text in prompt_texts]
-    batch = [p for p in prompts for _ in range(SAMPLES)]
-    groups = [f"p{i // SAMPLES}" for i in range(len(batch))]
+    batch = [p for p in prompts for _ in range(samples)]
+    groups = [f"p{i // samples}" for i in range(len(batch))]
 
     def params(round_: int):
         return [
-            SamplingParams(temperature=temperature, max_tokens=MAX_TOKENS, seed=1000 * round_ + i)
+            SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=1000 * round_ + i)
             for i in range(len(batch))
         ]
 
@@ -126,52 +137,55 @@ def measure(folder: Path, prompt_texts: list[str], temperature: float, passes: i
     }
 
 
-def trained_workload(policy: Path) -> tuple[list[str], dict]:
+def trained_workload(policy: Path, prompts: int) -> tuple[list[str], dict]:
     """The trained policy's task prompts, from the run's summary.json next to the policy folder."""
     summary = policy.parent / "summary.json"
     run = json.loads(summary.read_text())["config"] if summary.exists() else {}
     task, seed = run.get("task", "copy"), int(run.get("seed", 0))
     if task not in TASKS:
         raise SystemExit(f"{summary} names task {task!r}; known tasks: {', '.join(TASKS)}")
-    texts = [t.prompt for t in TASKS[task](PROMPTS, seed=seed)]
+    texts = [t.prompt for t in TASKS[task](prompts, seed=seed)]
     return texts, {"task": task, "seed": seed, "training_prompts": run.get("distinct_prompts"), "run": run}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_options(parser, "service")
     parser.add_argument("--policy", type=Path, help="a trained policy saved by `specrollout run --save-policy`")
     parser.add_argument("--skip-proxy", action="store_true", help="only the trained policy's rows (with --policy)")
     parser.add_argument("--passes", type=int, default=2, help="timed runs of each mode, interleaved (default 2)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_run_options(parser, args, "service")
     if args.skip_proxy and args.policy is None:
         parser.error("--skip-proxy needs --policy")
-    out_path = RESULTS / "service.json"
-    recorded = json.loads(out_path.read_text()) if out_path.exists() else {}
+    if args.passes < 1:
+        parser.error(f"--passes must be at least 1, got {args.passes}")
+    size = QUICK if args.quick else dict(prompts=PROMPTS, samples=SAMPLES, max_tokens=MAX_TOKENS)
+    options = dict(passes=args.passes, device=str(args.device), samples=size["samples"], max_tokens=size["max_tokens"])
+    recorded = json.loads(args.out.read_text()) if args.out.exists() else {}
     payload = dict(recorded)
     if not args.skip_proxy:
-        texts = [t.prompt for t in list_tasks(PROMPTS, seed=7)]
-        payload.update(measure(resolve_model("smollm2-135m", log=print), texts, SHARPEN, args.passes))
+        texts = [t.prompt for t in list_tasks(size["prompts"], seed=7)]
+        payload.update(measure(resolve_model(args.model, log=print), texts, SHARPEN, **options))
         payload["policy"] = (
             f"proxy for a sharpened policy: base SmolLM2 sampled at T={SHARPEN} (= logits / {SHARPEN} at T=1.0); "
             "the main job's trained policy is measured under trained_policy"
         )
         payload["setup"] = {
-            "prompts": PROMPTS,
-            "samples": SAMPLES,
-            "max_tokens": MAX_TOKENS,
+            **size,
             "slots": SLOTS,
             "drafter": "suffix",
             "history": "one previous round of the same prompts",
         }
     if args.policy is not None:
         folder = resolve_model(str(args.policy))
-        texts, workload = trained_workload(Path(folder))
+        texts, workload = trained_workload(Path(folder), size["prompts"])
         payload["trained_policy"] = {
-            **measure(folder, texts, 1.0, args.passes),
-            "workload": {**workload, "temperature": 1.0, "prompts": PROMPTS, "samples": SAMPLES},
+            **measure(folder, texts, 1.0, **options),
+            "workload": {**workload, "temperature": 1.0, **size},
         }
-    payload["machine"], payload["versions"] = machine(), versions()
-    write("service", payload)
+    payload["machine"], payload["versions"] = machine(str(args.device)), versions()
+    write("service", payload, args.out)
 
 
 if __name__ == "__main__":

