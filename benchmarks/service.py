@@ -140,7 +140,9 @@ def measure(
 def trained_workload(policy: Path, prompts: int) -> tuple[list[str], dict]:
     """The trained policy's task prompts, from the run's summary.json next to the policy folder."""
     summary = policy.parent / "summary.json"
-    run = json.loads(summary.read_text())["config"] if summary.exists() else {}
+    if not summary.exists():  # without it the task, and so the prompts, would be a guess
+        raise SystemExit(f"no {summary}: --policy takes the folder `specrollout run --save-policy` writes")
+    run = json.loads(summary.read_text())["config"]
     task, seed = run.get("task", "copy"), int(run.get("seed", 0))
     if task not in TASKS:
         raise SystemExit(f"{summary} names task {task!r}; known tasks: {', '.join(TASKS)}")
@@ -162,6 +164,13 @@ def main(argv=None) -> None:
         parser.error(f"--passes must be at least 1, got {args.passes}")
     size = QUICK if args.quick else dict(prompts=PROMPTS, samples=SAMPLES, max_tokens=MAX_TOKENS)
     options = dict(passes=args.passes, device=str(args.device), samples=size["samples"], max_tokens=size["max_tokens"])
+    trained = None
+    if args.policy is not None:  # checked before the proxy's half hour, not after it
+        try:
+            folder = resolve_model(str(args.policy))
+        except (FileNotFoundError, ValueError) as exc:
+            parser.error(f"--policy: {exc}")
+        trained = (folder, *trained_workload(Path(folder), size["prompts"]))
     recorded = json.loads(args.out.read_text()) if args.out.exists() else {}
     payload = dict(recorded)
     if not args.skip_proxy:
@@ -177,9 +186,8 @@ def main(argv=None) -> None:
             "drafter": "suffix",
             "history": "one previous round of the same prompts",
         }
-    if args.policy is not None:
-        folder = resolve_model(str(args.policy))
-        texts, workload = trained_workload(Path(folder), size["prompts"])
+    if trained is not None:
+        folder, texts, workload = trained
         payload["trained_policy"] = {
             **measure(folder, texts, 1.0, **options),
             "workload": {**workload, "temperature": 1.0, **size},
