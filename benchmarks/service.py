@@ -46,7 +46,11 @@ PROMPTS, SAMPLES, MAX_TOKENS, SLOTS = 32, 8, 256, 64
 QUICK = dict(prompts=4, samples=4, max_tokens=32)  # --quick: proves the wiring, figures too noisy to quote
 SHARPEN = 0.6  # the proxy policy samples the base model at this temperature
 MODES = ("auto", "fixed:4", "fixed:8", "off")
-KEYS = {"auto": "auto", "fixed:4": "fixed4", "fixed:8": "fixed8", "off": "off"}
+
+
+def json_key(mode: str) -> str:
+    """A budget mode's key in the JSON: fixed:4 -> fixed4."""
+    return mode.replace(":", "")
 
 
 def measure(
@@ -118,19 +122,19 @@ def measure(
     makespan, detail, runs = {}, {}, {}
     for mode, entries in timed.items():
         differing = [sum(a != b for a, b in zip(outputs, reference)) for _, outputs, _ in entries]
-        runs[KEYS[mode]] = [
+        runs[json_key(mode)] = [
             {"seconds": round(s, 2), "differing_rollouts": n} for (s, _, _), n in zip(entries, differing)
         ]
         same = [i for i, n in enumerate(differing) if n == 0] or list(range(len(entries)))
         best = min(same, key=lambda i: entries[i][0])
         makespan[mode] = entries[best][0]
-        detail[KEYS[mode]] = {**entries[best][2], "differing_rollouts": differing[best]}
+        detail[json_key(mode)] = {**entries[best][2], "differing_rollouts": differing[best]}
     speedup = makespan["off"] / makespan["auto"]
     print(f"speedup auto vs off: {speedup:.2f}x")
     return {
-        "makespan_s": {KEYS[m]: round(s, 2) for m, s in makespan.items()},
+        "makespan_s": {json_key(m): round(s, 2) for m, s in makespan.items()},
         "speedup_auto_vs_off": round(speedup, 3),
-        "fastest_mode": KEYS[min(makespan, key=makespan.get)],
+        "fastest_mode": json_key(min(makespan, key=makespan.get)),
         "passes": passes,
         "runs": runs,
         "detail": detail,
