@@ -123,12 +123,14 @@ bench=(benchmarks/engine.py --device "$DEVICE" --out "$OUT" --model "$MODEL")
 [[ $QUICK == 1 ]] && bench+=(--quick)
 "$PYTHON" "${bench[@]}" || status=$?
 
+WROTE="$OUT"
 if [[ "${SERVICE:-1}" != 0 ]]; then
+    WROTE+=" and $SERVICE_OUT"
     echo "== service benchmark on $DEVICE -> $SERVICE_OUT"
     service=(benchmarks/service.py --device "$DEVICE" --out "$SERVICE_OUT" --model "$MODEL")
     [[ $QUICK == 1 ]] && service+=(--quick)
     "$PYTHON" "${service[@]}" || status=$?
 fi
 
-echo "== done: tests log $LOG, benchmarks $OUT and $SERVICE_OUT, exit status $status"
+echo "== done: tests log $LOG, benchmarks $WROTE, exit status $status"
 exit "$status"
