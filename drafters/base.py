@@ -5,6 +5,11 @@ refresh(history, version). observe() hands over the emitted tokens with the poli
 request's processed distribution): how sure the policy was is evidence about what its siblings will sample. A
 drafter never sees logits: it proposes tokens, the target verifies them, and the engine stays lossless whatever the
 drafter does. A bad draft only costs time.
+
+A drafter that learns from the target's distributions rather than its samples says how many of the target's most
+likely tokens per generated position it wants (`top_logprobs`, read by `wanted_top_logprobs`); the engine then
+records them in the history it refreshes from. They come from the forwards that generated the rollouts, so they cost
+no extra target compute and are always the policy's own at that version.
 """
 
 from __future__ import annotations
@@ -121,6 +126,8 @@ class BaseDrafter:
     def refresh(self, history: Any, policy_version: int) -> None:
         pass
 
+    top_logprobs: int = 0  # the target's top-k per generated position this drafter learns from (0: none)
+
 
 class TrackingDrafter(BaseDrafter):
     """Keeps each request's prompt + output tokens in self.tokens[request_id], for drafters that look at them."""
@@ -179,6 +186,14 @@ def bind_target(drafter: Drafter, folder: str | None) -> Drafter:
     if bind is not None and folder is not None:
         bind(str(folder))
     return drafter
+
+
+def wanted_top_logprobs(drafter: Drafter) -> int:
+    """How many of the target's top logprobs per generated token the engine should record for this drafter."""
+    k = getattr(drafter, "top_logprobs", 0)
+    if not isinstance(k, int) or k < 0:
+        raise ValueError(f"drafter {type(drafter).__name__}.top_logprobs must be an int >= 0, got {k!r}")
+    return k
 
 
 def known_drafters() -> list[str]:

@@ -47,6 +47,15 @@ class HistoryConfig:
     record: bool = True  # keep finished rollouts for the drafter's refresh (and for trace files)
     max_bytes: int = 512 * 2**20  # oldest policy versions are evicted first beyond this
     window_versions: int = 8  # versions kept at most
+    # The target's top-k tokens and logprobs per generated token, kept beside each rollout: None records as many
+    # as the drafter learns from (Drafter.top_logprobs, 0 for retrieval drafters); a number records that many
+    # whatever the drafter (a trace meant for replay by drafters that learn from them).
+    top_logprobs: int | None = None
+
+    def __post_init__(self):
+        k = self.top_logprobs
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ValueError(f"history top_logprobs must be None or an int >= 0, got {k!r}")
 
 
 @dataclass

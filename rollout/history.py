@@ -27,13 +27,26 @@ SCHEMA = pa.schema(
         ("logprobs", pa.list_(pa.float32())),
         ("length", pa.int32()),
         ("finish_reason", pa.string()),
+        # The target's top-k tokens and logprobs at each generated position ([length][k]); null where the engine
+        # did not record them (no drafter asked) and in traces written before they existed.
+        ("top_token_ids", pa.list_(pa.list_(pa.int32()))),
+        ("top_logprobs", pa.list_(pa.list_(pa.float32()))),
     ]
 )
+OPTIONAL = ("top_token_ids", "top_logprobs")  # a trace may lack these columns
 
 
 def prompt_key(prompt_ids: Sequence[int]) -> str:
     """A stable 16-hex-digit name for a prompt's token ids."""
     return hashlib.blake2b(np.asarray(prompt_ids, dtype=np.int32).tobytes(), digest_size=8).hexdigest()
+
+
+def conform(batch: pa.RecordBatch | pa.Table):
+    """The columns of SCHEMA in its order and types; optional columns a batch lacks are added as nulls."""
+    for name in OPTIONAL:
+        if name not in batch.column_names:
+            batch = batch.append_column(SCHEMA.field(name), pa.nulls(batch.num_rows, SCHEMA.field(name).type))
+    return batch.select(SCHEMA.names).cast(SCHEMA)
 
 
 def rows_to_batch(rows: Iterable[dict]) -> pa.RecordBatch:
@@ -57,6 +70,8 @@ def results_to_batch(results: Iterable, policy_version: int | None = None) -> pa
             "token_ids": r.token_ids,
             "logprobs": r.logprobs,
             "finish_reason": r.finish_reason,
+            "top_token_ids": r.top_token_ids,
+            "top_logprobs": r.top_logprobs,
         }
         for r in results
     )
@@ -82,7 +97,7 @@ class RolloutHistory:
             if batch is None:
                 return
         if not batch.schema.equals(SCHEMA):
-            batch = batch.select(SCHEMA.names).cast(SCHEMA)
+            batch = conform(batch)
         if batch.num_rows:
             self._batches.append(batch)
             self._evict()
@@ -162,9 +177,9 @@ class RolloutHistory:
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> "RolloutHistory":
         table = pq.read_table(path)
-        missing = [n for n in SCHEMA.names if n not in table.column_names]
+        missing = [n for n in SCHEMA.names if n not in table.column_names and n not in OPTIONAL]
         if missing:
             raise ValueError(f"{path} is not a rollout trace: missing columns {missing}")
         history = cls(**kwargs)
-        history.append(table.select(SCHEMA.names).cast(SCHEMA))
+        history.append(table)
         return history

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 def count_positions(drafted_per_position: list[int], accepted_per_position: list[int], depths: int, accepted: int):
@@ -58,6 +58,17 @@ class RolloutResult:
     group: str | None = None
     policy_version: int = 0
     worker: int | None = None  # which engine replica generated it (set by the Ray service)
+    # The target's k most likely tokens at each generated position and their logprobs (processed distribution), as
+    # [len(token_ids)][k]: what the engine records into its history when the drafter learns from them
+    # (Drafter.top_logprobs > 0). Results handed back to callers carry None: 16 tokens per token would multiply
+    # what travels to the trainer, which reads only the sampled token's logprob.
+    top_token_ids: list[list[int]] | None = field(default=None, repr=False)
+    top_logprobs: list[list[float]] | None = field(default=None, repr=False)
+
+    def without_top(self) -> "RolloutResult":
+        if self.top_token_ids is None and self.top_logprobs is None:
+            return self
+        return replace(self, top_token_ids=None, top_logprobs=None)
 
     @property
     def tokens_per_forward(self) -> float:

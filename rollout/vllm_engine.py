@@ -143,8 +143,13 @@ def llm_kwargs(config: VLLMEngineConfig, platform_is_cpu: bool) -> dict[str, Any
     return kwargs
 
 
-def vllm_sampling_kwargs(params: SamplingParams, seed: int, group: str | None, speculate: bool) -> dict[str, Any]:
-    """vllm.SamplingParams arguments for one of our requests (output_kind is added by the engine)."""
+def vllm_sampling_kwargs(
+    params: SamplingParams, seed: int, group: str | None, speculate: bool, top_logprobs: int = 0
+) -> dict[str, Any]:
+    """vllm.SamplingParams arguments for one of our requests (output_kind is added by the engine).
+
+    top_logprobs: how many of the target's likeliest tokens per position the drafter learns from (recorded for
+    speculated requests only: the others never reach the drafter's history)."""
     return {
         "temperature": params.temperature,
         "top_k": params.top_k,  # 0 disables top-k in both
@@ -155,7 +160,7 @@ def vllm_sampling_kwargs(params: SamplingParams, seed: int, group: str | None, s
         "ignore_eos": params.ignore_eos,
         # Always seeded: a rollout is reproducible from the engine seed, as in our engine.
         "seed": int(seed),
-        "logprobs": 0,  # the sampled token's logprob only
+        "logprobs": top_logprobs if speculate else 0,  # 0: the sampled token's logprob only
         "detokenize": False,  # RL consumes token ids; text would cost time per step
         "extra_args": {EXTRA_ARGS_KEY: {"group": group, "speculate": bool(speculate)}},
     }
@@ -218,6 +223,8 @@ class _Request:
     speculate: bool
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_ids: list[list[int]] | None = None  # [position][k], when the drafter learns from the target's top-k
+    top_logprobs: list[list[float]] | None = None
     forwards: int = 0  # engine steps that emitted tokens for it
     finish_reason: str | None = None
 
@@ -235,6 +242,19 @@ def _sampled_logprobs(entries: Any, tokens: list[int]) -> list[float]:
         lp = entry.get(token) if entry is not None else None
         out.append(float(lp.logprob) if lp is not None else float("nan"))
     return out
+
+
+def _top_logprobs(entries: Any, count: int, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """The k likeliest (ids, logprobs) at each of `count` positions, likeliest first, from vLLM's {token: Logprob}
+    entries (logprobs=k holds the top k and the sampled token, which may lie outside them)."""
+    ids: list[list[int]] = []
+    values: list[list[float]] = []
+    for i in range(count):
+        entry = entries[i] if entries is not None and i < len(entries) and entries[i] is not None else {}
+        best = sorted(entry.items(), key=lambda kv: -float(kv[1].logprob))[:k]
+        ids.append([int(t) for t, _ in best])
+        values.append([float(lp.logprob) for _, lp in best])
+    return ids, values
 
 
 def _cpu_env_defaults() -> None:
@@ -322,6 +342,7 @@ class VLLMEngine:
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(config.seed)
         self.total_forwards = 0
+        self.top_logprobs = 0  # the target's top-k per generated token recorded for the drafter (set below)
         if self.speculative:
             attached = self._rpc(
                 "specrollout_setup",
@@ -335,6 +356,9 @@ class VLLMEngine:
                 raise RuntimeError(
                     f"vLLM did not build {PROPOSER_CLASS} in its workers; is this vLLM's V1 model runner?"
                 )
+            if self.history is not None:
+                wanted = max(int(reply["top_logprobs"]) for reply in attached)
+                self.top_logprobs = wanted if history.top_logprobs is None else history.top_logprobs
 
     @classmethod
     def from_config(
@@ -416,7 +440,8 @@ class VLLMEngine:
 
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
         vparams = VLLMSamplingParams(
-            **vllm_sampling_kwargs(params, seed, group, speculate), output_kind=RequestOutputKind.DELTA
+            **vllm_sampling_kwargs(params, seed, group, speculate, self.top_logprobs),
+            output_kind=RequestOutputKind.DELTA,
         )
         internal = self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), vparams)
         self._track(request_id, internal, prompt, group, speculate)
@@ -432,7 +457,7 @@ class VLLMEngine:
             return None
         self.llm.llm_engine.abort_request([request_id])
         r.finish_reason = "abort"
-        return self._result(r, SpecStats())
+        return self._result(r, SpecStats()).without_top()
 
     def has_unfinished(self) -> bool:
         return bool(self._inflight)
@@ -456,6 +481,12 @@ class VLLMEngine:
             new = list(completion.token_ids)
             r.tokens.extend(new)
             r.logprobs.extend(_sampled_logprobs(completion.logprobs, new))
+            if self.top_logprobs and r.speculate:
+                ids, values = _top_logprobs(completion.logprobs, len(new), self.top_logprobs)
+                if r.top_ids is None:
+                    r.top_ids, r.top_logprobs = [], []
+                r.top_ids.extend(ids)
+                r.top_logprobs.extend(values)
             r.forwards += 1
             if out.finished:
                 r.finish_reason = _finish_reason(completion.finish_reason)
@@ -497,6 +528,7 @@ class VLLMEngine:
             results.append(result)
             if r.speculate and self.history is not None and result.finish_reason != "abort":
                 self._unrecorded.append(result)
+            results[-1] = result.without_top()  # the history's; not sent back to the caller
         return results
 
     def _result(self, r: _Request, spec: SpecStats) -> RolloutResult:
@@ -509,6 +541,8 @@ class VLLMEngine:
             spec=spec,
             group=r.group,
             policy_version=self.policy_version,
+            top_token_ids=r.top_ids,
+            top_logprobs=r.top_logprobs,
         )
 
     # ------------------------------------------------------------------ weights and the drafter

@@ -333,14 +333,15 @@ class SpecRolloutWorkerExtension:
         history_max_bytes: int | None,
         history_window: int | None,
         target_folder: str | None = None,
-    ) -> bool:
-        """Build the drafter here and attach it, with the model runner, to the proposer; False if none runs.
+    ) -> dict | None:
+        """Build the drafter here and attach it, with the model runner, to the proposer; None if no proposer runs,
+        else {"top_logprobs": k}: how many of the target's top logprobs per token the frontend should record.
 
         target_folder: the checkpoint vLLM serves, for drafters built on the target's own weights (`model`)."""
         proposer = self._specrollout_proposer()
         if proposer is None:
-            return False
-        from drafters.base import bind_target, make_drafter
+            return None
+        from drafters.base import bind_target, make_drafter, wanted_top_logprobs
 
         history = None
         if history_max_bytes is not None:
@@ -349,7 +350,7 @@ class SpecRolloutWorkerExtension:
             history = RolloutHistory(history_max_bytes, history_window)
         built = bind_target(make_drafter(drafter, **(drafter_options or {})), target_folder)
         proposer.attach(self.model_runner, built, history)
-        return True
+        return {"top_logprobs": wanted_top_logprobs(built)}
 
     def specrollout_stage_weights(self, packed: list) -> int:
         """Keep one bucket of [name, packed tensor] until commit; returns how many tensors wait."""

@@ -196,8 +196,9 @@ def test_seeded_requests_are_reproducible(tiny_model):
 # ---------------------------------------------------------------------------------------------- logprobs
 
 
-def reference_logprobs(hf, prompt, output, params: SamplingParams) -> torch.Tensor:
-    """log p(token) from one full transformers forward over the final sequence, under the same processing.
+def reference_distributions(hf, prompt, output, params: SamplingParams) -> torch.Tensor:
+    """Processed logprobs [len(output), V] at each generated position from one full transformers forward over the
+    final sequence, under the same processing.
 
     (process_logits itself is checked against transformers' logits warpers and a numpy reference in
     test_sampling.py and test_verify.py; here the question is whether the engine's incremental, drafted, cached
@@ -212,7 +213,34 @@ def reference_logprobs(hf, prompt, output, params: SamplingParams) -> torch.Tens
         torch.full((n,), params.top_k),
         torch.full((n,), params.top_p),
     )
+    return logprobs
+
+
+def reference_logprobs(hf, prompt, output, params: SamplingParams) -> torch.Tensor:
+    """log p(token) of each generated token from one full forward (see reference_distributions)."""
+    logprobs = reference_distributions(hf, prompt, output, params)
     return logprobs.gather(1, torch.tensor(output)[:, None]).squeeze(1)
+
+
+def recorded_top(engine) -> dict[str, tuple[list, list]]:
+    """request id -> (top ids, top logprobs) as the engine recorded them in its history."""
+    engine.flush_history()
+    rows = engine.history.table().select(["request_id", "top_token_ids", "top_logprobs"]).to_pylist()
+    return {row["request_id"]: (row["top_token_ids"], row["top_logprobs"]) for row in rows}
+
+
+def top_logprobs_error(top_ids, top_logprobs, result, reference: torch.Tensor, k: int) -> float:
+    """Largest gap between the engine's recorded top-k and the full forward's: the recorded values against the
+    forward's k largest, and against the forward's logprobs of the recorded ids (which are then the top-k ids,
+    whatever order near-ties took)."""
+    ids = torch.tensor(top_ids)  # [n, k]
+    values = torch.tensor(top_logprobs)  # [n, k]
+    assert ids.shape == values.shape == (len(result.token_ids), k)
+    finite = values.isfinite()  # top_k/top_p may mask part of the k: -inf in both
+    expected = reference.topk(k, dim=-1).values
+    assert torch.equal(finite, expected.isfinite())
+    gaps = [(values - expected)[finite].abs(), (values - reference.gather(1, ids))[finite].abs()]
+    return max(float(g.max()) if g.numel() else 0.0 for g in gaps)
 
 
 @pytest.mark.exactness
@@ -227,15 +255,54 @@ def test_logprobs_equal_a_full_forward(smol_model, hf_smol, smol_tokenizer):
     ]
     greedy = make_engine(smol_model).generate(prompts, SamplingParams(temperature=0, max_tokens=40))
     drafter = ReferenceDrafter({tuple(p): r.token_ids for p, r in zip(prompts, greedy)})
-    results = make_engine(smol_model, drafter=drafter, budget=parse_budget("fixed:4")).generate(prompts, params)
+    drafter.top_logprobs = 16  # as drafters/model.py asks: the engine also records the target's top-16
+    engine = make_engine(smol_model, drafter=drafter, budget=parse_budget("fixed:4"))
+    results = engine.generate(prompts, params)
     assert sum(r.spec.accepted for r in results) > 20, "drafts must be accepted for the test to cover them"
-    worst = 0.0
+    recorded = recorded_top(engine)
+    worst = worst_top = 0.0
     for p, r, sp in zip(prompts, results, params):
-        ref = reference_logprobs(hf_smol, p, r.token_ids, sp)
+        full = reference_distributions(hf_smol, p, r.token_ids, sp)
+        ref = full.gather(1, torch.tensor(r.token_ids)[:, None]).squeeze(1)
         assert len(r.logprobs) == len(r.token_ids)
         worst = max(worst, (torch.tensor(r.logprobs) - ref).abs().max().item())
-    print(f"max |logprob - full forward| = {worst:.2e}")
-    assert worst <= 1e-4
+        worst_top = max(worst_top, top_logprobs_error(*recorded[r.request_id], r, full, 16))
+    print(f"max |logprob - full forward| = {worst:.2e}, top-16: {worst_top:.2e}")
+    assert worst <= 1e-4 and worst_top <= 1e-4
+
+
+def test_top_logprobs_are_recorded_only_for_a_drafter_that_asks_tiny(tiny_model, tiny_folder):
+    """A drafter with top_logprobs = k gets, in the engine's history, the target's k likeliest tokens at every
+    generated position with their processed logprobs, equal to one full forward's; drafts and a length cut in the
+    middle of an accepted draft included. A drafter that does not ask gets none (and pays nothing)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).to(on_device([0]).device).eval()
+    prompts = [[1, 2, 3, 4], [5, 6, 7], [9, 8, 7, 6, 5]]
+    params = [
+        SamplingParams(temperature=1.0, max_tokens=17, seed=1),
+        SamplingParams(temperature=0.6, top_k=3, max_tokens=12, seed=2),
+        SamplingParams(temperature=0.0, max_tokens=9),
+    ]
+    greedy = make_engine(tiny_model).generate(prompts, SamplingParams(temperature=0, max_tokens=20))
+    references = {tuple(p): r.token_ids for p, r in zip(prompts, greedy)}
+    asks = ReferenceDrafter(references)
+    asks.top_logprobs = 5
+    engine = make_engine(tiny_model, drafter=asks, budget=parse_budget("fixed:4"))
+    results = engine.generate(prompts, params)
+    assert sum(r.spec.accepted for r in results) > 5, "drafts must be accepted for the test to cover them"
+    assert all(r.top_token_ids is None for r in results)  # the history's, not sent back to the caller
+    recorded = recorded_top(engine)
+    worst = max(
+        top_logprobs_error(*recorded[r.request_id], r, reference_distributions(hf, p, r.token_ids, sp), 5)
+        for p, r, sp in zip(prompts, results, params)
+    )
+    assert worst <= 1e-4, worst
+
+    silent = make_engine(tiny_model, drafter=ReferenceDrafter(references), budget=parse_budget("fixed:4"))
+    plain = silent.generate(prompts, params)
+    assert all(ids is None and lps is None for ids, lps in recorded_top(silent).values())
+    assert [r.token_ids for r in plain] == [r.token_ids for r in results]  # recording never changes a rollout
 
 
 # ---------------------------------------------------------------------------------------------- batching

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from rollout.history import RolloutHistory, prompt_key, rows_to_batch
@@ -67,6 +68,24 @@ def test_parquet_round_trip(tmp_path):
     assert back.table().equals(h.table())
     last = back.table().to_pylist()[-1]
     assert last["prompt_key"] == prompt_key([5, 6]) and last["length"] == 3 and last["policy_version"] == 7
+
+
+def test_top_logprobs_round_trip_and_traces_without_them(tmp_path):
+    import pyarrow.parquet as pq
+
+    top = RolloutResult("t", [5, 6], [7, 8], [-0.1, -0.2], "stop", SpecStats(), group="g", policy_version=1)
+    top.top_token_ids, top.top_logprobs = [[7, 3], [8, 2]], [[-0.1, -2.5], [-0.2, -1.9]]
+    h = RolloutHistory()
+    h.append_results([top])
+    path = h.save(tmp_path / "trace.parquet")
+    (row,) = RolloutHistory.load(path).table().to_pylist()
+    assert row["top_token_ids"] == [[7, 3], [8, 2]]
+    assert np.allclose(row["top_logprobs"], [[-0.1, -2.5], [-0.2, -1.9]])  # stored as float32
+    # A trace written before the columns existed loads with them null.
+    old = pq.read_table(path).drop_columns(["top_token_ids", "top_logprobs"])
+    pq.write_table(old, tmp_path / "old.parquet")
+    (row,) = RolloutHistory.load(tmp_path / "old.parquet").table().to_pylist()
+    assert row["top_token_ids"] is None and row["top_logprobs"] is None and row["token_ids"] == [7, 8]
 
 
 def test_not_a_trace_is_a_clear_error(tmp_path):

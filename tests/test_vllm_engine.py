@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from drafters.base import BaseDrafter, Draft, make_drafter, register_drafter
-from rollout.config import ENGINE_BACKENDS, EngineConfig, ServiceConfig, SpeculationConfig, load_config
+from rollout.config import ENGINE_BACKENDS, EngineConfig, HistoryConfig, ServiceConfig, SpeculationConfig, load_config
 from rollout.engines import BACKENDS, make_engine
 from rollout.history import results_to_batch
 from rollout.result import RolloutResult, SpecStats
@@ -33,6 +33,7 @@ from rollout.vllm_engine import (
     CheckpointWeights,
     VLLMEngine,
     VLLMEngineConfig,
+    _top_logprobs,
     check_speculation_supported,
     llm_kwargs,
     speculative_tokens,
@@ -290,9 +291,9 @@ def test_worker_extension_refresh_weights_and_stats():
     ext = SpecRolloutWorkerExtension()
     ext.model_runner = runner  # vLLM mixes the extension into its worker, which owns model_runner
     # A drafter built on the target's weights is handed the checkpoint vLLM serves, as our engine does.
-    assert ext.specrollout_setup("test-binds-target", {}, None, None, "/models/policy") is True
+    assert ext.specrollout_setup("test-binds-target", {}, None, None, "/models/policy") == {"top_logprobs": 0}
     assert runner.drafter.drafter.bound == "/models/policy"
-    assert ext.specrollout_setup("suffix", {}, 2**20, 4) is True
+    assert ext.specrollout_setup("suffix", {}, 2**20, 4) == {"top_logprobs": 0}
 
     # An earlier rollout of prompt 1 2 3 (another group), sent as Arrow IPC, reaches the drafter's history.
     earlier = RolloutResult("r0", [1, 2, 3], [10, 11, 12, 13, 14], [-0.1] * 5, "length", SpecStats(), group="old")
@@ -442,6 +443,18 @@ def test_vllm_sampling_kwargs():
     assert kw["extra_args"] == {EXTRA_ARGS_KEY: {"group": "g", "speculate": False}}
 
 
+def test_top_logprobs_for_the_drafter():
+    # logprobs=k asks vLLM for the top k (and the sampled token); only speculated requests reach the drafter.
+    p = SamplingParams(temperature=1.0, max_tokens=4)
+    assert vllm_sampling_kwargs(p, seed=1, group=None, speculate=True, top_logprobs=16)["logprobs"] == 16
+    assert vllm_sampling_kwargs(p, seed=1, group=None, speculate=False, top_logprobs=16)["logprobs"] == 0
+    lp = lambda v: SimpleNamespace(logprob=v)  # noqa: E731
+    # position 0: the sampled token 9 lies outside the top 2; position 1: entries in no particular order
+    entries = [{5: lp(-0.5), 7: lp(-1.5), 9: lp(-4.0)}, {3: lp(-2.0), 4: lp(-0.1), 1: lp(-3.0)}]
+    assert _top_logprobs(entries, 2, 2) == ([[5, 7], [4, 3]], [[-0.5, -1.5], [-0.1, -2.0]])
+    assert _top_logprobs(None, 1, 2) == ([[]], [[]])
+
+
 def test_checkpoint_weights(tiny_folder):
     weights = CheckpointWeights(tiny_folder)
     assert weights.shape.architecture == "LlamaForCausalLM"
@@ -468,7 +481,7 @@ class FakeLLM:
 
     def __init__(self, steps):
         self.steps, self.rpcs, self.aborted = list(steps), [], []
-        self.replies = {"specrollout_setup": True, "specrollout_pop_stats": {}}
+        self.replies = {"specrollout_setup": {"top_logprobs": 0}, "specrollout_pop_stats": {}}
         self.llm_engine = SimpleNamespace(
             model_config=SimpleNamespace(get_vocab_size=lambda: 384, max_model_len=64),
             step=lambda: self.steps.pop(0),
@@ -539,6 +552,39 @@ def test_frontend_steps_aborts_and_pushes_weights(tiny_folder):
     (batch,) = ipc_to_batches(blobs)
     assert version == 1 and batch.column("request_id").to_pylist() == ["a"]
     assert engine.history.num_rows == 1 and engine.history.take_outbox() == []
+
+
+def test_frontend_records_the_top_logprobs_its_drafter_learns_from(tiny_folder):
+    lp = lambda v: SimpleNamespace(logprob=v)  # noqa: E731
+    step = SimpleNamespace(
+        request_id="a",
+        outputs=[
+            SimpleNamespace(
+                token_ids=[7, 8],
+                logprobs=[{7: lp(-0.2), 3: lp(-1.9)}, {8: lp(-0.4), 2: lp(-1.2), 6: lp(-3.0)}],
+                finish_reason="length",
+            )
+        ],
+        finished=True,
+    )
+    config = VLLMEngineConfig(model=str(tiny_folder), num_speculative_tokens=2, drafter="composite")
+    for history, k in ((None, 2), (HistoryConfig(top_logprobs=0), 0), (HistoryConfig(record=False), 0)):
+        llm = FakeLLM([[step]])
+        llm.replies["specrollout_setup"] = {"top_logprobs": 2}  # what the worker's drafter asked for
+        engine = VLLMEngine(config, history=history, llm=llm, platform_is_cpu=False)
+        assert engine.top_logprobs == k
+        engine._track("a", "a-1", [1, 2], "g", True)
+        (a,) = engine.step()
+        assert a.token_ids == [7, 8] and a.top_token_ids is None  # the caller gets the sampled tokens' logprobs
+        if engine.history is None:
+            continue
+        engine.flush_history()
+        (row,) = engine.history.table().to_pylist()
+        if k:
+            assert row["top_token_ids"] == [[7, 3], [8, 2]]
+            assert np.allclose(row["top_logprobs"], [[-0.2, -1.9], [-0.4, -1.2]])
+        else:
+            assert row["top_token_ids"] is None and row["top_logprobs"] is None
 
 
 # ---------------------------------------------------------------------------------------------- the real vLLM

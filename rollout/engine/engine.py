@@ -20,7 +20,16 @@ from typing import Sequence as Seq
 
 import torch
 
-from drafters.base import EMPTY_DRAFT, Draft, Drafter, NoDrafter, bind_target, make_drafter, propose_all
+from drafters.base import (
+    EMPTY_DRAFT,
+    Draft,
+    Drafter,
+    NoDrafter,
+    bind_target,
+    make_drafter,
+    propose_all,
+    wanted_top_logprobs,
+)
 from rollout.budget import Budget, BudgetItem, parse_budget
 from rollout.config import EngineConfig, HistoryConfig, SpeculationConfig
 from rollout.cost_model import measure_cost_model
@@ -47,6 +56,8 @@ class Sequence:
     cache_len: int = 0
     output: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    # when the engine records the target's top-k: (ids int32, logprobs) [tokens, k] per step, on the host
+    top: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     stats: SpecStats = field(default_factory=SpecStats)
     finish_reason: str | None = None
     noise: list[float] = field(default_factory=list)  # u_t for output position t, drawn from `generator` in order
@@ -121,6 +132,10 @@ class Engine:
         history = history or HistoryConfig()
         self.history = RolloutHistory(history.max_bytes, history.window_versions) if history.record else None
         self._unrecorded: list[RolloutResult] = []  # finished since the last flush into the history
+        # The target's top-k per generated token, for a drafter that distils from them (only into a history).
+        self.top_logprobs = 0 if self.history is None else history.top_logprobs
+        if self.top_logprobs is None:
+            self.top_logprobs = wanted_top_logprobs(self.drafter)
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(self.config.seed)
         self.total_forwards = 0
@@ -394,6 +409,7 @@ class Engine:
         ]
         row_params = [p.to(device) for p in row_params]
         processed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (probs, logprobs), as reached
+        top: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (top-k logprobs, their ids) [k] each
         masked = self._min_tokens_mask(seqs, drafts, batch.logit_counts)  # [R, V] bool, or None
         if masked is not None:
             masked = masked.to(device)
@@ -405,6 +421,9 @@ class Engine:
             probs, logprobs = process_logits(reached, *(p[at] for p in row_params))
             for r, pr, lp in zip(rows.tolist(), probs, logprobs):
                 processed[r] = (pr, lp)
+            if self.top_logprobs:
+                values, ids = logprobs.topk(self.top_logprobs, dim=-1)  # [rows, k] each
+                top.update(zip(rows.tolist(), zip(values, ids)))
             return probs
 
         b, n = len(seqs), max(len(d) for d in drafts)
@@ -452,12 +471,18 @@ class Engine:
             self.cache.move_positions(torch.tensor(move_slots), torch.tensor(move_src), torch.tensor(move_dst))
         # One copy to the host for the whole step: float() per token would wait on a GPU once per token.
         token_logprobs = torch.stack([processed[r][1][c] for r, c in zip(lp_rows, lp_cols)]).tolist()
+        top_values = top_ids = None
+        if self.top_logprobs:
+            top_values = torch.stack([top[r][0] for r in lp_rows]).cpu()  # [emitted, k]
+            top_ids = torch.stack([top[r][1] for r in lp_rows]).to(torch.int32).cpu()
 
         finished = []
         offset = 0
         for s, emitted in zip(seqs, emitted_all):
             lps = token_logprobs[offset : offset + len(emitted)]
             kept = self._append(s, emitted, lps)
+            if top_ids is not None and s.speculate:  # copies: a view would keep the whole step's rows alive
+                s.top.append((top_ids[offset : offset + kept].clone(), top_values[offset : offset + kept].clone()))
             offset += len(emitted)
             if s.speculate:
                 self.drafter.observe(s.request_id, emitted[:kept], lps[:kept])
@@ -511,6 +536,7 @@ class Engine:
                 self.budget.finished(s.request_id, s.prompt_key, len(s.output))
                 if self.history is not None and s.finish_reason != "abort":
                     self._unrecorded.append(results[-1])
+                results[-1] = results[-1].without_top()  # the history's; not sent back to the caller
         return results
 
     def _result(self, s: Sequence) -> RolloutResult:
@@ -523,6 +549,8 @@ class Engine:
             spec=s.stats,
             group=s.group,
             policy_version=self.policy_version,
+            top_token_ids=torch.cat([i for i, _ in s.top]).tolist() if s.top else None,
+            top_logprobs=torch.cat([v for _, v in s.top]).tolist() if s.top else None,
         )
 
 
