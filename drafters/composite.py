@@ -12,7 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from drafters.base import EMPTY_DRAFT, BaseDrafter, Draft, make_drafter, propose_all, register_drafter
+from drafters.base import (
+    EMPTY_DRAFT,
+    BaseDrafter,
+    Draft,
+    make_drafter,
+    propose_all,
+    register_drafter,
+    wanted_top_logprobs,
+)
 
 
 @dataclass
@@ -53,6 +61,10 @@ class CompositeDrafter(BaseDrafter):
         self.retrieval = make_drafter(self.config.retrieval, **self.config.retrieval_options)
         self.model = make_drafter(self.config.model, **self.config.model_options)
         self.parts = (self.model, self.retrieval)
+
+    @property
+    def top_logprobs(self) -> int:
+        return max(wanted_top_logprobs(part) for part in self.parts)
 
     def begin(self, request_id, prompt_ids, group):
         for part in self.parts:

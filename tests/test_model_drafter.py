@@ -45,7 +45,9 @@ def full_greedy(net, ids: list[int], n: int, vocab: torch.Tensor) -> list[int]:
 
 @pytest.fixture
 def tiny_drafter(tiny_folder):
-    return ModelDrafter(model=str(tiny_folder), layers=1, min_prob=0.0, train_seconds=3.0, seed=0, draft_untrained=True)
+    return ModelDrafter(
+        model=str(tiny_folder), layers=1, min_prob=0.0, train_seconds=3.0, seed=0, draft_untrained=True, leaves=0
+    )
 
 
 def test_cached_drafts_equal_recomputed_greedy_across_rows(tiny_drafter):
@@ -71,8 +73,46 @@ def test_cached_drafts_equal_recomputed_greedy_across_rows(tiny_drafter):
     assert d.order == [] and d.requests == {}
 
 
+def next_probs(net, ids: list[int], vocab: torch.Tensor) -> torch.Tensor:
+    """The drafter network's next-token distribution over the kept vocabulary, recomputed from scratch: [Vk]."""
+    x = torch.tensor([ids])
+    cos, sin = net.rope(torch.arange(len(ids))[None])
+    with torch.no_grad():
+        h = net.top(net.frozen_states(x), cos, sin, None)
+        return net.logits(h[0, -1], vocab).softmax(-1)
+
+
+@pytest.mark.parametrize("max_tokens", [3, 8])
+def test_leaves_are_the_runner_ups_beside_the_chain(tiny_folder, max_tokens):
+    # Candidates: the greedy chain and, at each depth, the 2 runner-up tokens as children of the chain node before.
+    # The draft keeps exactly the max_tokens candidates of highest path probability, recomputed here without cache.
+    d = ModelDrafter(model=str(tiny_folder), layers=1, min_prob=0.0, draft_untrained=True, leaves=2)
+    prompt = [5, 6, 7, 8, 9]
+    d.begin("r", prompt, None)
+    draft = d.propose("r", max_tokens)
+    candidates: dict[tuple[int, ...], float] = {}
+    chain: tuple[int, ...] = ()
+    reach = 1.0
+    for _ in range(max_tokens):  # a chain of max_tokens nodes, then leaves: every kept node is among these
+        probs = next_probs(d.net, prompt + list(chain), d.vocab)
+        top_p, top_i = probs.topk(3)
+        for p, i in zip(top_p.tolist(), d.vocab[top_i].tolist()):
+            candidates[chain + (i,)] = reach * p
+        reach *= top_p[0].item()
+        chain = chain + (int(d.vocab[top_i[0]]),)
+    expected = sorted(candidates, key=lambda path: -candidates[path])[:max_tokens]
+    paths, got = [], {}
+    for t, q, pp in zip(draft.token_ids, draft.parent_list(), draft.path_probs()):
+        paths.append((paths[q] if q >= 0 else ()) + (t,))
+        got[paths[-1]] = pp
+    assert set(got) == set(expected)
+    assert all(got[path] == pytest.approx(candidates[path], rel=1e-4) for path in got)
+    assert draft.depths()  # parents come first
+    assert not draft.is_chain or max_tokens <= 1  # runner-ups beat the chain's deep nodes on this random target
+
+
 def test_untrained_drafter_is_the_target_so_every_greedy_draft_is_accepted(tiny_model, tiny_folder):
-    drafter = ModelDrafter(model=str(tiny_folder), layers=1, min_prob=0.0, draft_untrained=True)
+    drafter = ModelDrafter(model=str(tiny_folder), layers=1, min_prob=0.0, draft_untrained=True, leaves=0)
     prompts = [[1, 2, 3, 4], [9, 8, 7, 6, 5, 4, 3], [200, 201]]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     plain = make_engine(tiny_model).generate(prompts, params)
@@ -84,7 +124,8 @@ def test_untrained_drafter_is_the_target_so_every_greedy_draft_is_accepted(tiny_
     assert drafter.order == []  # every request ended
 
 
-def history_of(rows: list[tuple[list[int], list[int], int]]) -> RolloutHistory:
+def history_of(rows: list[tuple[list[int], list[int], int]], top=None) -> RolloutHistory:
+    """rows: (prompt, output, version); top: optional (ids, logprobs) per row, each [len(output)][k]."""
     h = RolloutHistory()
     h.append(
         pa.table(
@@ -98,6 +139,8 @@ def history_of(rows: list[tuple[list[int], list[int], int]]) -> RolloutHistory:
                 "logprobs": pa.array([[0.0] * len(o) for _, o, _ in rows], pa.list_(pa.float32())),
                 "length": pa.array([len(o) for _, o, _ in rows], pa.int32()),
                 "finish_reason": ["length"] * len(rows),
+                "top_token_ids": [None if top is None else t[0] for t in (top or [None] * len(rows))],
+                "top_logprobs": [None if top is None else t[1] for t in (top or [None] * len(rows))],
             }
         )
     )
@@ -109,7 +152,14 @@ def test_refresh_learns_the_policys_continuation(tiny_folder):
     # after a refresh the drafter proposes it.
     answer = list(range(20, 30))
     drafter = ModelDrafter(
-        model=str(tiny_folder), layers=1, min_prob=0.0, train_seconds=20, max_epochs=200, lr=3e-3, draft_untrained=True
+        model=str(tiny_folder),
+        layers=1,
+        min_prob=0.0,
+        train_seconds=20,
+        max_epochs=200,
+        lr=3e-3,
+        draft_untrained=True,
+        leaves=0,
     )
     drafter.begin("before", [10, 11], "g")
     before = drafter.propose("before", 6).token_ids
@@ -122,6 +172,39 @@ def test_refresh_learns_the_policys_continuation(tiny_folder):
     drafter.begin("after", [10, 11], "g")
     after = drafter.propose("after", 6).token_ids
     assert after == answer[:6] and before != after
+
+
+@pytest.mark.parametrize("top_logprobs, expected", [(2, 30), (0, 20)])
+def test_refresh_learns_the_policys_distribution_where_it_was_recorded(tiny_folder, top_logprobs, expected):
+    # Every rollout of prompt [10, 11] happened to sample 20 first, but the policy's recorded distribution there
+    # was 0.7 on 30 and 0.3 on 20. Distilling the distribution (top_logprobs=2), the drafter's first guess is the
+    # policy's likeliest token, 30; learning from the samples only (top_logprobs=0), it is 20.
+    import math
+
+    answer = [20, 21, 22, 23]
+    top = ([[30, 20]] + [[t, 5] for t in answer[1:]], [[math.log(0.7), math.log(0.3)]] + [[0.0, -30.0]] * 3)
+    drafter = ModelDrafter(
+        model=str(tiny_folder),
+        layers=1,
+        min_prob=0.0,
+        train_seconds=20,
+        max_epochs=200,
+        lr=3e-3,
+        top_logprobs=top_logprobs,
+    )
+    assert drafter.top_logprobs == top_logprobs  # what the engine records for it
+    drafter.refresh(history_of([([10, 11], answer, 0)] * 8, top=[top] * 8), policy_version=1)
+    drafter.begin("r", [10, 11], "g")
+    draft = drafter.propose("r", 1)
+    assert draft.token_ids == [expected]
+    if top_logprobs:
+        assert draft.probs[0] == pytest.approx(0.7, abs=0.1)  # the policy's probability, not the samples' frequency
+
+
+def test_composite_asks_for_what_its_parts_learn_from():
+    assert make_drafter("composite").top_logprobs == 16
+    assert make_drafter("composite", model_options={"top_logprobs": 0}).top_logprobs == 0
+    assert make_drafter("suffix").top_logprobs == 0
 
 
 def test_refresh_drops_versions_outside_the_window(tiny_folder):
