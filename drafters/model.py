@@ -68,6 +68,12 @@ class ModelDrafterConfig:
     max_len: int = 4096  # prompt + output tokens per request (allocated as needed)
     seed: int = 0
 
+    def __post_init__(self):
+        for name in ("top_logprobs", "leaves"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"model drafter {name} must be an int >= 0, got {value!r}")
+
 
 class _Config:
     """The few transformers-config fields the block needs, read from the checkpoint's config.json."""
@@ -373,10 +379,11 @@ class ModelDrafter(BaseDrafter):
         cap = torch.zeros(n, dtype=torch.long)
         cap[rows] = limits
         start = torch.tensor([self.requests[r].cached for r in self.order])  # draft positions begin here
-        alt_tokens = torch.zeros(n, depth_cap, c.leaves, dtype=torch.long)  # runner-ups beside chain node d
-        alt_path = torch.zeros(n, depth_cap, c.leaves)  # their path probabilities (0: not proposed)
+        leaves = min(c.leaves, len(self.vocab) - 1)
+        alt_tokens = torch.zeros(n, depth_cap, leaves, dtype=torch.long)  # runner-ups beside chain node d
+        alt_path = torch.zeros(n, depth_cap, leaves)  # their path probabilities (0: not proposed)
         for d in range(depth_cap):
-            top_p, top_idx = logits.softmax(-1).topk(1 + c.leaves, dim=-1)  # [n, 1 + leaves]
+            top_p, top_idx = logits.softmax(-1).topk(1 + leaves, dim=-1)  # [n, 1 + leaves]
             p, idx = top_p[:, 0], top_idx[:, 0]  # [n]
             alt_tokens[:, d] = self.vocab[top_idx[:, 1:]]
             alt_path[:, d] = torch.where(alive[:, None] & (d < cap)[:, None], path[:, None] * top_p[:, 1:], 0.0)

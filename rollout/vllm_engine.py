@@ -342,7 +342,7 @@ class VLLMEngine:
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(config.seed)
         self.total_forwards = 0
-        self.top_logprobs = 0  # the target's top-k per generated token recorded for the drafter (set below)
+        wanted = 0  # the target's top-k per generated token the drafter learns from (its reply below)
         if self.speculative:
             attached = self._rpc(
                 "specrollout_setup",
@@ -356,9 +356,11 @@ class VLLMEngine:
                 raise RuntimeError(
                     f"vLLM did not build {PROPOSER_CLASS} in its workers; is this vLLM's V1 model runner?"
                 )
-            if self.history is not None:
-                wanted = max(int(reply["top_logprobs"]) for reply in attached)
-                self.top_logprobs = wanted if history.top_logprobs is None else history.top_logprobs
+            wanted = max(int(reply["top_logprobs"]) for reply in attached)
+        # recorded into the history only: as many as the drafter learns from, unless the config names a number
+        self.top_logprobs = 0 if self.history is None else history.top_logprobs
+        if self.top_logprobs is None:
+            self.top_logprobs = wanted
 
     @classmethod
     def from_config(

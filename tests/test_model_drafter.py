@@ -290,6 +290,10 @@ def test_bad_options_name_the_problem(tiny_folder):
         ModelDrafter(model=str(tiny_folder), layers=2)
     with pytest.raises(TypeError, match="lyers"):
         make_drafter("model", lyers=2)
+    with pytest.raises(ValueError, match="leaves must be an int >= 0, got -1"):
+        make_drafter("model", leaves=-1)
+    with pytest.raises(ValueError, match="top_logprobs must be an int >= 0"):
+        make_drafter("composite", model_options={"top_logprobs": 2.5})
     d = ModelDrafter(model=str(tiny_folder), layers=1)
     d.begin("x", [1, 2], None)
     with pytest.raises(ValueError, match="began twice"):

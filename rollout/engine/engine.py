@@ -422,7 +422,7 @@ class Engine:
             for r, pr, lp in zip(rows.tolist(), probs, logprobs):
                 processed[r] = (pr, lp)
             if self.top_logprobs:
-                values, ids = logprobs.topk(self.top_logprobs, dim=-1)  # [rows, k] each
+                values, ids = logprobs.topk(min(self.top_logprobs, logprobs.shape[-1]), dim=-1)  # [rows, k] each
                 top.update(zip(rows.tolist(), zip(values, ids)))
             return probs
 
