@@ -20,6 +20,7 @@ from drafters.base import Draft, make_drafter
 from drafters.composite import merge_drafts
 from drafters.model import ModelDrafter
 from drafters.replay import replay
+from rollout.budget import parse_budget
 from rollout.history import RolloutHistory
 from rollout.sampling import SamplingParams
 
@@ -322,3 +323,32 @@ def test_acceptance_on_the_smollm2_trace_rises_after_a_refresh_on_earlier_steps(
         figures[name] = stats.acceptance_length
     print(f"model drafter acceptance length on version 3: {figures}, training: {drafter.train_log}")
     assert figures["refreshed"] > figures["untrained"] + 0.15
+
+
+@pytest.mark.slow
+def test_on_smollm2_the_engine_records_what_the_composite_learns_from_and_stays_exact(smol_model, smol_tokenizer):
+    """Round 0 of 4 prompts x 4 samples at T=1.0 through the engine with the composite drafter; the refresh at the
+    next policy version distils the target's top-16 the engine recorded (not the sampled tokens alone); round 1,
+    greedy, with the trained drafter equals plain decoding token for token."""
+    drafter = make_drafter("composite", model_options={"train_seconds": 5.0})
+    engine = make_engine(smol_model, drafter=drafter, budget=parse_budget("fixed:6"))
+    texts = ["Count from 1 to 20:", "The capital of France is", "def add(a, b):", "Once upon a time"]
+    prompts = [smol_tokenizer(t).input_ids for t in texts]
+    sampled = SamplingParams(temperature=1.0, max_tokens=40)
+    groups = [f"g{i}" for i in range(4) for _ in range(4)]
+    engine.generate([p for p in prompts for _ in range(4)], sampled, groups=groups)
+    engine.policy_version = 1
+    engine.refresh_drafter()
+    model = drafter.model
+    rollouts = model._states[0]
+    assert model.weights_version == 1 and len(rollouts) == 16
+    assert all(r.target_ids.shape[1] == 16 for r in rollouts)  # the recorded top-16, not one sampled token
+    mass = torch.cat([r.target_probs.sum(-1) for r in rollouts])  # the top-16's share of each distribution
+    assert float(mass.max()) <= 1 + 1e-4 and float(mass.min()) > 0 and float(mass.mean()) < 0.99
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=40)
+    plain = make_engine(smol_model).generate(prompts, greedy)
+    spec = engine.generate(prompts, greedy)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    print(f"round 1, greedy: {sum(r.spec.accepted for r in spec)} of {sum(r.spec.drafted for r in spec)} accepted")
+    assert sum(r.spec.accepted for r in spec) > 0
