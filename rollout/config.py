@@ -57,6 +57,12 @@ class HistoryConfig:
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise ValueError(f"history top_logprobs must be None or an int >= 0, got {k!r}")
 
+    def recorded_top_logprobs(self, wanted: int) -> int:
+        """How many of the target's top logprobs per token an engine records, given what its drafter wants."""
+        if not self.record:
+            return 0
+        return wanted if self.top_logprobs is None else self.top_logprobs
+
 
 @dataclass
 class ClusterConfig:

@@ -357,10 +357,7 @@ class VLLMEngine:
                     f"vLLM did not build {PROPOSER_CLASS} in its workers; is this vLLM's V1 model runner?"
                 )
             wanted = max(int(reply["top_logprobs"]) for reply in attached)
-        # recorded into the history only: as many as the drafter learns from, unless the config names a number
-        self.top_logprobs = 0 if self.history is None else history.top_logprobs
-        if self.top_logprobs is None:
-            self.top_logprobs = wanted
+        self.top_logprobs = history.recorded_top_logprobs(wanted)  # into the history only
 
     @classmethod
     def from_config(

@@ -148,20 +148,18 @@ def history_of(rows: list[tuple[list[int], list[int], int]], top=None) -> Rollou
     return h
 
 
+def learning_drafter(tiny_folder, **options) -> ModelDrafter:
+    """A tiny-model drafter that trains until it has fit a small window (up to 200 epochs, 20 s at most)."""
+    return ModelDrafter(
+        model=str(tiny_folder), layers=1, min_prob=0.0, train_seconds=20, max_epochs=200, lr=3e-3, **options
+    )
+
+
 def test_refresh_learns_the_policys_continuation(tiny_folder):
     # The "policy" always answers prompt [10, 11] with 20 21 22 ... 29 (not what the random target would say):
     # after a refresh the drafter proposes it.
     answer = list(range(20, 30))
-    drafter = ModelDrafter(
-        model=str(tiny_folder),
-        layers=1,
-        min_prob=0.0,
-        train_seconds=20,
-        max_epochs=200,
-        lr=3e-3,
-        draft_untrained=True,
-        leaves=0,
-    )
+    drafter = learning_drafter(tiny_folder, draft_untrained=True, leaves=0)
     drafter.begin("before", [10, 11], "g")
     before = drafter.propose("before", 6).token_ids
     drafter.end("before")
@@ -184,15 +182,7 @@ def test_refresh_learns_the_policys_distribution_where_it_was_recorded(tiny_fold
 
     answer = [20, 21, 22, 23]
     top = ([[30, 20]] + [[t, 5] for t in answer[1:]], [[math.log(0.7), math.log(0.3)]] + [[0.0, -30.0]] * 3)
-    drafter = ModelDrafter(
-        model=str(tiny_folder),
-        layers=1,
-        min_prob=0.0,
-        train_seconds=20,
-        max_epochs=200,
-        lr=3e-3,
-        top_logprobs=top_logprobs,
-    )
+    drafter = learning_drafter(tiny_folder, top_logprobs=top_logprobs)
     assert drafter.top_logprobs == top_logprobs  # what the engine records for it
     drafter.refresh(history_of([([10, 11], answer, 0)] * 8, top=[top] * 8), policy_version=1)
     drafter.begin("r", [10, 11], "g")

@@ -133,9 +133,7 @@ class Engine:
         self.history = RolloutHistory(history.max_bytes, history.window_versions) if history.record else None
         self._unrecorded: list[RolloutResult] = []  # finished since the last flush into the history
         # The target's top-k per generated token, for a drafter that distils from them (only into a history).
-        self.top_logprobs = 0 if self.history is None else history.top_logprobs
-        if self.top_logprobs is None:
-            self.top_logprobs = wanted_top_logprobs(self.drafter)
+        self.top_logprobs = history.recorded_top_logprobs(wanted_top_logprobs(self.drafter))
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(self.config.seed)
         self.total_forwards = 0
