@@ -358,6 +358,15 @@ class VLLMEngine:
                 )
             wanted = max(int(reply["top_logprobs"]) for reply in attached)
         self.top_logprobs = history.recorded_top_logprobs(wanted)  # into the history only
+        # vLLM refuses a request asking for more logprobs than max_logprobs (20 unless raised; -1: the vocabulary),
+        # and would do so at the first speculated request; say so here, with the two ways out.
+        cap = getattr(model_config, "max_logprobs", None)
+        if isinstance(cap, int) and 0 <= cap < self.top_logprobs:
+            raise ValueError(
+                f"the drafter learns from the target's top-{self.top_logprobs} logprobs per token, but vLLM was built "
+                f"with max_logprobs={cap}; raise it (engine.vllm_options: {{max_logprobs: {self.top_logprobs}}}) or "
+                f"record fewer (history.top_logprobs: {cap})"
+            )
 
     @classmethod
     def from_config(

@@ -587,6 +587,26 @@ def test_frontend_records_the_top_logprobs_its_drafter_learns_from(tiny_folder):
             assert row["top_token_ids"] is None and row["top_logprobs"] is None
 
 
+def test_frontend_refuses_more_top_logprobs_than_vllm_returns(tiny_folder):
+    # vLLM's max_logprobs (20 by default) caps `logprobs=k`; a drafter asking for more fails at construction with
+    # the setting to change, not at the first speculated request inside vLLM.
+    config = VLLMEngineConfig(model=str(tiny_folder), num_speculative_tokens=2, drafter="composite")
+    for cap, history, ok in (
+        (8, None, False),
+        (16, None, True),
+        (-1, None, True),
+        (8, HistoryConfig(top_logprobs=8), True),
+    ):
+        llm = FakeLLM([])
+        llm.llm_engine.model_config.max_logprobs = cap
+        llm.replies["specrollout_setup"] = {"top_logprobs": 16}
+        if ok:
+            assert VLLMEngine(config, history=history, llm=llm, platform_is_cpu=False).top_logprobs <= max(cap, 16)
+        else:
+            with pytest.raises(ValueError, match="top-16 logprobs.*max_logprobs=8.*max_logprobs: 16"):
+                VLLMEngine(config, history=history, llm=llm, platform_is_cpu=False)
+
+
 # ---------------------------------------------------------------------------------------------- the real vLLM
 
 VLLM_PYTHON_ENV = "SPECROLLOUT_VLLM_PYTHON"
