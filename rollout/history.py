@@ -9,6 +9,7 @@ step. Parquet files written by `save` are the traces that `specrollout replay` r
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -34,6 +35,8 @@ SCHEMA = pa.schema(
     ]
 )
 OPTIONAL = ("top_token_ids", "top_logprobs")  # a trace may lack these columns
+
+log = logging.getLogger(__name__)
 
 
 def prompt_key(prompt_ids: Sequence[int]) -> str:
@@ -88,6 +91,9 @@ class RolloutHistory:
         self.max_bytes = max_bytes
         self.window_versions = window_versions
         self._batches: list[pa.RecordBatch] = []
+        # Versions the memory cap evicted while the window still wanted them: drafters then learn from fewer
+        # versions than configured (recording the target's top-k for a learning drafter adds 128 bytes a token).
+        self.versions_evicted_by_cap = 0
 
     # ------------------------------------------------------------------ writing
 
@@ -112,6 +118,15 @@ class RolloutHistory:
         if self.max_bytes is None:
             return
         while self.nbytes > self.max_bytes and len(self.versions()) > 1:
+            if self.window_versions is not None and not self.versions_evicted_by_cap:
+                log.warning(
+                    "rollout history: max_bytes=%d MB holds %d policy versions, fewer than window_versions=%d; "
+                    "drafters learn from fewer versions than configured (raise history.max_bytes)",
+                    self.max_bytes >> 20,
+                    len(self.versions()) - 1,
+                    self.window_versions,
+                )
+            self.versions_evicted_by_cap += self.window_versions is not None
             self._drop_versions_below(self.versions()[1])
         # A single version over the cap: drop its oldest batches, keeping at least the newest one.
         while self.nbytes > self.max_bytes and len(self._batches) > 1:

@@ -50,6 +50,23 @@ def test_memory_cap_evicts_oldest_versions_first():
     assert h.versions() == [3, 4]
 
 
+def test_a_cap_that_cuts_into_the_window_is_reported_once(caplog):
+    # window 4, room for 2.5 versions: from the third version on the cap, not the window, decides what drafters see.
+    one = rows(0).nbytes
+    h = RolloutHistory(max_bytes=int(2.5 * one), window_versions=4)
+    with caplog.at_level("WARNING", logger="rollout.history"):
+        for v in range(5):
+            h.append(rows(v))
+    assert h.versions() == [3, 4] and h.versions_evicted_by_cap == 3
+    (record,) = caplog.records
+    assert "fewer than window_versions=4" in record.getMessage() and "history.max_bytes" in record.getMessage()
+    # Without a window the cap is the only limit: evicting is what it is for, nothing to report.
+    quiet = RolloutHistory(max_bytes=int(2.5 * one))
+    for v in range(5):
+        quiet.append(rows(v))
+    assert quiet.versions_evicted_by_cap == 0
+
+
 def test_a_single_version_over_the_cap_keeps_its_newest_batch():
     h = RolloutHistory(max_bytes=1)
     h.append(rows(0))
