@@ -236,8 +236,44 @@ def learned_rows(max_draft: int, temperatures: tuple[float, ...]) -> None:
     write("drafters", payload)
 
 
-def keep_learned_rows(acceptance: dict, per_forward: dict, detail: dict) -> None:
-    """A retrieval-only run keeps the model/composite rows already recorded (they come from --learned)."""
+def warm_rows(max_draft: int, temperatures: tuple[float, ...]) -> None:
+    """Each trace replayed cold and warm-started (history.warm_start) from the other temperature's trace of the same
+    prompts, side by side; adds `warm_start` to drafters.json. Round 0 is where it shows: cold, nothing has been
+    generated yet."""
+    import json
+
+    from benchmarks.common import RESULTS
+
+    path = RESULTS / "drafters.json"
+    payload = json.loads(path.read_text()) if path.exists() else {}
+    rows: dict[str, dict[str, dict]] = {}
+    for t in temperatures:
+        trace = RolloutHistory.load(trace_path(t))
+        source = next(o for o in TEMPERATURES if o != t)
+        warm = RolloutHistory.load(trace_path(source)).table()
+        for name in ("suffix", *LEARNED[1:]):
+            figures = {}
+            for mode, table in (("cold", None), ("warm", warm)):
+                stats = replay(trace, make_drafter(name), max_draft, name=name, warm=table)
+                figures[mode] = round(stats.acceptance_length, 4)
+                figures[f"{mode}_by_round"] = [v["acceptance_length"] for v in stats.per_version.values()]
+            figures["from"] = f"t{source}"
+            rows.setdefault(name, {})[f"t{t}"] = figures
+            print(f"T={t} {name:>10} warm-started from T={source}: {figures}")
+    payload["warm_start"] = {
+        "what": "the trace replayed cold, and with the other temperature's trace (same prompts) in the history first",
+        "acceptance_length": rows,
+        "machine": machine(),
+    }
+    write("drafters", payload)
+
+
+KEPT = ("composite_vs_suffix", "model_training", "warm_start")  # written by --learned and --warm runs
+
+
+def keep_learned_rows(acceptance: dict, per_forward: dict, detail: dict) -> dict:
+    """A retrieval-only run keeps the model/composite rows already recorded (they come from --learned) and the
+    sections --learned and --warm wrote (returned, to be merged into the payload)."""
     import json
 
     from benchmarks.common import RESULTS
@@ -252,6 +288,7 @@ def keep_learned_rows(acceptance: dict, per_forward: dict, detail: dict) -> None
             if name in table:
                 new[name] = table[name]
         detail.update({k: v for k, v in old.get("detail", {}).items() if k.split("/")[0] == name})
+    return {key: old[key] for key in KEPT if key in old}
 
 
 def main() -> None:
@@ -259,6 +296,7 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="re-record the traces")
     parser.add_argument("--learned", action="store_true", help="only the model and composite rows (merged in)")
     parser.add_argument("--score", action="store_true", help="add the target's top-k columns to the traces")
+    parser.add_argument("--warm", action="store_true", help="only the warm-start rows (merged in)")
     parser.add_argument("--temperatures", type=float, nargs="+", default=list(TEMPERATURES))
     parser.add_argument("--max-draft", type=int, default=MAX_DRAFT)
     args = parser.parse_args()
@@ -271,6 +309,9 @@ def main() -> None:
         return
     if args.learned:
         learned_rows(args.max_draft, tuple(args.temperatures))
+        return
+    if args.warm:
+        warm_rows(args.max_draft, tuple(args.temperatures))
         return
 
     acceptance: dict[str, dict[str, float]] = {d: {} for d in DRAFTERS}
@@ -301,7 +342,7 @@ def main() -> None:
     ratio_16 = {k: round(at_16["suffix"][k] / at_16["arctic_suffix"][k], 3) for k in at_16["suffix"]}
     print("suffix / arctic_suffix acceptance length:", ratio, "at 16 draft tokens:", ratio_16)
     print("chain oracle over the suffix drafter's candidates:", oracle)
-    keep_learned_rows(acceptance, per_forward, detail)
+    kept = keep_learned_rows(acceptance, per_forward, detail)
     write(
         "drafters",
         {
@@ -329,6 +370,7 @@ def main() -> None:
             "detail": detail,
             "machine": machine(),
             "versions": versions("pyarrow", "arctic_inference"),
+            **kept,
         },
     )
 

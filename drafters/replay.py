@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from drafters.base import Draft, Drafter, propose_all
-from rollout.history import RolloutHistory
+from rollout.history import RolloutHistory, older_than
 
 
 @dataclass
@@ -87,12 +87,17 @@ def replay(
     max_draft_tokens: int = 8,
     name: str = "",
     refresh: bool = True,
+    warm: pa.Table | None = None,
 ) -> ReplayStats:
+    """`warm`: earlier rollouts the history holds before the trace's first version (as history.warm_start loads
+    them: renumbered to be older than the trace)."""
     table = trace.table() if isinstance(trace, RolloutHistory) else trace
     stats = ReplayStats(drafter=name or type(drafter).__name__)
     history = RolloutHistory()
     columns = table.to_pydict()
     versions = sorted(set(columns["policy_version"]))
+    if warm is not None and versions:
+        history.append(older_than(warm, versions[0]))
     for version in versions:
         rows = [i for i, v in enumerate(columns["policy_version"]) if v == version]
         if refresh:

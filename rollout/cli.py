@@ -83,13 +83,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from drafters.base import make_drafter
     from drafters.replay import replay
-    from rollout.history import RolloutHistory
+    from rollout.history import RolloutHistory, warm_start
 
     trace = RolloutHistory.load(args.trace)
+    warm = None
+    if args.warm_start:
+        warm = RolloutHistory()
+        warm_start(warm, args.warm_start, 0)  # replay renumbers them again, to end before the trace's first version
+        warm = warm.table()
     options = _parse_options(args.option)
     report = {}
     for name in args.drafter:
-        stats = replay(trace, make_drafter(name, **options), args.max_draft_tokens, name=name)
+        stats = replay(trace, make_drafter(name, **options), args.max_draft_tokens, name=name, warm=warm)
         report[name] = stats.summary()
         print(
             f"{name:>14}: acceptance length {stats.acceptance_length:.3f} | tokens per batched forward "
@@ -257,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--max-draft-tokens", type=int, default=8)
     rep.add_argument("--option", action="append", default=[], help="drafter option key=value (repeatable)")
     rep.add_argument("--json", help="also write the figures to this JSON file")
+    rep.add_argument(
+        "--warm-start",
+        action="append",
+        default=[],
+        help="earlier trace the history starts with, as history.warm_start loads it (repeatable)",
+    )
     rep.set_defaults(func=cmd_replay)
 
     gen = sub.add_parser("generate", help="generate rollouts for a JSONL of prompts on the Ray service (resumable)")

@@ -51,11 +51,21 @@ class HistoryConfig:
     # as the drafter learns from (Drafter.top_logprobs, 0 for retrieval drafters); a number records that many
     # whatever the drafter (a trace meant for replay by drafters that learn from them).
     top_logprobs: int | None = None
+    # Parquet traces of earlier rollouts (a previous run's trace.parquet, RolloutHistory.save) loaded into the
+    # history when the engine is built, so the drafter starts from them rather than from nothing: a resumed or
+    # repeated RL job drafts well from its first step. Their policy versions are renumbered to end just before the
+    # engine's first version, so the run's own rollouts always count as newer.
+    warm_start: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         k = self.top_logprobs
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise ValueError(f"history top_logprobs must be None or an int >= 0, got {k!r}")
+        if isinstance(self.warm_start, (str, Path)):
+            self.warm_start = [str(self.warm_start)]
+        self.warm_start = [str(p) for p in self.warm_start]
+        if self.warm_start and not self.record:
+            raise ValueError("history.warm_start needs history.record: the rollouts it loads live in the history")
 
     def recorded_top_logprobs(self, wanted: int) -> int:
         """How many of the target's top logprobs per token an engine records, given what its drafter wants."""

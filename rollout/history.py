@@ -198,3 +198,27 @@ class RolloutHistory:
         history = cls(**kwargs)
         history.append(table)
         return history
+
+
+def older_than(table: pa.Table, first_version: int) -> pa.Table:
+    """`table` with its policy versions shifted so that its newest is first_version - 1 (order kept)."""
+    import pyarrow.compute as pc
+
+    if not table.num_rows:
+        return table
+    shift = first_version - 1 - pc.max(table["policy_version"]).as_py()
+    index = table.schema.get_field_index("policy_version")
+    return table.set_column(index, "policy_version", pc.add(table["policy_version"], shift))
+
+
+def warm_start(history: RolloutHistory, paths: Sequence[str | Path], first_version: int) -> int:
+    """Append the rollouts of earlier traces to `history`, older than anything the engine will generate (newest
+    version first_version - 1; several files keep their versions relative to each other); returns the rows kept."""
+    tables = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise FileNotFoundError(f"history.warm_start: {path} is not a file")
+        tables.append(RolloutHistory.load(path).table())
+    history.append(older_than(pa.concat_tables(tables), first_version))
+    return history.num_rows

@@ -367,6 +367,11 @@ class VLLMEngine:
                 f"with max_logprobs={cap}; raise it (engine.vllm_options: {{max_logprobs: {self.top_logprobs}}}) or "
                 f"record fewer (history.top_logprobs: {cap})"
             )
+        if history.warm_start and self.history is not None:
+            from rollout.history import warm_start
+
+            warm_start(self.history, history.warm_start, self.policy_version)
+            self.refresh_drafter()  # ships them to the drafter's copy of the history
 
     @classmethod
     def from_config(

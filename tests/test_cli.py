@@ -31,6 +31,21 @@ def test_replay_a_committed_trace(tmp_path):
     assert report["ngram"]["acceptance_length"] > 1.0
 
 
+def test_replay_warm_started_from_an_earlier_trace(tmp_path):
+    # The T=0.6 trace's prompts are the T=1.0 trace's: warm-started from it, ngram is unchanged (it reads only the
+    # request itself) while suffix drafts its first round from the earlier rollouts of the same prompts.
+    other = ROOT / "benchmarks" / "traces" / "smollm2_t1.0.parquet"
+    out = {}
+    for name, extra in (("cold", []), ("warm", ["--warm-start", str(other)])):
+        out[name] = tmp_path / f"{name}.json"
+        run = specrollout("replay", str(TRACE), "--drafter", "suffix", "--json", str(out[name]), *extra)
+        assert run.returncode == 0, run.stderr
+    cold, warm = (json.loads(out[k].read_text())["suffix"]["per_version"]["0"] for k in ("cold", "warm"))
+    assert warm["acceptance_length"] > cold["acceptance_length"]
+    run = specrollout("replay", str(TRACE), "--drafter", "suffix", "--warm-start", str(tmp_path / "nope.parquet"))
+    assert run.returncode == 2 and "history.warm_start:" in run.stderr and "nope.parquet is not a file" in run.stderr
+
+
 def test_unknown_drafter_is_a_clear_error():
     run = specrollout("replay", str(TRACE), "--drafter", "nope")
     assert run.returncode == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rollout.history import RolloutHistory, prompt_key, rows_to_batch
+from rollout.history import RolloutHistory, older_than, prompt_key, rows_to_batch, warm_start
 from rollout.result import RolloutResult, SpecStats
 
 
@@ -119,3 +119,46 @@ def test_bad_settings():
         RolloutHistory(max_bytes=0)
     with pytest.raises(ValueError, match="window_versions must be >= 1"):
         RolloutHistory(window_versions=0)
+
+
+def test_warm_start_loads_earlier_rollouts_as_older_versions(tmp_path):
+    earlier = RolloutHistory()
+    for v in (3, 4, 5):
+        earlier.append(rows(v))
+    path = earlier.save(tmp_path / "previous" / "trace.parquet")
+    h = RolloutHistory(window_versions=4)
+    assert warm_start(h, [path], first_version=0) == 9
+    # Renumbered to end just before the engine's first version, spacing kept: the run's own rollouts are newer.
+    assert h.versions() == [-3, -2, -1]
+    h.append(rows(0))
+    assert h.versions() == [-3, -2, -1, 0] and h.window(1)["policy_version"].to_pylist() == [0] * 3
+    h.append(rows(1))  # the window (4 versions) now drops the oldest loaded one
+    assert h.versions() == [-2, -1, 0, 1]
+    # Two files keep their versions relative to each other.
+    other = RolloutHistory()
+    other.append(rows(7))
+    both = RolloutHistory()
+    warm_start(both, [path, other.save(tmp_path / "other.parquet")], first_version=10)
+    assert both.versions() == [5, 6, 7, 9]
+    assert older_than(RolloutHistory().table(), 0).num_rows == 0  # nothing to renumber
+
+
+def test_warm_start_names_a_bad_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="history.warm_start: .*missing.parquet is not a file"):
+        warm_start(RolloutHistory(), [tmp_path / "missing.parquet"], 0)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "not_a_trace.parquet")
+    with pytest.raises(ValueError, match="not a rollout trace"):
+        warm_start(RolloutHistory(), [tmp_path / "not_a_trace.parquet"], 0)
+
+
+def test_warm_start_config():
+    from rollout.config import HistoryConfig, load_config
+
+    assert HistoryConfig(warm_start="a.parquet").warm_start == ["a.parquet"]
+    with pytest.raises(ValueError, match="warm_start needs history.record"):
+        HistoryConfig(warm_start=["a.parquet"], record=False)
+    config = load_config(None, ["history.warm_start=[runs/a/trace.parquet,runs/b/trace.parquet]"])
+    assert config.history.warm_start == ["runs/a/trace.parquet", "runs/b/trace.parquet"]

@@ -587,6 +587,39 @@ def test_frontend_records_the_top_logprobs_its_drafter_learns_from(tiny_folder):
             assert row["top_token_ids"] is None and row["top_logprobs"] is None
 
 
+def test_frontend_warm_start_ships_the_earlier_rollouts_to_the_drafter(tiny_folder, tmp_path):
+    from rollout.history import RolloutHistory, rows_to_batch
+    from rollout.vllm_proposer import ipc_to_batches
+
+    earlier = RolloutHistory()
+    for version in (2, 3):
+        earlier.append(
+            rows_to_batch(
+                [
+                    {
+                        "request_id": f"r{version}",
+                        "group": "g",
+                        "policy_version": version,
+                        "prompt_ids": [1, 2],
+                        "token_ids": [5, 6, 7],
+                        "logprobs": [-0.1] * 3,
+                        "finish_reason": "length",
+                    }
+                ]
+            )
+        )
+    trace = earlier.save(tmp_path / "trace.parquet")
+    config = VLLMEngineConfig(model=str(tiny_folder), num_speculative_tokens=2, drafter="suffix")
+    llm = FakeLLM([])
+    engine = VLLMEngine(config, history=HistoryConfig(warm_start=[str(trace)]), llm=llm, platform_is_cpu=False)
+    assert [m for m, _ in llm.rpcs] == ["specrollout_setup", "specrollout_refresh"]
+    blobs, version = llm.rpcs[1][1]
+    shipped = [b for batch in ipc_to_batches(blobs) for b in batch.to_pylist()]
+    # Older than the engine's first version, and at that version the drafter refreshes.
+    assert version == 0 and [r["policy_version"] for r in shipped] == [-2, -1]
+    assert engine.history.versions() == [-2, -1] and engine.history.take_outbox() == []
+
+
 def test_frontend_refuses_more_top_logprobs_than_vllm_returns(tiny_folder):
     # vLLM's max_logprobs (20 by default) caps `logprobs=k`; a drafter asking for more fails at construction with
     # the setting to change, not at the first speculated request inside vLLM.

@@ -36,7 +36,7 @@ from rollout.cost_model import measure_cost_model
 from rollout.engine.batch import SeqInput, build_batch
 from rollout.engine.checkpoint import resolve_model
 from rollout.engine.model import TargetModel
-from rollout.history import RolloutHistory, prompt_key
+from rollout.history import RolloutHistory, prompt_key, warm_start
 from rollout.result import RolloutResult, SpecStats
 from rollout.sampling import SamplingParams, process_logits
 from rollout.verify import verify
@@ -142,6 +142,9 @@ class Engine:
         # prompt key -> (prompt, its keys, its values): kept from a finished sequence while a queued request has the
         # same prompt and no running sequence holds it (share_prompts)
         self._kept_prompts: dict[str, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
+        if history.warm_start and self.history is not None:
+            warm_start(self.history, history.warm_start, self.policy_version)
+            self.refresh_drafter()  # the first requests already draft from them
 
     @classmethod
     def from_config(
