@@ -118,15 +118,16 @@ class RolloutHistory:
         if self.max_bytes is None:
             return
         while self.nbytes > self.max_bytes and len(self.versions()) > 1:
-            if self.window_versions is not None and not self.versions_evicted_by_cap:
-                log.warning(
-                    "rollout history: max_bytes=%d MB holds %d policy versions, fewer than window_versions=%d; "
-                    "drafters learn from fewer versions than configured (raise history.max_bytes)",
-                    self.max_bytes >> 20,
-                    len(self.versions()) - 1,
-                    self.window_versions,
-                )
-            self.versions_evicted_by_cap += self.window_versions is not None
+            if self.window_versions is not None:  # the window wanted this version: say so the first time
+                if not self.versions_evicted_by_cap:
+                    log.warning(
+                        "rollout history: max_bytes=%d MB holds %d policy versions, fewer than window_versions=%d; "
+                        "drafters learn from fewer versions than configured (raise history.max_bytes)",
+                        self.max_bytes >> 20,
+                        len(self.versions()) - 1,
+                        self.window_versions,
+                    )
+                self.versions_evicted_by_cap += 1
             self._drop_versions_below(self.versions()[1])
         # A single version over the cap: drop its oldest batches, keeping at least the newest one.
         while self.nbytes > self.max_bytes and len(self._batches) > 1:
@@ -220,5 +221,6 @@ def warm_start(history: RolloutHistory, paths: Sequence[str | Path], first_versi
         if not path.is_file():
             raise FileNotFoundError(f"history.warm_start: {path} is not a file")
         tables.append(RolloutHistory.load(path).table())
-    history.append(older_than(pa.concat_tables(tables), first_version))
+    if tables:
+        history.append(older_than(pa.concat_tables(tables), first_version))
     return history.num_rows
