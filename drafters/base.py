@@ -71,6 +71,8 @@ class Draft:
         """The first nodes (in order) that fit both limits; a node whose parent was cut is cut too."""
         if max_nodes <= 0 or max_depth <= 0 or not self.token_ids:
             return Draft([])
+        if len(self.token_ids) <= min(max_nodes, max_depth):  # no node is deeper than the node count
+            return self
         parents = self.parent_list()
         depths = self.depths()
         keep: list[int] = []
@@ -167,7 +169,8 @@ class NoDrafter(BaseDrafter):
 
 def propose_all(drafter: Drafter, request_ids: Sequence[str], max_tokens: Sequence[int]) -> list[Draft]:
     """Drafts for many requests at once: one call to the drafter's `propose_batch` where it has one (a parametric
-    drafter runs one batched forward per draft position), else `propose` per request."""
+    drafter runs one batched forward per draft position; the compiled drafters draft the whole step in one call),
+    else `propose` per request."""
     batch = getattr(drafter, "propose_batch", None)
     if batch is not None:
         drafts = batch(list(request_ids), list(max_tokens))
@@ -177,6 +180,22 @@ def propose_all(drafter: Drafter, request_ids: Sequence[str], max_tokens: Sequen
             )
         return drafts
     return [drafter.propose(r, k) if k > 0 else EMPTY_DRAFT for r, k in zip(request_ids, max_tokens)]
+
+
+def observe_all(
+    drafter: Drafter,
+    request_ids: Sequence[str],
+    token_ids: Sequence[Sequence[int]],
+    logprobs: Sequence[Sequence[float] | None] | None = None,
+) -> None:
+    """Emitted tokens of many requests at once: one call to the drafter's `observe_batch` where it has one (the
+    compiled drafters take a whole step in one call), else `observe` per request."""
+    batch = getattr(drafter, "observe_batch", None)
+    if batch is not None:
+        batch(request_ids, token_ids, logprobs)
+        return
+    for i, (rid, toks) in enumerate(zip(request_ids, token_ids)):
+        drafter.observe(rid, toks, None if logprobs is None else logprobs[i])
 
 
 def bind_target(drafter: Drafter, folder: str | None) -> Drafter:
@@ -219,7 +238,14 @@ def make_drafter(name: str, **options: Any) -> Drafter:
     return drafter
 
 
-BUILTIN_MODULES = ("drafters.ngram", "drafters.suffix", "drafters.arctic", "drafters.model", "drafters.composite")
+BUILTIN_MODULES = (
+    "drafters.ngram",
+    "drafters.suffix",
+    "drafters.suffix_reference",
+    "drafters.arctic",
+    "drafters.model",
+    "drafters.composite",
+)
 
 
 def _load_builtin_drafters() -> None:

@@ -17,6 +17,7 @@ from drafters.base import (
     BaseDrafter,
     Draft,
     make_drafter,
+    observe_all,
     propose_all,
     register_drafter,
     wanted_top_logprobs,
@@ -73,6 +74,10 @@ class CompositeDrafter(BaseDrafter):
     def observe(self, request_id, token_ids, logprobs=None):
         for part in self.parts:
             part.observe(request_id, token_ids, logprobs)
+
+    def observe_batch(self, request_ids, token_ids, logprobs=None) -> None:
+        for part in self.parts:
+            observe_all(part, request_ids, token_ids, logprobs)
 
     def end(self, request_id):
         for part in self.parts:

@@ -94,20 +94,30 @@ class TreeConfig:
     logprob_trust: float = 0.5
 
 
+def match_weights(cfg: TreeConfig) -> np.ndarray:
+    """[max_match + 1] float64: the weight of a match of each length, len ** match_power, by Python's float pow (the C
+    library's pow, as the compiled core computes it; numpy's vectorised power may round differently)."""
+    return np.array([float(n) ** cfg.match_power for n in range(cfg.max_match + 1)], dtype=np.float64)
+
+
 def build_draft(sources: list[Candidates], max_tokens: int, cfg: TreeConfig) -> Draft:
     """Merge weighted continuations into a trie and return its best-first expansion as a draft tree.
 
     A node's conditional probability is its weight over its parent's weight plus `prior`; the path probability
     (product along the path) estimates the chance the node is accepted. Nodes are taken best path-probability
     first, so parents precede children and siblings come most likely first: the order verification tries them in.
+    Ties are broken explicitly (the compiled core breaks them alike): candidates of equal weight in the order the
+    sources list them (a stable sort), a node's children in the order the ranked candidates first reached them,
+    nodes of equal path probability in the order they were pushed.
     """
     if max_tokens <= 0:
         return Draft([])
     weights, refs = [], []
+    power = match_weights(cfg)
     for si, src in enumerate(sources):
         if len(src.starts) == 0:
             continue
-        w = src.weight * np.minimum(src.match_lens, cfg.max_match).astype(np.float64) ** cfg.match_power
+        w = src.weight * power[np.minimum(src.match_lens, cfg.max_match)]
         weights.append(w)
         refs.extend((si, int(s)) for s in src.starts)
     if not refs:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from drafters.base import Draft, Drafter, propose_all
+from drafters.base import Draft, Drafter, observe_all, propose_all
 from rollout.history import RolloutHistory, older_than
 
 
@@ -33,7 +33,10 @@ class ReplayStats:
     drafted: int = 0
     accepted: int = 0
     propose_seconds: float = 0.0
-    propose_ms: list[float] = field(default_factory=list, repr=False)
+    observe_seconds: float = 0.0
+    # Host time of drafting (propose + observe) per sequence per step, in µs: a batched call's time is shared
+    # equally by the sequences it served, a per-request call's is its own.
+    host_us: list[float] = field(default_factory=list, repr=False)
     per_version: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -52,18 +55,21 @@ class ReplayStats:
 
     @property
     def draft_us_per_token(self) -> float:
-        return 1e6 * self.propose_seconds / self.tokens if self.tokens else 0.0
+        """Drafting time (propose + observe) per emitted token."""
+        return 1e6 * (self.propose_seconds + self.observe_seconds) / self.tokens if self.tokens else 0.0
+
+    def host_us_percentile(self, q: float) -> float:
+        return float(np.percentile(self.host_us, q)) if self.host_us else 0.0
 
     def summary(self) -> dict:
-        ms = np.asarray(self.propose_ms) if self.propose_ms else np.zeros(1)
-        out = {k: v for k, v in asdict(self).items() if k not in ("propose_ms", "per_version")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("host_us", "per_version")}
         out.update(
             acceptance_length=round(self.acceptance_length, 4),
             tokens_per_forward=round(self.tokens_per_forward, 4),
             rejected=self.rejected,
             draft_us_per_token=round(self.draft_us_per_token, 2),
-            propose_ms_p50=round(float(np.percentile(ms, 50)), 4),
-            propose_ms_p99=round(float(np.percentile(ms, 99)), 4),
+            host_us_per_seq_step_p50=round(self.host_us_percentile(50), 2),
+            host_us_per_seq_step_p99=round(self.host_us_percentile(99), 2),
             per_version=self.per_version,
         )
         return out
@@ -79,6 +85,34 @@ def accepted_length(draft: Draft, actual: list[int], pos: int) -> int:
         if p == cur and pos + n < len(actual) and t == actual[pos + n]:
             cur, n = i, n + 1
     return n
+
+
+def _timed_propose(drafter: Drafter, request_ids: list[str], rooms: list[int]) -> tuple[list[Draft], list[float]]:
+    """The step's drafts, as the engine asks for them, and the seconds spent per sequence."""
+    if hasattr(drafter, "propose_batch"):  # one batched call; its time is shared by the sequences it drafted for
+        t0 = time.perf_counter()
+        proposed = propose_all(drafter, request_ids, rooms)
+        return proposed, [(time.perf_counter() - t0) / len(request_ids)] * len(request_ids)
+    proposed, times = [], []
+    for rid, room in zip(request_ids, rooms):
+        t0 = time.perf_counter()
+        proposed += propose_all(drafter, [rid], [room])
+        times.append(time.perf_counter() - t0)
+    return proposed, times
+
+
+def _timed_observe(drafter: Drafter, request_ids: list[str], tokens: list, logprobs: list) -> list[float]:
+    """Hand the step's emitted tokens to the drafter; the seconds spent per sequence."""
+    if hasattr(drafter, "observe_batch"):
+        t0 = time.perf_counter()
+        observe_all(drafter, request_ids, tokens, logprobs)
+        return [(time.perf_counter() - t0) / len(request_ids)] * len(request_ids)
+    times = []
+    for rid, toks, lps in zip(request_ids, tokens, logprobs):
+        t0 = time.perf_counter()
+        drafter.observe(rid, toks, lps)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def replay(
@@ -115,32 +149,23 @@ def replay(
                 drafter.end(ids[j])
         while active:
             rooms = [max(0, min(max_draft_tokens, len(outputs[j]) - pos[j] - 1)) for j in active]
-            if hasattr(drafter, "propose_batch"):
-                # one batched call; its time is shared by the sequences it drafted for
-                t0 = time.perf_counter()
-                proposed = propose_all(drafter, [ids[j] for j in active], rooms)
-                times = [(time.perf_counter() - t0) / len(active)] * len(active)
-            else:
-                proposed, times = [], []
-                for j, room in zip(active, rooms):
-                    t0 = time.perf_counter()
-                    proposed += propose_all(drafter, [ids[j]], [room])
-                    times.append(time.perf_counter() - t0)
+            proposed, times = _timed_propose(drafter, [ids[j] for j in active], rooms)
             stats.propose_seconds += sum(times)
-            stats.propose_ms.extend(t * 1e3 for t in times)
             drafts = [d.truncated(room, room) if room > 0 else Draft([]) for d, room in zip(proposed, rooms)]
             stats.batch_steps += 1
-            emitted = []
+            emitted, emitted_lps = [], []
             for j, d in zip(active, drafts):
                 n = accepted_length(d, outputs[j], pos[j])
-                emitted.append((outputs[j][pos[j] : pos[j] + n + 1], logprobs[j][pos[j] : pos[j] + n + 1] or None))
+                emitted.append(outputs[j][pos[j] : pos[j] + n + 1])
+                emitted_lps.append(logprobs[j][pos[j] : pos[j] + n + 1] or None)
                 stats.drafted += len(d)
                 stats.accepted += n
                 stats.sequence_steps += 1
                 stats.tokens += n + 1
                 pos[j] += n + 1
-            for j, (toks, lps) in zip(active, emitted):
-                drafter.observe(ids[j], toks, lps)
+            observed = _timed_observe(drafter, [ids[j] for j in active], emitted, emitted_lps)
+            stats.observe_seconds += sum(observed)
+            stats.host_us.extend(1e6 * (a + b) for a, b in zip(times, observed))
             still = []
             for j in active:
                 if pos[j] >= len(outputs[j]):

@@ -6,26 +6,37 @@ Sources, in the order they usually pay:
    the same prompt, so where one has been, another is likely to go;
 2. the request itself (prompt and output so far): copied spans and repeated formats, as prompt lookup finds them;
 3. other groups in flight (formats shared across prompts), indexed by their last three tokens;
-4. the global window: recent rollouts of all prompts, in a TokenIndex (token_index.py explains the structure).
+4. the global window: recent rollouts of all prompts, in a token index (drafters/token_index.py explains it).
 
 Every match is a candidate continuation, weighted by its source, by how recent the policy version that wrote it is
-(decay ** versions_old) and by how long the match is; drafters/matching.py merges the candidates into a trie and
-expands it best-first into a tree of at most max_tokens nodes, cut where the estimated path probability falls
-below min_prob. refresh() rebuilds the global window and the per-prompt store from the history; between refreshes,
-finished rollouts are added as they end.
+(decay ** versions_old) and by how long the match is; the candidates are merged into a trie and expanded best-first
+into a tree of at most max_tokens nodes, cut where the estimated path probability falls below min_prob. refresh()
+rebuilds the global window and the per-prompt store from the history; between refreshes, finished rollouts are added
+as they end.
+
+`SuffixDrafter` runs all of that in a compiled core (drafters/csrc/suffix_core.h, loaded by drafters/native.py,
+which says why C++), once per engine step for the whole batch: `propose_batch` and `observe_batch`. What stays in
+Python is the request-id -> slot map and the Arrow reading at refresh. `drafters/suffix_reference.py` is the same
+algorithm in Python and numpy, registered as `suffix_reference`: the tests hold the core to it draft for draft.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+import copy
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from drafters.base import BaseDrafter, Draft, register_drafter
-from drafters.matching import Candidates, TreeConfig, build_draft, match_in_array
-from drafters.token_index import TokenIndex
+from drafters.base import EMPTY_DRAFT, BaseDrafter, Draft, register_drafter
+from drafters.matching import TreeConfig
+from drafters.native import load_native
 from rollout.history import prompt_key
+
+BUCKET_BITS = 20  # the global index's hash table: 2**20 chains (4 MiB)
 
 
 @dataclass
@@ -49,294 +60,184 @@ class SuffixConfig:
     tree: TreeConfig = field(default_factory=TreeConfig)
 
 
-class _Seq:
-    """A growing prompt + output array, with the policy's probability of each output token (NaN: unknown)."""
+# option -> (lowest allowed value, whether the lowest is allowed)
+_LIMITS = {
+    "window_versions": (1, True),
+    "group_weight": (0.0, False),
+    "self_weight": (0.0, False),
+    "global_weight": (0.0, False),
+    "min_match_group": (1, True),
+    "min_match_self": (1, True),
+    "min_match_global": (1, True),
+    "max_rollouts_per_prompt": (0, True),
+    "global_max_tokens": (0, True),
+    "prompt_tail": (0, True),
+    "max_walk": (1, True),
+    "max_candidates": (1, True),
+    "max_match": (1, True),
+    "max_depth": (1, True),
+    "prior": (0.0, True),
+    "min_prob": (0.0, True),
+    "logprob_trust": (0.0, True),
+}
 
-    def __init__(self, prompt: np.ndarray):
-        capacity = max(64, 2 * len(prompt))
-        self.data = np.empty(capacity, dtype=np.int32)
-        self.probs = np.full(capacity, np.nan, dtype=np.float32)
-        self.data[: len(prompt)] = prompt
-        self.n = len(prompt)
-        self.prompt_len = len(prompt)
 
-    def extend(self, tokens, logprobs=None) -> None:
-        tokens = np.asarray(tokens, dtype=np.int32)
-        need = self.n + len(tokens)
-        if need > len(self.data):
-            size = max(need, 2 * len(self.data))
-            data, probs = np.empty(size, dtype=np.int32), np.full(size, np.nan, dtype=np.float32)
-            data[: self.n], probs[: self.n] = self.data[: self.n], self.probs[: self.n]
-            self.data, self.probs = data, probs
-        self.data[self.n : need] = tokens
-        if logprobs is not None and len(logprobs) == len(tokens):
-            self.probs[self.n : need] = np.exp(np.asarray(logprobs, dtype=np.float32))
-        self.n = need
-
-    @property
-    def view(self) -> np.ndarray:
-        return self.data[: self.n]
+def suffix_config(config: SuffixConfig | None = None, overrides: dict[str, Any] | None = None) -> SuffixConfig:
+    """A validated copy of `config` (the caller's object is left as it is) with `overrides` applied; an override
+    names a SuffixConfig or TreeConfig field."""
+    cfg = copy.deepcopy(config) if config is not None else SuffixConfig()
+    for name, value in (overrides or {}).items():
+        target = cfg.tree if name in {f.name for f in fields(TreeConfig)} else cfg
+        if name == "tree" or not hasattr(target, name):
+            raise ValueError(f"unknown suffix drafter option {name!r}")
+        setattr(target, name, type(getattr(target, name))(value))
+    if not 0 < cfg.decay <= 1:
+        raise ValueError(f"suffix drafter decay must be in (0, 1], got {cfg.decay}")
+    for part in (cfg, cfg.tree):
+        for f in fields(part):
+            value = getattr(part, f.name)
+            if f.name not in _LIMITS:
+                continue
+            low, inclusive = _LIMITS[f.name]
+            if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
+                raise ValueError(
+                    f"suffix drafter option {f.name} must be {'>=' if inclusive else '>'} {low}, got {value}"
+                )
+    for name in ("min_prob", "logprob_trust"):
+        if getattr(cfg.tree, name) > 1:
+            raise ValueError(f"suffix drafter option {name} must be <= 1, got {getattr(cfg.tree, name)}")
+    if not math.isfinite(cfg.tree.match_power):
+        raise ValueError(f"suffix drafter option match_power must be finite, got {cfg.tree.match_power}")
+    return cfg
 
 
 @dataclass
-class _Request:
-    seq: _Seq
-    group: str
-    key: str  # prompt key
-    alive: bool = True
+class HistoryRows:
+    """The rollouts a refresh reads, as flat arrays: row i's prompt is prompts[prompt_offsets[i]:prompt_offsets[i+1]],
+    likewise its output; output_logprobs holds each output token's logprob, NaN where the row has none."""
+
+    keys: list[str]  # prompt key per row ("" where the history has none)
+    versions: np.ndarray  # [R] int64
+    prompts: np.ndarray  # [P] int32
+    prompt_offsets: np.ndarray  # [R + 1] int64
+    outputs: np.ndarray  # [O] int32
+    output_offsets: np.ndarray  # [R + 1] int64
+    output_logprobs: np.ndarray  # [O] float32
 
 
-class _InflightIndex:
-    """Which in-flight outputs (of every group) have continued the last three tokens, newest first.
-
-    In-flight sequences grow in place, so they cannot live in the flat TokenIndex; entries are (request, position)
-    under the key of the three tokens before the position. Ended requests are skipped and swept at refresh.
-    """
-
-    def __init__(self, max_match: int):
-        self.entries: dict[tuple[int, int, int], list[tuple[_Request, int]]] = {}
-        self.max_match = max_match
-
-    def add(self, req: _Request, start: int) -> None:
-        """Index positions [start, n) of the request's output; each becomes a continuation start."""
-        seq = req.seq
-        data = seq.data
-        for p in range(max(start, seq.prompt_len, 3), seq.n):
-            key = (int(data[p - 3]), int(data[p - 2]), int(data[p - 1]))
-            self.entries.setdefault(key, []).append((req, p))
-
-    def query(self, context: np.ndarray, exclude_group: str, max_walk: int) -> list[tuple[_Request, int, int]]:
-        """(request, start, match length >= 3) of live entries matching the context's tail, newest first."""
-        if len(context) < 3:
-            return []
-        found = self.entries.get((int(context[-3]), int(context[-2]), int(context[-1])))
-        if not found:
-            return []
-        picked = []
-        for req, p in reversed(found):
-            if req.alive and req.group != exclude_group:
-                picked.append((req, p))
-                if len(picked) == max_walk:
-                    break
-        if not picked:
-            return []
-        width = min(self.max_match, len(context))
-        windows = np.full((len(picked), width), -2, dtype=np.int64)  # -2 never equals a token
-        for i, (req, p) in enumerate(picked):
-            lo = max(0, p - width)
-            windows[i, width - (p - lo) :] = req.seq.data[lo:p]
-        same = windows[:, ::-1] == context[-width:][::-1]  # [E, width], column d: d + 1 tokens back
-        lens = np.where(same.all(1), width, same.argmin(1))
-        return [(req, p, int(n)) for (req, p), n in zip(picked, lens.tolist())]
-
-    def sweep(self) -> None:
-        self.entries = {k: kept for k, v in self.entries.items() if (kept := [e for e in v if e[0].alive])}
+def _flat_lists(column: pa.ChunkedArray | pa.Array, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A list column -> (values, offsets [rows + 1]); a null list counts as empty."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return values, offsets
 
 
-class _PromptStore:
-    """Finished rollouts of one prompt, kept for its group and scanned as one array per policy version.
+def history_rows(history: Any, window_versions: int) -> HistoryRows:
+    """The newest `window_versions` policy versions of a RolloutHistory (or all rows of a pyarrow Table)."""
+    table = history.window(window_versions) if hasattr(history, "window") else history
+    table = table.select(["prompt_key", "policy_version", "prompt_ids", "token_ids", "logprobs"])
+    prompts, prompt_offsets = _flat_lists(table.column("prompt_ids"), np.int32)
+    outputs, output_offsets = _flat_lists(table.column("token_ids"), np.int32)
+    logprobs, logprob_offsets = _flat_lists(table.column("logprobs"), np.float32)
+    out_len, lp_len = np.diff(output_offsets), np.diff(logprob_offsets)
+    known = (lp_len == out_len) & (out_len > 0)  # a row's logprobs count only when there is one per output token
+    aligned = np.full(len(outputs), np.nan, dtype=np.float32)
+    if known.any():
+        aligned[np.repeat(known, out_len)] = logprobs[np.repeat(known, lp_len)]
+    return HistoryRows(
+        keys=[k or "" for k in table.column("prompt_key").to_pylist()],
+        versions=table.column("policy_version").to_numpy(zero_copy_only=False).astype(np.int64),
+        prompts=prompts,
+        prompt_offsets=prompt_offsets,
+        outputs=outputs,
+        output_offsets=output_offsets,
+        output_logprobs=aligned,
+    )
 
-    A prompt holds up to max_rollouts_per_prompt rollouts (G samples x the window's versions) and a scan of a small
-    array costs mostly its call overhead, so rollouts of one version are laid end to end and scanned at once. Each
-    is kept as the last `tail` tokens of its prompt (a match may reach back into the prompt, as far as a match is
-    ever counted), its output, and a separator (-1, which no context token equals, so matches and continuations stop
-    there); continuations may start only inside outputs.
-    """
 
-    def __init__(self, max_rollouts: int, tail: int):
-        self.rollouts: deque[tuple[np.ndarray, np.ndarray, int, int]] = deque(maxlen=max_rollouts)
-        self.tail = tail
-        self._flat: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] | None = None
-
-    def append(self, tokens: np.ndarray, probs: np.ndarray, prompt_len: int, version: int) -> None:
-        """A finished rollout: prompt + output tokens, the policy's probability of each (NaN: unknown)."""
-        lo = prompt_len - min(self.tail, prompt_len)
-        self.rollouts.append((tokens[lo:], probs[lo:], prompt_len - lo, int(version)))
-        self._flat = None
-
-    def flat(self) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-        """(version, tokens [N], probs [N], allowed starts [N] bool) per version, rebuilt after an append."""
-        if self._flat is None:
-            parts: dict[int, list[tuple[np.ndarray, np.ndarray, int]]] = {}
-            for tokens, probs, skip, version in self.rollouts:
-                if len(tokens) > skip:
-                    parts.setdefault(version, []).append((tokens, probs, skip))
-            self._flat = []
-            separator, unknown = np.full(1, -1, np.int32), np.full(1, np.nan, np.float32)
-            for version, pieces in parts.items():
-                arrays, prob_arrays, masks = [], [], []
-                for tokens, probs, skip in pieces:
-                    arrays += [tokens, separator]
-                    prob_arrays += [probs, unknown]
-                    mask = np.zeros(len(tokens) + 1, dtype=bool)
-                    mask[skip : len(tokens)] = True
-                    masks.append(mask)
-                self._flat.append((version, np.concatenate(arrays), np.concatenate(prob_arrays), np.concatenate(masks)))
-        return self._flat
-
-    @property
-    def nbytes(self) -> int:
-        kept = sum(t.nbytes + p.nbytes for t, p, _, _ in self.rollouts)
-        return kept + sum(t.nbytes + p.nbytes + m.nbytes for _, t, p, m in self._flat or ())
+def core_config(cfg: SuffixConfig) -> dict[str, Any]:
+    """The options the compiled core reads, flat."""
+    flat = {k: v for k, v in asdict(cfg).items() if k not in ("tree", "window_versions")}
+    flat.update(asdict(cfg.tree))
+    flat["bucket_bits"] = BUCKET_BITS
+    return flat
 
 
 @register_drafter("suffix")
 class SuffixDrafter(BaseDrafter):
     def __init__(self, config: SuffixConfig | None = None, **overrides):
-        cfg = config or SuffixConfig()
-        for name, value in overrides.items():
-            target = cfg.tree if hasattr(cfg.tree, name) else cfg
-            if not hasattr(target, name):
-                raise ValueError(f"unknown suffix drafter option {name!r}")
-            setattr(target, name, type(getattr(target, name))(value))
-        if not 0 < cfg.decay <= 1:
-            raise ValueError(f"suffix drafter decay must be in (0, 1], got {cfg.decay}")
-        self.cfg = cfg
+        self.cfg = suffix_config(config, overrides)
+        self.core = load_native().SuffixCore(core_config(self.cfg), Draft, EMPTY_DRAFT)
         self.version = 0
-        self.requests: dict[str, _Request] = {}
-        self.groups: dict[str, set[str]] = {}  # group -> in-flight request ids
-        self.by_prompt: dict[str, _PromptStore] = {}  # prompt key -> its finished rollouts
-        self.global_index = TokenIndex(max_tokens=cfg.global_max_tokens)
-        self.inflight = _InflightIndex(cfg.tree.max_match)
+        self.slots: dict[str, int] = {}  # request id -> the core's slot
 
     # ------------------------------------------------------------------ lifecycle
 
     def begin(self, request_id, prompt_ids, group):
+        if request_id in self.slots:
+            raise ValueError(f"suffix drafter: request {request_id!r} began twice (end it first)")
         prompt = np.asarray(prompt_ids, dtype=np.int32)
         key = prompt_key(prompt)
-        g = group if group is not None else key
-        self.requests[request_id] = _Request(_Seq(prompt), g, key)
-        self.groups.setdefault(g, set()).add(request_id)
+        self.slots[request_id] = self.core.begin(prompt, key if group is None else str(group), key)
 
     def observe(self, request_id, token_ids, logprobs=None):
-        if token_ids:
-            req = self.requests[request_id]
-            start = req.seq.n
-            req.seq.extend(token_ids, logprobs)
-            self.inflight.add(req, start)
+        self.observe_batch([request_id], [token_ids], None if logprobs is None else [logprobs])
+
+    def observe_batch(
+        self,
+        request_ids: Sequence[str],
+        token_ids: Sequence[Sequence[int]],
+        logprobs: Sequence[Sequence[float] | None] | None = None,
+    ) -> None:
+        """Emitted tokens of many requests in one call, with the policy's logprob of each where known (a request's
+        logprobs count only when there is one per token)."""
+        slots = self.slots
+        self.core.observe([slots[r] for r in request_ids], token_ids, logprobs)
 
     def end(self, request_id):
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return
-        req.alive = False
-        members = self.groups.get(req.group)
-        if members is not None:
-            members.discard(request_id)
-            if not members:
-                del self.groups[req.group]
-        seq = req.seq
-        if seq.n > seq.prompt_len:
-            self._remember(req.key, seq.view.copy(), seq.probs[: seq.n].copy(), seq.prompt_len, self.version)
-
-    def _remember(self, key: str, tokens: np.ndarray, probs: np.ndarray, prompt_len: int, version: int) -> None:
-        self._store(key).append(tokens, probs, prompt_len, version)
-        tail = min(self.cfg.prompt_tail, prompt_len)
-        self.global_index.add(tokens[prompt_len - tail :], version, tail, probs[prompt_len - tail :])
+        slot = self.slots.pop(request_id, None)
+        if slot is not None:
+            self.core.end(slot)
 
     def refresh(self, history, policy_version: int) -> None:
         """Rebuild the per-prompt store and the global window from the history's newest versions."""
         self.version = int(policy_version)
-        self.inflight.sweep()
         if history is None:
+            self.core.set_version(self.version)
             return
-        table = history.window(self.cfg.window_versions) if hasattr(history, "window") else history
-        self.by_prompt.clear()
-        sequences = []
-        columns = table.select(["prompt_key", "policy_version", "prompt_ids", "token_ids", "logprobs"]).to_pydict()
-        for key, version, prompt, output, logprobs in zip(
-            columns["prompt_key"],
-            columns["policy_version"],
-            columns["prompt_ids"],
-            columns["token_ids"],
-            columns["logprobs"],
-        ):
-            if not output:
-                continue
-            tokens = np.asarray(prompt + output, dtype=np.int32)
-            probs = np.full(len(tokens), np.nan, dtype=np.float32)
-            if logprobs and len(logprobs) == len(output):
-                probs[len(prompt) :] = np.exp(np.asarray(logprobs, dtype=np.float32))
-            self._store(key).append(tokens, probs, len(prompt), int(version))
-            tail = min(self.cfg.prompt_tail, len(prompt))
-            sequences.append((tokens[len(prompt) - tail :], int(version), tail, probs[len(prompt) - tail :]))
-        self.global_index.build(sequences)
-
-    def _store(self, key: str) -> _PromptStore:
-        store = self.by_prompt.get(key)
-        if store is None:
-            store = self.by_prompt[key] = _PromptStore(self.cfg.max_rollouts_per_prompt, self.cfg.tree.max_match)
-        return store
+        rows = history_rows(history, self.cfg.window_versions)
+        self.core.refresh(
+            self.version,
+            rows.keys,
+            rows.versions,
+            rows.prompts,
+            rows.prompt_offsets,
+            rows.outputs,
+            rows.output_offsets,
+            rows.output_logprobs,
+        )
 
     # ------------------------------------------------------------------ drafting
 
-    def _recency(self, version: int) -> float:
-        return self.cfg.decay ** max(0, self.version - version)
-
     def propose(self, request_id, max_tokens):
-        if max_tokens <= 0:
-            return Draft([])
-        cfg = self.cfg
-        req = self.requests[request_id]
-        context = req.seq.view
-        max_match = cfg.tree.max_match
-        sources: list[Candidates] = []
+        return self.propose_batch([request_id], [max_tokens])[0]
 
-        def add(array, probs, n: int, min_start: int, min_match: int, weight: float, allowed=None) -> None:
-            starts, lens = match_in_array(array, n, context, min_start, min_match, max_match, allowed)
-            if len(starts):
-                sources.append(Candidates(array, starts, lens, weight, n, probs))
-
-        # The group: siblings in flight, then finished rollouts of this prompt (their own prompts are skipped:
-        # the request's own prompt already covers them).
-        for sid in self.groups.get(req.group, ()):
-            if sid != request_id:
-                sib = self.requests[sid].seq
-                add(sib.data, sib.probs, sib.n, sib.prompt_len, cfg.min_match_group, cfg.group_weight)
-        store = self.by_prompt.get(req.key)
-        for version, tokens, probs, allowed in store.flat() if store is not None else ():
-            weight = cfg.group_weight * self._recency(version)
-            add(tokens, probs, len(tokens), 1, cfg.min_match_group, weight, allowed)
-        # The request itself: prompt lookup and repetition.
-        add(context, req.seq.probs, len(context), 1, cfg.min_match_self, cfg.self_weight)
-        # Other groups in flight.
-        for other, start, n in self.inflight.query(context, req.group, cfg.max_walk):
-            if n >= cfg.min_match_global:
-                seq = other.seq
-                sources.append(
-                    Candidates(seq.data, np.array([start]), np.array([n]), cfg.global_weight, seq.n, seq.probs)
-                )
-        # The global window.
-        starts, lens, versions = self.global_index.query(context, cfg.min_match_global, max_match, cfg.max_walk)
-        if len(starts):
-            recency = cfg.decay ** np.maximum(0, self.version - versions)
-            for decay_value in np.unique(recency):
-                pick = recency == decay_value
-                sources.append(
-                    Candidates(
-                        self.global_index.tokens.view,
-                        starts[pick],
-                        lens[pick],
-                        cfg.global_weight * float(decay_value),
-                        self.global_index.tokens.n,
-                        self.global_index.probs.view,
-                    )
-                )
-        return build_draft(sources, max_tokens, cfg.tree)
+    def propose_batch(self, request_ids: Sequence[str], max_tokens: Sequence[int]) -> list[Draft]:
+        """One draft per request, all in one call of the core."""
+        slots = self.slots
+        return self.core.propose([slots[r] for r in request_ids], max_tokens)
 
     # ------------------------------------------------------------------ introspection
 
     @property
     def nbytes(self) -> int:
-        stored = sum(store.nbytes for store in self.by_prompt.values())
-        return self.global_index.nbytes + stored
+        """Bytes held by the global window and the per-prompt stores (array capacities)."""
+        return self.core.nbytes
 
     def check_integrity(self) -> None:
-        self.global_index.check_integrity()
-        for g, members in self.groups.items():
-            assert members, f"group {g} is empty but kept"
-            for rid in members:
-                assert self.requests[rid].group == g
-        for rid, req in self.requests.items():
-            assert rid in self.groups[req.group]
-            assert req.seq.prompt_len <= req.seq.n
+        self.core.check_integrity()
+        if self.core.live_requests != len(self.slots):
+            raise AssertionError(f"{len(self.slots)} requests tracked but {self.core.live_requests} in the core")

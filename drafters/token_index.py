@@ -21,6 +21,12 @@ from drafters.matching import match_lengths
 SEP = -1  # between stored sequences; never a token
 
 
+def wrap16(version: int) -> int:
+    """A policy version as the index stores it (int16, modulo 2**16); also turns a difference of two stored versions
+    back into an age, which is right while the versions in the index are fewer than 32768 apart."""
+    return (int(version) + 2**15) % 2**16 - 2**15
+
+
 class _Grow:
     """An append-only numpy array that doubles its capacity."""
 
@@ -51,7 +57,7 @@ class TokenIndex:
 
     def clear(self) -> None:
         self.tokens = _Grow(np.int32)
-        self.versions = _Grow(np.int16)  # policy version mod 2**15 is enough to tell recency within a window
+        self.versions = _Grow(np.int16)  # policy version mod 2**16 (wrap16) is enough to tell recency within a window
         self.probs = _Grow(np.float16)  # the policy's probability of each token when sampled (NaN: unknown)
         self.prev = _Grow(np.int32)  # previous indexed position with the same bucket, -1 = none
         self.head = np.full(1 << self.bucket_bits, -1, dtype=np.int32)
@@ -77,7 +83,7 @@ class TokenIndex:
             self.evict_oldest(self.num_tokens + len(seq) - self.max_tokens)
         start = self.tokens.n
         self.tokens.extend(np.append(seq, np.int32(SEP)))
-        self.versions.extend(np.full(len(seq) + 1, version, np.int16))
+        self.versions.extend(np.full(len(seq) + 1, wrap16(version), np.int16))
         self.probs.extend(np.append(p, np.float16(np.nan)))
         self.prev.extend(np.full(len(seq) + 1, -1, np.int32))
         first = start + max(first_indexed, 2)
@@ -110,7 +116,7 @@ class TokenIndex:
         for toks, version, first_indexed, *rest in sequences:
             toks = np.asarray(toks, dtype=np.int32)
             parts.append(np.append(toks, np.int32(SEP)))
-            vers.append(np.full(len(toks) + 1, version, np.int16))
+            vers.append(np.full(len(toks) + 1, wrap16(version), np.int16))
             p = rest[0] if rest and rest[0] is not None else np.full(len(toks), np.nan)
             probs.append(np.append(np.asarray(p, dtype=np.float16), np.float16(np.nan)))
             self.segments.append((pos, pos + max(first_indexed, 2), pos + len(toks)))

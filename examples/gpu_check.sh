@@ -108,6 +108,14 @@ except (FileNotFoundError, ModuleNotFoundError, ImportError) as e:
              "pass the converted smollm2-135m folder with --model DIR (or MODEL_DIR=DIR)")
 EOF
 
+# The suffix drafter's compiled core (drafters/_native), which the service benchmark drafts with: pip builds it on
+# install; a bare checkout builds it here once (setuptools, pybind11 and a C++ compiler on this machine).
+if ! "$PYTHON" -c "import drafters._native" 2> /dev/null; then
+    echo "== building drafters/_native (the compiled drafter core)"
+    "$PYTHON" setup.py -q build_ext --inplace ||
+        echo "gpu_check: could not build drafters/_native (needs pybind11 and g++); the service benchmark will fail" >&2
+fi
+
 mkdir -p "$(dirname "$OUT")"
 MARK=exactness
 [[ $QUICK == 1 ]] && MARK="exactness and not slow"

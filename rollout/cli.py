@@ -99,7 +99,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(
             f"{name:>14}: acceptance length {stats.acceptance_length:.3f} | tokens per batched forward "
             f"{stats.tokens_per_forward:.2f} | drafted {stats.drafted} rejected {stats.rejected} | "
-            f"{stats.draft_us_per_token:.1f} us drafting per token"
+            f"drafting {stats.host_us_percentile(50):.1f} us per sequence-step (p50; p99 "
+            f"{stats.host_us_percentile(99):.1f}), {stats.draft_us_per_token:.1f} us per token"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from drafters.base import Draft, Drafter
+from drafters.base import Draft, Drafter, observe_all, propose_all
 from rollout.result import SpecStats, count_positions
 
 EXTRA_ARGS_KEY = "specrollout"  # SamplingParams.extra_args[EXTRA_ARGS_KEY] = {"group": str | None, "speculate": bool}
@@ -144,11 +144,13 @@ class SpecRolloutProposer:
             # Absent from this step's batch but still a runner request: preempted or not scheduled; it comes back.
             if known is None or rid not in known:
                 self._end(rid)
-        drafts: list[list[int]] = []
+        drafts: list[list[int]] = [[] for _ in req_ids]
+        rows: list[tuple[int, str, _Tracked, int]] = []  # (row, request, tracked, prompt + output tokens)
+        observed_ids: list[str] = []
+        observed_tokens: list[list[int]] = []
         for row, rid in enumerate(req_ids):
             booked = sampled_token_ids[row]
             if not booked:  # a prefill chunk, or a row vLLM discarded this step: nothing new, nothing to verify
-                drafts.append([])
                 continue
             n = int(num_tokens_no_spec[row])
             t = self._tracked.get(rid)
@@ -165,8 +167,13 @@ class SpecRolloutProposer:
             new = [int(x) for x in token_ids_cpu[row, t.seen : n]]
             t.seen = n
             if t.speculate and new:
-                self.drafter.observe(rid, new)
-            drafts.append(self._draft(rid, t, n))
+                observed_ids.append(rid)
+                observed_tokens.append(new)
+            rows.append((row, rid, t, n))
+        # One call each for the whole batch: every row's new tokens, then every row's draft.
+        if observed_ids:
+            observe_all(self.drafter, observed_ids, observed_tokens)
+        self._draft(rows, drafts)
         return drafts
 
     def _request_info(self, rid: str, row: int, token_ids_cpu: Any) -> tuple[list[int], str | None, bool, int | None]:
@@ -209,16 +216,26 @@ class SpecRolloutProposer:
         c.accepted += accepted
         count_positions(c.drafted_per_position, c.accepted_per_position, drafted, accepted)
 
-    def _draft(self, rid: str, t: _Tracked, n: int) -> list[int]:
-        """The row's next chain, no longer than what the step can still emit after it (as our engine's _room)."""
+    def _room(self, t: _Tracked, n: int) -> int:
+        """Draft tokens worth asking for: no more than the step can still emit after them (as our engine's _room)."""
         room = self.k
         if self.max_model_len is not None:
             room = min(room, self.max_model_len - n - 1)
         if t.max_tokens is not None:
             room = min(room, t.max_tokens - (n - t.prompt_len) - 1)
-        chain: list[int] = []
-        if t.speculate and room > 0:
-            chain = best_path(self.drafter.propose(rid, room))[:room]
+        return room if t.speculate else 0
+
+    def _draft(self, rows: list[tuple[int, str, _Tracked, int]], drafts: list[list[int]]) -> None:
+        """Each row's next chain into drafts[row], from one propose call for all rows that have room."""
+        assert self.drafter is not None
+        wanted = [(row, rid, t, room) for row, rid, t, n in rows if (room := self._room(t, n)) > 0]
+        for _, _, t, _ in rows:
+            t.last_draft = 0
+        if not wanted:
+            return
+        proposed = propose_all(self.drafter, [rid for _, rid, _, _ in wanted], [room for *_, room in wanted])
+        for (row, _, t, room), draft in zip(wanted, proposed):
+            chain = best_path(draft)[:room]
             if self.vocab_size is not None:
                 for i, token in enumerate(chain):
                     if not 0 <= token < self.vocab_size:
@@ -227,9 +244,9 @@ class SpecRolloutProposer:
                         self.counters.invalid += 1
                         chain = chain[:i]
                         break
-        t.last_draft = len(chain)
-        self.counters.proposed += len(chain)
-        return chain
+            t.last_draft = len(chain)
+            self.counters.proposed += len(chain)
+            drafts[row] = chain
 
     def _end(self, rid: str) -> None:
         t = self._tracked.pop(rid)

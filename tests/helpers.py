@@ -61,3 +61,60 @@ class WrongFirstTreeDrafter(ReferenceDrafter):
             parents += [right, right]
             right = len(tokens) - 1
         return Draft(tokens, parents)
+
+
+def assert_same_draft(got: Draft, want: Draft, where: str = "") -> None:
+    """Identical drafts: token ids and parents equal, probabilities and score within 1e-6 (an empty draft equals any
+    other empty draft, whatever its parents field)."""
+    assert got.token_ids == want.token_ids, f"{where}: tokens {got.token_ids} != {want.token_ids}"
+    if not want.token_ids:
+        return
+    assert got.parent_list() == want.parent_list(), f"{where}: parents {got.parent_list()} != {want.parent_list()}"
+    assert (got.probs is None) == (want.probs is None), where
+    if want.probs is not None:
+        assert max(abs(a - b) for a, b in zip(got.probs, want.probs)) <= 1e-6, f"{where}: {got.probs} {want.probs}"
+    assert abs(got.score - want.score) <= 1e-6, where
+
+
+class LockstepDrafter:
+    """Drives a drafter and its reference with the same calls and checks that every draft is the same.
+
+    Behaves as the drafter under test (its drafts are the ones returned), so it can stand in a replay or an engine.
+    """
+
+    def __init__(self, drafter, reference):
+        from drafters.base import observe_all, propose_all
+
+        self.drafter, self.reference = drafter, reference
+        self._observe_all, self._propose_all = observe_all, propose_all
+        self.compared = 0
+
+    def begin(self, request_id, prompt_ids, group):
+        self.drafter.begin(request_id, prompt_ids, group)
+        self.reference.begin(request_id, prompt_ids, group)
+
+    def observe(self, request_id, token_ids, logprobs=None):
+        self.observe_batch([request_id], [token_ids], None if logprobs is None else [logprobs])
+
+    def observe_batch(self, request_ids, token_ids, logprobs=None):
+        self._observe_all(self.drafter, request_ids, token_ids, logprobs)
+        self._observe_all(self.reference, request_ids, token_ids, logprobs)
+
+    def end(self, request_id):
+        self.drafter.end(request_id)
+        self.reference.end(request_id)
+
+    def refresh(self, history, policy_version):
+        self.drafter.refresh(history, policy_version)
+        self.reference.refresh(history, policy_version)
+
+    def propose(self, request_id, max_tokens):
+        return self.propose_batch([request_id], [max_tokens])[0]
+
+    def propose_batch(self, request_ids, max_tokens):
+        got = self._propose_all(self.drafter, request_ids, max_tokens)
+        want = [self.reference.propose(r, k) for r, k in zip(request_ids, max_tokens)]
+        for rid, k, g, w in zip(request_ids, max_tokens, got, want):
+            assert_same_draft(g, w, f"request {rid}, max_tokens {k}, draft #{self.compared}")
+            self.compared += 1
+        return got

@@ -13,6 +13,7 @@ from drafters.matching import Candidates, TreeConfig, build_draft, match_in_arra
 from drafters.ngram import lookup
 from drafters.replay import accepted_length, replay
 from drafters.suffix import SuffixConfig, SuffixDrafter
+from drafters.suffix_reference import SuffixReferenceDrafter
 from drafters.token_index import TokenIndex
 from rollout.history import RolloutHistory, rows_to_batch
 
@@ -72,7 +73,7 @@ def test_match_in_array_keeps_only_allowed_starts():
 
 def test_prompt_store_scan_finds_what_scanning_each_rollout_finds():
     """A prompt's rollouts laid end to end per version give the same candidates as one scan per rollout."""
-    from drafters.suffix import _PromptStore
+    from drafters.suffix_reference import _PromptStore
 
     rng = np.random.default_rng(3)
     prompt = rng.integers(0, 6, 40).astype(np.int32)
@@ -159,11 +160,21 @@ def test_build_draft(sources, cfg, max_tokens, tokens, parents):
 # ---------------------------------------------------------------------------------------------- suffix drafter
 
 
-def suffix(**kw) -> SuffixDrafter:
-    return SuffixDrafter(SuffixConfig(**kw))
+SUFFIX_IMPLEMENTATIONS = {"compiled": SuffixDrafter, "reference": SuffixReferenceDrafter}
 
 
-def test_sibling_tokens_are_visible_as_soon_as_observed():
+@pytest.fixture(params=sorted(SUFFIX_IMPLEMENTATIONS))
+def suffix(request):
+    """Both suffix drafters: the compiled one and the Python reference it is held to behave alike on every rule."""
+    cls = SUFFIX_IMPLEMENTATIONS[request.param]
+
+    def build(**kw):
+        return cls(SuffixConfig(**kw))
+
+    return build
+
+
+def test_sibling_tokens_are_visible_as_soon_as_observed(suffix):
     d = suffix()
     prompt = [1, 2, 3]
     d.begin("a", prompt, "g")
@@ -176,7 +187,7 @@ def test_sibling_tokens_are_visible_as_soon_as_observed():
     assert d.propose("b", 2).token_ids == [12, 13]
 
 
-def test_earlier_rollouts_of_the_same_prompt_after_refresh():
+def test_earlier_rollouts_of_the_same_prompt_after_refresh(suffix):
     history = RolloutHistory()
     history.append(rows_to_batch([row([1, 2, 3], [20, 21, 22], version=0)]))
     d = suffix()
@@ -189,7 +200,7 @@ def test_earlier_rollouts_of_the_same_prompt_after_refresh():
     assert d.propose("w", 2).token_ids == [5, 9]
 
 
-def test_global_window_serves_other_prompts():
+def test_global_window_serves_other_prompts(suffix):
     history = RolloutHistory()
     history.append(rows_to_batch([row([1, 2, 3], [40, 41, 42, 43, 44], version=0)]))
     d = suffix(min_match_global=3)
@@ -198,7 +209,7 @@ def test_global_window_serves_other_prompts():
     assert d.propose("z", 2).token_ids == [43, 44]
 
 
-def test_recency_decay_changes_the_proposal():
+def test_recency_decay_changes_the_proposal(suffix):
     # Version 0 continued "5 6" with 7 three times; version 2 continued it with 8 once.
     rows = [row([1], [5, 6, 7], version=0) for _ in range(3)] + [row([1], [5, 6, 8], version=2)]
     history = RolloutHistory()
@@ -213,10 +224,20 @@ def test_recency_decay_changes_the_proposal():
     assert picks[0.1] == [8]  # strong decay: the newest policy's choice wins
 
 
-def test_suffix_drafter_rejects_unknown_options():
+@pytest.mark.parametrize("cls", [SuffixDrafter, SuffixReferenceDrafter])
+def test_suffix_drafter_options(cls):
     with pytest.raises(ValueError, match="unknown suffix drafter option 'bogus'"):
-        SuffixDrafter(bogus=1)
-    assert SuffixDrafter(min_prob=0.2, decay=0.9).cfg.tree.min_prob == 0.2
+        cls(bogus=1)
+    with pytest.raises(ValueError, match="max_walk must be >= 1, got 0"):
+        cls(max_walk=0)
+    with pytest.raises(ValueError, match="decay must be in"):
+        cls(decay=0.0)
+    with pytest.raises(ValueError, match="min_prob must be <= 1"):
+        cls(min_prob=1.5)
+    assert cls(min_prob=0.2, decay=0.9).cfg.tree.min_prob == 0.2
+    config = SuffixConfig()
+    assert cls(config, min_prob=0.3).cfg.tree.min_prob == 0.3
+    assert config.tree.min_prob == TreeConfig().min_prob  # the caller's config is not changed by the overrides
 
 
 def test_token_index_integrity_after_random_inserts_and_evictions():
@@ -258,25 +279,29 @@ def test_token_index_build_equals_incremental_adds():
     assert np.array_equal(a.prev.view, b.prev.view) and np.array_equal(a.head, b.head)
 
 
-def test_memory_per_million_tokens():
+@pytest.mark.parametrize("cls,limit_mib", [(SuffixDrafter, 24.1), (SuffixReferenceDrafter, 24.0)])
+def test_memory_per_million_tokens(cls, limit_mib):
+    """Array capacities after a refresh over 1M stored output tokens: 12 bytes a token in the global window, 8 in
+    the per-prompt store, a 4 MiB hash table (the compiled store adds a separator and a segment record per rollout:
+    24 bytes against the ~4 KB of a 500-token rollout)."""
     rng = np.random.default_rng(0)
     rows = []
     for i in range(2000):  # 2000 rollouts x 500 tokens = 1M output tokens
         rows.append(row(rng.integers(0, 49152, 40).tolist(), rng.integers(0, 49152, 500).tolist(), version=i // 500))
     history = RolloutHistory()
     history.append(rows_to_batch(rows))
-    d = suffix(window_versions=8)
+    d = cls(SuffixConfig(window_versions=8))
     d.refresh(history, 3)
     mb = d.nbytes / 2**20
-    print(f"suffix drafter: {mb:.1f} MiB for 1M stored tokens")
-    assert mb <= 64
+    print(f"{cls.__name__}: {mb:.2f} MiB for 1M stored tokens")
+    assert 20 < mb <= limit_mib
 
 
 # ---------------------------------------------------------------------------------------------- registry
 
 
 def test_registry_names_and_dotted_paths():
-    assert {"none", "ngram", "suffix", "arctic_suffix"} <= set(known_drafters())
+    assert {"none", "ngram", "ngram_reference", "suffix", "suffix_reference", "arctic_suffix"} <= set(known_drafters())
     with pytest.raises(ValueError, match="unknown drafter 'nope'; known drafters: .*ngram.*suffix"):
         make_drafter("nope")
     assert isinstance(make_drafter("drafters.ngram:NgramDrafter", max_n=3), BaseDrafter)

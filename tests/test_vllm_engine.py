@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from drafters.base import BaseDrafter, Draft, make_drafter, register_drafter
+from drafters.base import BaseDrafter, Draft, make_drafter, observe_all, propose_all, register_drafter
 from rollout.config import ENGINE_BACKENDS, EngineConfig, HistoryConfig, ServiceConfig, SpeculationConfig, load_config
 from rollout.engines import BACKENDS, make_engine
 from rollout.history import results_to_batch
@@ -118,6 +118,14 @@ class Recording(BaseDrafter):
         self.calls.append(("propose", rid, max_tokens))
         return self.inner.propose(rid, max_tokens)
 
+    def observe_batch(self, rids, tokens, logprobs=None):
+        self.calls.append(("observe_batch", [(rid, list(t)) for rid, t in zip(rids, tokens)]))
+        observe_all(self.inner, rids, tokens, logprobs)
+
+    def propose_batch(self, rids, max_tokens):
+        self.calls.append(("propose_batch", list(zip(rids, max_tokens))))
+        return propose_all(self.inner, rids, max_tokens)
+
     def end(self, rid):
         self.calls.append(("end", rid))
         self.inner.end(rid)
@@ -167,8 +175,8 @@ def test_proposer_drives_ngram_through_vllm_steps():
     assert drafts == {"a-1": [5, 6, 7], "c-3": []}
     assert rec.take() == [
         ("begin", "a-1", [5, 6, 7, 5, 6], "g"),
-        ("observe", "a-1", [7]),
-        ("propose", "a-1", 3),  # room: min(k=3, 64 - 6 - 1, max_tokens 16 - 1 - 1)
+        ("observe_batch", [("a-1", [7])]),
+        ("propose_batch", [("a-1", 3)]),  # room: min(k=3, 64 - 6 - 1, max_tokens 16 - 1 - 1)
     ]
 
     # Step 2: vLLM accepted 5 6 of the draft and sampled 9: 5 6 7 5 6 7 5 6 9; no earlier 9, so no n-gram matches.
@@ -177,12 +185,10 @@ def test_proposer_drives_ngram_through_vllm_steps():
     runner.add("b-2", [1, 2, 3, 1, 2], max_tokens=3)
     drafts = runner.step(proposer, ["b-2", "a-1", "c-3"], {"a-1": [5, 6, 9], "b-2": [3]})
     assert drafts == {"b-2": [1], "a-1": [], "c-3": []}
-    assert rec.take() == [
+    assert rec.take() == [  # one observe and one propose call for the whole batch, rows in batch order
         ("begin", "b-2", [1, 2, 3, 1, 2], None),
-        ("observe", "b-2", [3]),
-        ("propose", "b-2", 1),
-        ("observe", "a-1", [5, 6, 9]),
-        ("propose", "a-1", 3),
+        ("observe_batch", [("b-2", [3]), ("a-1", [5, 6, 9])]),
+        ("propose_batch", [("b-2", 1), ("a-1", 3)]),
     ]
 
     # Step 3: a-1 finished (gone from the batch and the runner): ended. b-2 accepted its draft and sampled 7; it has
@@ -192,10 +198,9 @@ def test_proposer_drives_ngram_through_vllm_steps():
     assert drafts == {"b-2": [], "c-3": []}
     assert rec.take() == [
         ("end", "a-1"),
-        ("observe", "b-2", [1, 7]),
         ("begin", "c-3", [9] * 8, None),
-        ("observe", "c-3", [4]),
-        ("propose", "c-3", 3),
+        ("observe_batch", [("b-2", [1, 7]), ("c-3", [4])]),
+        ("propose_batch", [("c-3", 3)]),  # b-2 has no room left
     ]
 
     # Per-request counts: a-1 took part in 2 forwards (prefill, then 3 drafted / 2 accepted); b-2 drafted 1, kept 1.
@@ -222,7 +227,7 @@ def test_proposer_uses_the_scheduled_draft_length_and_keeps_preempted_requests()
     runner.step(proposer, [], {})
     assert ("end", "a") not in rec.take()
     runner.step(proposer, ["a"], {"a": [3]})
-    assert rec.take()[0] == ("observe", "a", [3])
+    assert rec.take()[0] == ("observe_batch", [("a", [3])])
 
 
 def test_proposer_speculate_false_and_trees():
@@ -236,7 +241,11 @@ def test_proposer_speculate_false_and_trees():
     runner.add("tree", [1, 2])
     drafts = runner.step(proposer, ["plain", "tree"], {"plain": [3], "tree": [3]})
     assert drafts == {"plain": [], "tree": [40, 60]}
-    assert [c[:2] for c in rec.take()] == [("begin", "tree"), ("observe", "tree"), ("propose", "tree")]
+    assert rec.take() == [
+        ("begin", "tree", [1, 2], None),
+        ("observe_batch", [("tree", [3])]),
+        ("propose_batch", [("tree", 4)]),
+    ]
     # A plain request still gets its forwards counted.
     runner.finish("plain")
     runner.step(proposer, ["tree"], {"tree": [40, 5]})

@@ -27,6 +27,7 @@ from drafters.base import (
     NoDrafter,
     bind_target,
     make_drafter,
+    observe_all,
     propose_all,
     wanted_top_logprobs,
 )
@@ -479,6 +480,7 @@ class Engine:
 
         finished = []
         offset = 0
+        observed_ids, observed_tokens, observed_lps = [], [], []  # what the drafter is handed, in one call
         for s, emitted in zip(seqs, emitted_all):
             lps = token_logprobs[offset : offset + len(emitted)]
             kept = self._append(s, emitted, lps)
@@ -486,9 +488,15 @@ class Engine:
                 s.top.append((top_ids[offset : offset + kept].clone(), top_values[offset : offset + kept].clone()))
             offset += len(emitted)
             if s.speculate:
-                self.drafter.observe(s.request_id, emitted[:kept], lps[:kept])
+                observed_ids.append(s.request_id)
+                observed_tokens.append(emitted[:kept])
+                observed_lps.append(lps[:kept])
             if s.finish_reason is not None:
                 finished.append(s)
+        if observed_ids:
+            started = time.perf_counter()
+            observe_all(self.drafter, observed_ids, observed_tokens, observed_lps)
+            self._draft_seconds += time.perf_counter() - started  # drafting's host cost includes observing
         return finished
 
     def _append(self, s: Sequence, emitted: list[int], logprobs: list[float]) -> int:

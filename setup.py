@@ -1,0 +1,21 @@
+"""The compiled drafter cores (drafters/csrc -> drafters._native), built by pip with the system C++ compiler.
+
+Everything else about the package is declared in pyproject.toml; setuptools needs this file only for the extension.
+"""
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+setup(
+    ext_modules=[
+        Pybind11Extension(
+            "drafters._native",
+            ["drafters/csrc/module.cpp"],
+            depends=["drafters/csrc/half.h", "drafters/csrc/ngram_core.h", "drafters/csrc/suffix_core.h"],
+            cxx_std=17,
+            # -O3, and no -ffast-math: the core must round as the Python reference does, bit for bit.
+            extra_compile_args=["-O3"],
+        )
+    ],
+    cmdclass={"build_ext": build_ext},
+)
