@@ -11,7 +11,7 @@ setup(
         Pybind11Extension(
             "drafters._native",
             ["drafters/csrc/module.cpp"],
-            depends=["drafters/csrc/half.h", "drafters/csrc/ngram_core.h", "drafters/csrc/suffix_core.h"],
+            depends=[f"drafters/csrc/{name}.h" for name in ("half", "ngram_core", "slots", "suffix_core")],
             cxx_std=17,
             # -O3, and no -ffast-math: the core must round as the Python reference does, bit for bit.
             extra_compile_args=["-O3"],

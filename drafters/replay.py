@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -87,32 +88,19 @@ def accepted_length(draft: Draft, actual: list[int], pos: int) -> int:
     return n
 
 
-def _timed_propose(drafter: Drafter, request_ids: list[str], rooms: list[int]) -> tuple[list[Draft], list[float]]:
-    """The step's drafts, as the engine asks for them, and the seconds spent per sequence."""
-    if hasattr(drafter, "propose_batch"):  # one batched call; its time is shared by the sequences it drafted for
+def _timed(batched: bool, run_batch: Callable[[], list], run_one: Callable[[int], Any], n: int):
+    """A step's calls for n sequences, batched (one call, its time shared by the sequences it served) or one per
+    sequence, as the drafter offers them: (results per sequence, seconds per sequence)."""
+    if batched:
         t0 = time.perf_counter()
-        proposed = propose_all(drafter, request_ids, rooms)
-        return proposed, [(time.perf_counter() - t0) / len(request_ids)] * len(request_ids)
-    proposed, times = [], []
-    for rid, room in zip(request_ids, rooms):
+        results = run_batch()
+        return results, [(time.perf_counter() - t0) / n] * n
+    results, seconds = [], []
+    for i in range(n):
         t0 = time.perf_counter()
-        proposed += propose_all(drafter, [rid], [room])
-        times.append(time.perf_counter() - t0)
-    return proposed, times
-
-
-def _timed_observe(drafter: Drafter, request_ids: list[str], tokens: list, logprobs: list) -> list[float]:
-    """Hand the step's emitted tokens to the drafter; the seconds spent per sequence."""
-    if hasattr(drafter, "observe_batch"):
-        t0 = time.perf_counter()
-        observe_all(drafter, request_ids, tokens, logprobs)
-        return [(time.perf_counter() - t0) / len(request_ids)] * len(request_ids)
-    times = []
-    for rid, toks, lps in zip(request_ids, tokens, logprobs):
-        t0 = time.perf_counter()
-        drafter.observe(rid, toks, lps)
-        times.append(time.perf_counter() - t0)
-    return times
+        results.append(run_one(i))
+        seconds.append(time.perf_counter() - t0)
+    return results, seconds
 
 
 def replay(
@@ -149,7 +137,13 @@ def replay(
                 drafter.end(ids[j])
         while active:
             rooms = [max(0, min(max_draft_tokens, len(outputs[j]) - pos[j] - 1)) for j in active]
-            proposed, times = _timed_propose(drafter, [ids[j] for j in active], rooms)
+            step_ids = [ids[j] for j in active]
+            proposed, times = _timed(
+                hasattr(drafter, "propose_batch"),
+                lambda: propose_all(drafter, step_ids, rooms),
+                lambda i: propose_all(drafter, [step_ids[i]], [rooms[i]])[0],
+                len(step_ids),
+            )
             stats.propose_seconds += sum(times)
             drafts = [d.truncated(room, room) if room > 0 else Draft([]) for d, room in zip(proposed, rooms)]
             stats.batch_steps += 1
@@ -163,7 +157,12 @@ def replay(
                 stats.sequence_steps += 1
                 stats.tokens += n + 1
                 pos[j] += n + 1
-            observed = _timed_observe(drafter, [ids[j] for j in active], emitted, emitted_lps)
+            _, observed = _timed(
+                hasattr(drafter, "observe_batch"),
+                lambda: observe_all(drafter, step_ids, emitted, emitted_lps),
+                lambda i: drafter.observe(step_ids[i], emitted[i], emitted_lps[i]),
+                len(step_ids),
+            )
             stats.observe_seconds += sum(observed)
             stats.host_us.extend(1e6 * (a + b) for a, b in zip(times, observed))
             still = []

@@ -173,7 +173,8 @@ class SpecRolloutProposer:
         # One call each for the whole batch: every row's new tokens, then every row's draft.
         if observed_ids:
             observe_all(self.drafter, observed_ids, observed_tokens)
-        self._draft(rows, drafts)
+        for row, chain in self._draft(rows).items():
+            drafts[row] = chain
         return drafts
 
     def _request_info(self, rid: str, row: int, token_ids_cpu: Any) -> tuple[list[int], str | None, bool, int | None]:
@@ -225,14 +226,15 @@ class SpecRolloutProposer:
             room = min(room, t.max_tokens - (n - t.prompt_len) - 1)
         return room if t.speculate else 0
 
-    def _draft(self, rows: list[tuple[int, str, _Tracked, int]], drafts: list[list[int]]) -> None:
-        """Each row's next chain into drafts[row], from one propose call for all rows that have room."""
+    def _draft(self, rows: list[tuple[int, str, _Tracked, int]]) -> dict[int, list[int]]:
+        """The next chain of each row that has room (row -> chain), from one propose call for all of them."""
         assert self.drafter is not None
         wanted = [(row, rid, t, room) for row, rid, t, n in rows if (room := self._room(t, n)) > 0]
         for _, _, t, _ in rows:
             t.last_draft = 0
+        chains: dict[int, list[int]] = {}
         if not wanted:
-            return
+            return chains
         proposed = propose_all(self.drafter, [rid for _, rid, _, _ in wanted], [room for *_, room in wanted])
         for (row, _, t, room), draft in zip(wanted, proposed):
             chain = best_path(draft)[:room]
@@ -246,7 +248,8 @@ class SpecRolloutProposer:
                         break
             t.last_draft = len(chain)
             self.counters.proposed += len(chain)
-            drafts[row] = chain
+            chains[row] = chain
+        return chains
 
     def _end(self, rid: str) -> None:
         t = self._tracked.pop(rid)

@@ -137,10 +137,26 @@ class Observed {
     std::vector<char> has_probs_;
 };
 
+// Makes the project's Draft objects (drafters/base.py) from a core's output; an empty draft is the shared one.
+class DraftFactory {
+  public:
+    DraftFactory(py::object draft_type, py::object empty) : type_(std::move(draft_type)), empty_(std::move(empty)) {}
+
+    py::object tree(const DraftOut& d) const {
+        return d.tokens.empty() ? empty_ : type_(to_list(d.tokens), to_list(d.parents), to_list(d.probs), d.score);
+    }
+
+    py::object chain(const std::vector<int32_t>& tokens) const { return tokens.empty() ? empty_ : type_(to_list(tokens)); }
+
+  private:
+    py::object type_;
+    py::object empty_;
+};
+
 class PySuffixCore {
   public:
     PySuffixCore(const py::dict& config, py::object draft_type, py::object empty)
-        : core_(config_from(config)), draft_type_(std::move(draft_type)), empty_(std::move(empty)) {}
+        : core_(config_from(config)), drafts_(std::move(draft_type), std::move(empty)) {}
 
     int32_t begin(const IntArray& prompt, const std::string& group, const std::string& key) {
         return core_.begin(prompt.data(), prompt.size(), group, key);
@@ -182,14 +198,7 @@ class PySuffixCore {
         outs_.resize(std::max(outs_.size(), slots.size()));
         for (size_t i = 0; i < slots.size(); ++i) core_.propose(slots[i], max_tokens[i], outs_[i]);
         py::list drafts(slots.size());
-        for (size_t i = 0; i < slots.size(); ++i) {
-            const DraftOut& d = outs_[i];
-            if (d.tokens.empty()) {
-                drafts[i] = empty_;
-            } else {
-                drafts[i] = draft_type_(to_list(d.tokens), to_list(d.parents), to_list(d.probs), d.score);
-            }
-        }
+        for (size_t i = 0; i < slots.size(); ++i) drafts[i] = drafts_.tree(outs_[i]);
         return drafts;
     }
 
@@ -214,8 +223,7 @@ class PySuffixCore {
 
   private:
     specrollout::SuffixCore core_;
-    py::object draft_type_;
-    py::object empty_;
+    DraftFactory drafts_;
     std::vector<DraftOut> outs_;
     Observed observed_;
 };
@@ -223,7 +231,7 @@ class PySuffixCore {
 class PyNgramCore {
   public:
     PyNgramCore(int min_n, int max_n, py::object draft_type, py::object empty)
-        : core_(min_n, max_n), draft_type_(std::move(draft_type)), empty_(std::move(empty)) {}
+        : core_(min_n, max_n), drafts_(std::move(draft_type), std::move(empty)) {}
 
     int32_t begin(const IntArray& prompt) { return core_.begin(prompt.data(), prompt.size()); }
 
@@ -240,15 +248,14 @@ class PyNgramCore {
         py::list drafts(slots.size());
         for (size_t i = 0; i < slots.size(); ++i) {
             core_.propose(slots[i], max_tokens[i], out_);
-            drafts[i] = out_.empty() ? empty_ : draft_type_(to_list(out_));
+            drafts[i] = drafts_.chain(out_);
         }
         return drafts;
     }
 
   private:
     specrollout::NgramCore core_;
-    py::object draft_type_;
-    py::object empty_;
+    DraftFactory drafts_;
     std::vector<int32_t> out_;
     Observed observed_;
 };

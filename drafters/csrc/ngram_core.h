@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "slots.h"
+
 namespace specrollout {
 
 // Continuation of the most recent earlier occurrence of the longest matching tail n-gram (n from max_n down to
@@ -33,17 +35,9 @@ class NgramCore {
     NgramCore(int min_n, int max_n) : min_n_(min_n), max_n_(max_n) {}
 
     int32_t begin(const int32_t* prompt, int64_t n) {
-        int32_t slot;
-        if (!free_.empty()) {
-            slot = free_.back();
-            free_.pop_back();
-        } else {
-            slot = static_cast<int32_t>(tokens_.size());
-            tokens_.emplace_back();
-            alive_.push_back(false);
-        }
-        tokens_[slot].assign(prompt, prompt + n);
-        alive_[slot] = true;
+        const int32_t slot = requests_.acquire();
+        requests_[slot].tokens.assign(prompt, prompt + n);
+        requests_[slot].alive = true;
         return slot;
     }
 
@@ -54,8 +48,8 @@ class NgramCore {
 
     void end(int32_t slot) {
         std::vector<int32_t>().swap(live(slot));
-        alive_[slot] = false;
-        free_.push_back(slot);
+        requests_[slot].alive = false;
+        requests_.release(slot);
     }
 
     void propose(int32_t slot, int max_tokens, std::vector<int32_t>& out) {
@@ -66,21 +60,24 @@ class NgramCore {
     }
 
     void check_live(int32_t slot) const {
-        if (slot < 0 || slot >= static_cast<int32_t>(tokens_.size()) || !alive_[slot]) {
+        if (!requests_.contains(slot) || !requests_[slot].alive) {
             throw std::out_of_range("ngram drafter: no request in flight in slot " + std::to_string(slot));
         }
     }
 
   private:
+    struct Request {
+        std::vector<int32_t> tokens;
+        bool alive = false;
+    };
+
     std::vector<int32_t>& live(int32_t slot) {
         check_live(slot);
-        return tokens_[slot];
+        return requests_[slot].tokens;
     }
 
     int min_n_, max_n_;
-    std::vector<std::vector<int32_t>> tokens_;
-    std::vector<bool> alive_;
-    std::vector<int32_t> free_;
+    Slots<Request> requests_;
 };
 
 }  // namespace specrollout

@@ -34,6 +34,7 @@
 #endif
 
 #include "half.h"
+#include "slots.h"
 
 namespace specrollout {
 
@@ -637,14 +638,7 @@ class SuffixCore {
 
     int32_t begin(const int32_t* prompt, int64_t n, const std::string& group, const std::string& key) {
         check_tokens(prompt, n, "prompt");
-        int32_t slot;
-        if (!free_slots_.empty()) {
-            slot = free_slots_.back();
-            free_slots_.pop_back();
-        } else {
-            slot = static_cast<int32_t>(requests_.size());
-            requests_.emplace_back();
-        }
+        const int32_t slot = requests_.acquire();
         Request& r = requests_[slot];
         r.tokens.assign(prompt, prompt + n);
         r.probs.assign(static_cast<size_t>(n), kUnknown);
@@ -748,7 +742,7 @@ class SuffixCore {
                           entries.end());
             it = entries.empty() ? inflight_.erase(it) : std::next(it);
         }
-        free_slots_.insert(free_slots_.end(), ended_.begin(), ended_.end());
+        for (int32_t slot : ended_) requests_.release(slot);
         ended_.clear();
     }
 
@@ -839,7 +833,8 @@ class SuffixCore {
         for (const auto& kv : groups_) {
             if (kv.second.members.empty()) throw std::logic_error("group " + kv.first + " is empty but kept");
             for (int32_t slot : kv.second.members) {
-                const Request& r = requests_.at(slot);
+                if (!requests_.contains(slot)) throw std::logic_error("group " + kv.first + " lists no slot");
+                const Request& r = requests_[slot];
                 if (!r.alive || r.group != kv.first || r.group_id != kv.second.id)
                     throw std::logic_error("group " + kv.first + " lists a request that is not its member");
                 if (r.prompt_len > static_cast<int64_t>(r.tokens.size())) throw std::logic_error("prompt too long");
@@ -859,7 +854,7 @@ class SuffixCore {
     }
 
     void check_live(int32_t slot) const {
-        if (slot < 0 || slot >= static_cast<int32_t>(requests_.size()) || !requests_[slot].alive) {
+        if (!requests_.contains(slot) || !requests_[slot].alive) {
             throw std::out_of_range("suffix drafter: no request in flight in slot " + std::to_string(slot));
         }
     }
@@ -975,9 +970,8 @@ class SuffixCore {
     SuffixConfig cfg_;
     std::vector<double> power_;  // power_[len] = len ** match_power
     int64_t version_ = 0;
-    std::vector<Request> requests_;  // by slot
-    std::vector<int32_t> free_slots_;
-    std::vector<int32_t> ended_;  // slots ended since the last sweep
+    Slots<Request> requests_;
+    std::vector<int32_t> ended_;  // slots ended since the last sweep, released by it
     int64_t live_ = 0;
     std::unordered_map<std::string, Group> groups_;
     int64_t next_group_id_ = 0;
