@@ -170,8 +170,7 @@ def core_config(cfg: SuffixConfig) -> dict[str, Any]:
 class SuffixDrafter(BaseDrafter):
     def __init__(self, config: SuffixConfig | None = None, **overrides):
         self.cfg = suffix_config(config, overrides)
-        self.core = load_native().SuffixCore(core_config(self.cfg), Draft, EMPTY_DRAFT)
-        self.version = 0
+        self.core = load_native().SuffixCore(core_config(self.cfg), Draft, EMPTY_DRAFT)  # holds the policy version
         self.slots: dict[str, int] = {}  # request id -> the core's slot
 
     # ------------------------------------------------------------------ lifecycle
@@ -204,13 +203,13 @@ class SuffixDrafter(BaseDrafter):
 
     def refresh(self, history, policy_version: int) -> None:
         """Rebuild the per-prompt store and the global window from the history's newest versions."""
-        self.version = int(policy_version)
+        version = int(policy_version)
         if history is None:
-            self.core.set_version(self.version)
+            self.core.set_version(version)
             return
         rows = history_rows(history, self.cfg.window_versions)
         self.core.refresh(
-            self.version,
+            version,
             rows.keys,
             rows.versions,
             rows.prompts,

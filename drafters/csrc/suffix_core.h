@@ -860,7 +860,6 @@ class SuffixCore {
     }
 
     int64_t live_requests() const { return live_; }
-    int64_t version() const { return version_; }
     const TokenIndex& global_index() const { return global_; }
 
   private:
