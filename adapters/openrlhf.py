@@ -5,12 +5,13 @@
 
 `SpecRolloutActor` has the methods (names, parameters, defaults, sync/async) of OpenRLHF's `RolloutRayActor`, so
 OpenRLHF's trainer and its `SamplesGenerator` drive it unchanged; `create_engines` has the signature of
-`create_vllm_engines` and starts one actor, hosting one engine (`LocalService`), per requested engine.
+`create_vllm_engines` and starts one actor per requested engine, each hosting one engine in a `RolloutWorker`
+(rollout/worker.py: the request loop the cluster's and verl's actors run too).
 `launch_train_ppo_ray` swaps `create_engines` in and runs OpenRLHF's `train_ppo_ray` CLI.
 
 - Generation: `generate` takes a vLLM `SamplingParams` (or anything with its attributes, or a dict) and returns a
   `RequestOutput` shaped like vLLM's (`.prompt_token_ids`, `.outputs[i].token_ids / .text / .logprobs /
-  .finish_reason`). Calls that arrive together are run as one engine batch; the `num_samples` of one
+  .finish_reason`). Concurrent calls share the engine's steps (continuous batching); the `num_samples` of one
   `generate_responses` call form one GRPO group, so the suffix drafter drafts each sample from its siblings.
   Every token is sampled exactly from the policy (rollout/verify.py) and its logprob is that of the processed
   distribution, which is what OpenRLHF's `logprobs_mode="processed_logprobs"` asks for.
@@ -24,12 +25,13 @@ OpenRLHF's trainer and its `SamplesGenerator` drive it unchanged; `create_engine
   enforce_eager (no CUDA graphs), gpu_memory_utilization and sleep/wake_up (the engine holds no GPU memory),
   full_determinism (a seeded request is reproducible anyway).
 - Weights: the trainer is rank 0 of a gloo group, each engine one rank (`rank_offset`). `update_weight` receives
-  one tensor by broadcast, checks its name and shape against the model and stages it; the staged tensors are
-  applied together, as one new policy version, before the next generation. A wrong name or shape is refused
-  after the tensor has been received, so the group stays in step and the engine keeps serving. With
-  `use_ray=True` (OpenRLHF's `--vllm.sync_with_ray`) the group is Ray's gloo collective group, which is what the
-  OpenRLHF trainer can join without CUDA; with `use_ray=False` it is a plain gloo group on a TCPStore whose
-  master is rank 0 (`trainer_weight_group` below is that end, for trainers of your own and for the tests).
+  one tensor by broadcast, checks its name, shape and dtype against the model and stages it; the staged tensors
+  are applied together, as one new policy version, before the next generation, once no request is in flight. A
+  wrong name or shape is refused (and the update staged so far dropped) after the tensor has been received, so
+  the group stays in step and the engine keeps serving. With `use_ray=True` (OpenRLHF's `--vllm.sync_with_ray`)
+  the group is Ray's gloo collective group, which is what the OpenRLHF trainer can join without CUDA; with
+  `use_ray=False` it is a plain gloo group on a TCPStore whose master is rank 0 (`trainer_weight_group` below is
+  that end, for trainers of your own and for the tests).
   NCCL and CUDA IPC weight sharing need CUDA engines and are refused.
 """
 
@@ -38,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
-import os
 import runpy
 import sys
 import uuid
@@ -49,11 +50,11 @@ import torch
 
 from adapters.sampling_fields import FIELDS, translate
 from adapters.weight_transfer import broadcast, gloo_group, parse_dtype
+from rollout.cluster import worker_env
 from rollout.config import ServiceConfig, load_config
 from rollout.sampling import SamplingParams, sample_seed
-from rollout.worker import RolloutRequest
-
-WORKER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SPECROLLOUT_CACHE", "HOME", "RAY_AUTH_MODE")
+from rollout.weights import to_host
+from rollout.worker import RolloutRequest, RolloutWorker
 
 
 @dataclass
@@ -142,21 +143,15 @@ class SpecRolloutActor:
         agent_func_path: Optional[str] = None,
         remote_rm_url: Optional[str] = None,
     ):
-        from rollout.service import LocalService
-
         self.adapter = adapter or AdapterConfig()
-        self.service = LocalService(config)
-        self.engine = self.service.engine
+        # The request loop every Ray-hosted engine shares: continuous batching across concurrent calls.
+        self.worker = RolloutWorker((config or ServiceConfig()).validate())
+        self.engine = self.worker.engine
         self._tokenizer = None  # loaded on first use, for CompletionOutput.text
         self.executor = _agent_executor(agent_func_path, remote_rm_url)
-        self._queue: list[tuple[RolloutRequest, asyncio.Future]] = []
-        self._runner: asyncio.Task | None = None
-        self._running = 0  # requests in the batch the engine is on now
+        self._waiting = 0  # requests of calls held back (paused, or waiting to apply new weights)
         self._resumed = asyncio.Event()
         self._resumed.set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._staged: list[tuple[str, torch.Tensor]] = []
         self._group = None  # gloo process group, or the Ray collective group's name
         self._use_ray = False
 
@@ -164,11 +159,11 @@ class SpecRolloutActor:
 
     async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
         """Token ids in, a vLLM-shaped RequestOutput out (n samples of one prompt, one group)."""
-        from rollout.engine.engine import _validate_prompt
+        from rollout.frontend import validate_prompt
 
         if multi_modal_data:
             raise ValueError("multi_modal_data is not supported: specrollout serves text-only models")
-        ids = _validate_prompt(prompt_token_ids, self.engine.vocab_size, self.engine.max_model_len)
+        ids = validate_prompt(prompt_token_ids, self.engine.vocab_size, self.engine.max_model_len)
         params, n, logprobs = translate_sampling(sampling_params, len(ids), self.engine.max_model_len)
         bad_stop = [t for t in params.stop_token_ids if t >= self.engine.vocab_size]
         if bad_stop:  # checked here, so a bad request cannot fail the batch it would have joined
@@ -193,7 +188,7 @@ class SpecRolloutActor:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            from rollout.engine.checkpoint import resolve_model
+            from rollout.checkpoint import resolve_model
 
             self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.engine.config.model))
         return self._tokenizer
@@ -222,44 +217,25 @@ class SpecRolloutActor:
         )
 
     async def _submit(self, requests: list[RolloutRequest]):
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in requests]
-        self._queue.extend(zip(requests, futures))
-        if self._runner is None or self._runner.done():
-            self._runner = loop.create_task(self._run())
-        return list(await asyncio.gather(*futures))
-
-    async def _run(self) -> None:
-        """Run what has queued up as one engine batch, in a thread, so the actor answers other calls meanwhile."""
-        while self._queue:
-            await self._resumed.wait()
-            await asyncio.sleep(0)  # calls dispatched together (one prompt's samples, a batch of prompts) join
-            batch, self._queue = self._queue, []
-            self._running = len(batch)
-            self._idle.clear()
-            try:
-                results = await asyncio.to_thread(self._generate_batch, [r for r, _ in batch])
-            except Exception as exc:  # an engine fault: fail this batch's calls, keep serving
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-            else:
-                for (_, future), result in zip(batch, results):
-                    if not future.done():
-                        future.set_result(result)
-            finally:
-                self._running = 0
-                self._idle.set()
-
-    def _generate_batch(self, requests: list[RolloutRequest]):
-        if self._staged:  # the weights pushed since the last batch, as one policy version
-            staged, self._staged = self._staged, []
-            self.service.update_weights(staged)
-        return self.service.generate(requests)
+        """Into the worker's running batch once generation is open; the weights pushed since the last generation
+        are applied first, as one policy version, when no request is in flight (a rollout has one policy)."""
+        self._waiting += len(requests)
+        try:
+            while True:
+                await self._resumed.wait()
+                if not (len(self.worker.staged) and self.engine.has_unfinished()):
+                    break
+                await self.worker.drained()
+            if len(self.worker.staged):
+                self.worker.commit_weights(self.engine.policy_version + 1)
+        finally:
+            self._waiting -= len(requests)
+        # No await between the checks above and the requests joining the engine: nothing can slip in between.
+        return await self.worker.generate(requests)
 
     def get_num_unfinished_requests(self) -> int:
-        """Requests queued or being generated (OpenRLHF balances prompts across engines by it)."""
-        return len(self._queue) + self._running
+        """Requests waiting or being generated (OpenRLHF balances prompts across engines by it)."""
+        return self._waiting + self.engine.num_unfinished()
 
     async def generate_responses(
         self, prompt: str, label: str, sampling_params, max_length: int, hf_tokenizer, num_samples: int = 1, images=None
@@ -286,9 +262,9 @@ class SpecRolloutActor:
         )
 
     async def pause_generation(self):
-        """Start no new batch, and return once the running one has finished (weights may then change)."""
+        """Admit no new request, and return once those in flight have finished (weights may then change)."""
         self._resumed.clear()
-        await self._idle.wait()
+        await self.worker.drained()
 
     async def resume_generation(self):
         self._resumed.set()
@@ -332,11 +308,9 @@ class SpecRolloutActor:
         await asyncio.to_thread(self._receive, buffer)
         # Checked after receiving: the trainer has sent it anyway, and the group must stay in step.
         try:
-            key = self.engine.model.check_weight(name, buffer)
+            self.worker.stage_weights([(name, buffer)])
         except (ValueError, TypeError) as e:
             raise ValueError(f"{e}; not applied") from e
-        if key is not None:
-            self._staged.append((key, buffer))
 
     def _receive(self, buffer: torch.Tensor) -> None:
         if self._use_ray:
@@ -427,7 +401,7 @@ def create_engines(
     if logprobs_mode not in (None, "processed_logprobs"):
         raise ValueError(f"logprobs_mode={logprobs_mode!r}: specrollout returns processed logprobs only")
     adapter = ADAPTER_CONFIG
-    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    env = worker_env()
     actor_cls = ray.remote(SpecRolloutActor)
     engines = []
     for i in range(num_engines):
@@ -460,7 +434,7 @@ def trainer_weight_group(master_address: str, master_port: int, world_size: int,
 
 
 def broadcast_weight(group, tensor: torch.Tensor) -> None:
-    broadcast(group, tensor.detach().to("cpu").contiguous(), 0)
+    broadcast(group, to_host(tensor), 0)
 
 
 def split_argv(argv: list[str]) -> tuple[AdapterConfig, list[str]]:

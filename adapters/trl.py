@@ -23,7 +23,7 @@ TRL is only imported by the caller; this module needs none of it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from adapters.sampling_fields import translate
@@ -94,9 +94,9 @@ class SpecRolloutFunc:
         self._synced_step = step
         return time.perf_counter() - t0
 
-    def _timed(self, requests: list[RolloutRequest]) -> tuple[float, list]:
+    def _timed(self, requests: list[RolloutRequest], plain: bool = False) -> tuple[float, list]:
         t0 = time.perf_counter()
-        results = self.service.generate(requests)
+        results = self.service.generate(requests, plain=plain)
         return time.perf_counter() - t0, results
 
     def __call__(self, prompts: list, trainer) -> dict[str, list]:
@@ -114,15 +114,12 @@ class SpecRolloutFunc:
         nospec = None
         twins = None
         if self.compare_without_speculation:
-            twins = [
-                RolloutRequest(f"plain-{r.request_id}", r.prompt_token_ids, r.params, r.group, speculate=False)
-                for r in requests
-            ]
+            twins = [replace(r, request_id=f"plain-{r.request_id}") for r in requests]
         if twins is not None and step % 2 == 1:  # alternate which goes first, so drift in machine load evens out
-            nospec, plain = self._timed(twins)
+            nospec, plain = self._timed(twins, plain=True)
         seconds, results = self._timed(requests)
         if twins is not None and step % 2 == 0:
-            nospec, plain = self._timed(twins)
+            nospec, plain = self._timed(twins, plain=True)
         if twins is not None:
             mismatch = sum(p.token_ids != r.token_ids for p, r in zip(plain, results))
             if mismatch:

@@ -38,10 +38,11 @@ from verl.workers.rollout.replica import RolloutMode, RolloutReplica, RolloutRep
 
 from adapters.sampling_fields import translate
 from rollout.config import ServiceConfig, load_config
-from rollout.engine.engine import _validate_prompt
+from rollout.frontend import validate_prompt
 from rollout.history import prompt_key
 from rollout.result import RolloutResult
 from rollout.sampling import SamplingParams
+from rollout.weights import buckets, to_host
 from rollout.worker import RolloutRequest, RolloutWorker
 
 NAME = "specrollout"
@@ -171,7 +172,7 @@ class SpecRolloutServer:
             await self._open.wait()
         engine = self.worker.engine
         # The engine's own check (integer ids inside the vocabulary, room to generate), before anything else reads them.
-        prompt_ids = _validate_prompt(prompt_ids, engine.vocab_size, engine.max_model_len)
+        prompt_ids = validate_prompt(prompt_ids, engine.vocab_size, engine.max_model_len)
         cfg = self.config
         default = min(cfg.response_length, cfg.prompt_length + cfg.response_length - len(prompt_ids))
         seed = None
@@ -187,12 +188,9 @@ class SpecRolloutServer:
     # ------------------------------------------------------------------ weights
 
     async def stage_weights(self, bucket: list[tuple[str, Any]]) -> int:
-        """One bucket of (name, tensor); checked against the model now, applied at `commit_weights`."""
-        try:
-            return self.worker.stage_weights(bucket)
-        except Exception:
-            self.worker.discard_weights()  # a half-staged update must not leak into the next one
-            raise
+        """One bucket of (name, tensor); checked against the model now, applied at `commit_weights`. A refused
+        bucket drops the update staged so far: a half-staged update never leaks into the next one."""
+        return self.worker.stage_weights(bucket)
 
     async def commit_weights(self, global_steps: int | None = None) -> int:
         """Apply the staged buckets as one policy version (verl's global step when given); returns it."""
@@ -225,8 +223,7 @@ class SpecRolloutServer:
         return {"aborted": self.worker.abort([request_id]) == 1, "request_id": request_id}
 
     async def wait_for_requests_to_drain(self) -> None:
-        while self.worker.engine.has_unfinished():
-            await asyncio.sleep(0.01)
+        await self.worker.drained()
 
     # The KV cache and weights live in host memory for the whole run: nothing to offload or restore.
     async def wake_up(self, tags: list[str] | None = None) -> None: ...
@@ -320,15 +317,13 @@ class SpecRolloutReplica(RolloutReplica):
         await self.launch_servers()
 
     async def launch_servers(self):
-        from rollout.cluster import WORKER_ENV
+        from rollout.cluster import worker_env
 
-        env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
-        env.setdefault("HF_HUB_OFFLINE", "1")
         server = self.server_class.options(
             name=server_name(self.replica_rank, self.name_suffix),
             num_cpus=self.num_cpus,
             max_concurrency=self.max_concurrency,
-            runtime_env={"env_vars": env},
+            runtime_env={"env_vars": worker_env(HF_HUB_OFFLINE="1")},
         ).remote(self.service_config, self.config, self.replica_rank)
         await server.health.remote()  # the engine is loaded: errors surface here, not at the first request
         self.servers = [server]
@@ -373,15 +368,7 @@ class SpecRolloutServerAdapter(BaseRollout):
                 pass
             return
         server = ray.get_actor(server_name(self.replica_rank))
-        bucket, size = [], 0
-        for name, tensor in weights:
-            tensor = tensor.detach().to("cpu")
-            bucket.append((name, tensor))
-            size += tensor.numel() * tensor.element_size()
-            if size >= self.bucket_bytes:
-                await server.stage_weights.remote(bucket)
-                bucket, size = [], 0
-        if bucket:
+        for bucket in buckets(((name, to_host(tensor)) for name, tensor in weights), self.bucket_bytes):
             await server.stage_weights.remote(bucket)
         await server.commit_weights.remote(global_steps)
 

@@ -38,6 +38,7 @@ from adapters.sampling_fields import translate
 from adapters.weight_transfer import broadcast, gloo_group, parse_dtype
 from rollout.result import RolloutResult
 from rollout.sampling import SamplingParams, sample_seed
+from rollout.weights import WeightStager, to_host
 from rollout.worker import RolloutRequest
 
 
@@ -154,7 +155,11 @@ class CompletionServer:
         self._lock = threading.RLock()
         self._group = None
         self._src_rank = 0  # the trainer's rank in the weight group
-        self._staged: list[tuple[str, torch.Tensor]] = []
+        # Received tensors wait here until applied as one policy version. An in-process engine checks each on
+        # arrival; a RolloutCluster checks every bucket on every worker when the update is applied, before anything
+        # changes.
+        model = getattr(getattr(service, "engine", None), "model", None)
+        self._staged = WeightStager(getattr(model, "check_weight", None))
         self._updating = False
 
     # -------------------------------------------------------------------- generation
@@ -343,8 +348,16 @@ class CompletionServer:
         return buffer
 
     def start_weight_update(self) -> dict:
-        self._staged, self._updating = [], True
+        self._staged.discard()
+        self._updating = True
         return {}
+
+    def _stage(self, received: list[tuple[str, torch.Tensor]]) -> None:
+        """Keep received tensors for the next apply; a bad one is a 400 and drops the update staged so far."""
+        try:
+            self._staged.stage(received)
+        except (ValueError, TypeError) as e:  # wrong names, shapes or dtypes: checked before anything is written
+            raise HTTPError(400, str(e)) from e
 
     def update_weights(self, info: UpdateInfo) -> dict:
         if not len(info.names) == len(info.dtype_names) == len(info.shapes):
@@ -352,24 +365,23 @@ class CompletionServer:
         for dtype_name in info.dtype_names:  # before receiving anything: an unknown dtype has no size to receive
             _dtype(dtype_name)
         received = [(n, self._receive(n, d, s)) for n, d, s in zip(info.names, info.dtype_names, info.shapes)]
-        self._staged.extend(received)
+        self._stage(received)  # after receiving all of them: the group stays in step
         if not self._updating:  # a single update outside start/finish applies at once
             return self.finish_weight_update()
         return {}
 
     def finish_weight_update(self) -> dict:
-        staged, self._staged, self._updating = self._staged, [], False
-        return {"policy_version": self._apply(staged)}
+        self._updating = False
+        return {"policy_version": self._apply(self._staged.commit())}
 
     def legacy_update_named_param(self, body: LegacyParamBody) -> dict:
         # Applied lazily (before the next generation or reset): one policy version per sync, not per tensor.
-        self._staged.append((body.name, self._receive(body.name, body.dtype, body.shape)))
+        self._stage([(body.name, self._receive(body.name, body.dtype, body.shape))])
         return {}
 
     def _commit_legacy(self) -> None:
-        if self._staged and not self._updating:
-            self._apply(self._staged)
-            self._staged = []
+        if len(self._staged) and not self._updating:
+            self._apply(self._staged.commit())
 
     def _apply(self, staged: list[tuple[str, torch.Tensor]]) -> int:
         with self._lock:
@@ -535,7 +547,7 @@ class WeightSender:
         return self
 
     def send(self, named_tensors) -> int:
-        named = [(n, t.detach().to("cpu").contiguous()) for n, t in named_tensors]
+        named = [(n, to_host(t)) for n, t in named_tensors]
         info = {
             "names": [n for n, _ in named],
             "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in named],

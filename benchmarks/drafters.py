@@ -60,8 +60,8 @@ def record(temperature: float, path: Path | None = None) -> Path:
     from transformers import AutoTokenizer
 
     from drafters.model import ModelDrafterConfig
+    from rollout.checkpoint import resolve_model
     from rollout.config import EngineConfig, HistoryConfig, SpeculationConfig
-    from rollout.engine.checkpoint import resolve_model
     from rollout.engine.engine import Engine
     from rollout.sampling import SamplingParams
     from rollout.tasks import chat_prompt_ids, list_tasks
@@ -107,7 +107,7 @@ def score(temperature: float) -> Path:
     from transformers import AutoModelForCausalLM
 
     from drafters.model import ModelDrafterConfig
-    from rollout.engine.checkpoint import resolve_model
+    from rollout.checkpoint import resolve_model
     from rollout.history import SCHEMA
     from rollout.sampling import process_logits
 

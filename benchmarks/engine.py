@@ -17,6 +17,8 @@ converted checkpoint folder), --quick (few batch sizes, few tokens, one round: f
   same curve with engine.matmul="mkl" (MKL kernels only), `verify_cost_rel_linear` with every product forced onto
   F.linear (what a plain torch port does); `matmul_timings_ms` are the plan's own per-kernel measurements. These
   three are CPU matters: on a GPU every product is F.linear, so only `verify_cost_rel` is measured there.
+- host_us_per_seq_step: the engine's own work per sequence per step outside the model forward, on a tiny random
+  Llama, for plain decoding and for the suffix drafter at fixed:4 (benchmarks/host_cost.py says how).
 - oracle_speedup: 128 greedy tokens with a drafter that always proposes the right continuation, at the best
   fixed draft length, against plain decoding in the same engine (runs interleaved); the ceiling a drafter can reach.
 """
@@ -40,12 +42,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import host_cost  # noqa: E402
 from benchmarks.common import add_run_options, check_run_options, machine, versions, write  # noqa: E402
 from drafters.reference import ReferenceDrafter  # noqa: E402
 from rollout.budget import parse_budget  # noqa: E402
+from rollout.checkpoint import resolve_model  # noqa: E402
 from rollout.config import EngineConfig  # noqa: E402
 from rollout.engine.batch import SeqInput, build_batch  # noqa: E402
-from rollout.engine.checkpoint import resolve_model  # noqa: E402
 from rollout.engine.engine import Engine  # noqa: E402
 from rollout.engine.hardware import synchronize  # noqa: E402
 from rollout.engine.model import TargetModel  # noqa: E402
@@ -249,6 +252,8 @@ def main(argv=None) -> None:
         mkl_model.plan = tuned_plan
         print("verify cost (F.linear only):", curves["linear"])
     del mkl_model
+    host = host_cost.measure()
+    print("host us per sequence-step:", host)
     oracle = {
         str(b): oracle_speedup(model, prompts, b, sizes.oracle_tokens, sizes.oracle_rounds, sizes.oracle_ks)
         for b in sizes.oracle_batches
@@ -276,6 +281,7 @@ def main(argv=None) -> None:
         {
             "no_spec_tok_s": {"ours": ours, "transformers": hf, "vllm_cpu": vllm},
             "no_spec_tok_s_ours_mkl": ours_mkl,
+            "host_us_per_seq_step": host,
             "vllm_cpu_note": vllm_note,
             "verify_cost_rel": rel(curves["fast"]),
             "verify_k1_ms": k1(curves["fast"]),

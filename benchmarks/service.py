@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import add_run_options, check_run_options, machine, versions, write  # noqa: E402
 from drafters.base import make_drafter  # noqa: E402
 from rollout.budget import parse_budget  # noqa: E402
+from rollout.checkpoint import resolve_model  # noqa: E402
 from rollout.config import EngineConfig  # noqa: E402
 from rollout.cost_model import measure_cost_model  # noqa: E402
-from rollout.engine.checkpoint import resolve_model  # noqa: E402
 from rollout.engine.engine import Engine, cost_model_file  # noqa: E402
 from rollout.engine.model import TargetModel  # noqa: E402
 from rollout.sampling import SamplingParams  # noqa: E402

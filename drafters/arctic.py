@@ -8,18 +8,27 @@ Needs `pip install arctic-inference` (its SuffixDecodingCache runs without vLLM,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from drafters.base import Draft, TrackingDrafter, register_drafter
+from drafters.options import DrafterOptions, build_options
+
+
+@dataclass
+class ArcticSuffixConfig(DrafterOptions):
+    drafter: ClassVar[str] = "arctic_suffix"
+
+    max_tree_depth: int = 24  # the pattern: this many last tokens
+    max_cached_requests: int = 10000  # responses kept in the global tree, FIFO
+    max_spec_factor: float = 1.0  # at most this many draft tokens per matched pattern token
+    min_token_prob: float = 0.1  # a draft stops where a token's estimated probability falls below this
 
 
 @register_drafter("arctic_suffix")
 class ArcticSuffixDrafter(TrackingDrafter):
-    def __init__(
-        self,
-        max_tree_depth: int = 24,
-        max_cached_requests: int = 10000,
-        max_spec_factor: float = 1.0,
-        min_token_prob: float = 0.1,
-    ):
+    def __init__(self, **options):
+        self.config = c = build_options(ArcticSuffixConfig, options)
         try:
             from arctic_inference.suffix_decoding import SuffixDecodingCache
         except ImportError as exc:
@@ -27,10 +36,10 @@ class ArcticSuffixDrafter(TrackingDrafter):
                 "the arctic_suffix drafter needs ArcticInference: pip install arctic-inference"
             ) from exc
         super().__init__()
-        self.cache = SuffixDecodingCache(max_tree_depth=max_tree_depth, max_cached_requests=max_cached_requests)
-        self.max_tree_depth = max_tree_depth
-        self.max_spec_factor = max_spec_factor
-        self.min_token_prob = min_token_prob
+        self.cache = SuffixDecodingCache(max_tree_depth=c.max_tree_depth, max_cached_requests=c.max_cached_requests)
+        self.max_tree_depth = c.max_tree_depth
+        self.max_spec_factor = c.max_spec_factor
+        self.min_token_prob = c.min_token_prob
 
     def begin(self, request_id, prompt_ids, group):
         if request_id in self.cache.cached_requests:
@@ -54,7 +63,7 @@ class ArcticSuffixDrafter(TrackingDrafter):
             max_spec_factor=self.max_spec_factor,
             min_token_prob=self.min_token_prob,
         )
-        return Draft(list(draft.token_ids), probs=list(draft.probs) or None, score=float(draft.score))
+        return Draft(list(draft.token_ids), probs=list(draft.probs) or None)
 
     def end(self, request_id):
         if request_id in self.cache.active_requests:

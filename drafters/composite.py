@@ -10,22 +10,26 @@ kept: a child's estimate never exceeds its parent's within one source, so the ke
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from drafters.base import (
     EMPTY_DRAFT,
     BaseDrafter,
     Draft,
     make_drafter,
-    observe_all,
     propose_all,
     register_drafter,
     wanted_top_logprobs,
 )
+from drafters.options import DrafterOptions, build_options
 
 
 @dataclass
-class CompositeConfig:
+class CompositeConfig(DrafterOptions):
+    """Each part is a drafter name and its keyword options, built by make_drafter as any drafter is."""
+
+    drafter: ClassVar[str] = "composite"
+
     retrieval: str = "suffix"
     retrieval_options: dict[str, Any] = field(default_factory=dict)
     model: str = "model"
@@ -57,8 +61,8 @@ def merge_drafts(drafts: Sequence[Draft], max_tokens: int) -> Draft:
 
 @register_drafter("composite")
 class CompositeDrafter(BaseDrafter):
-    def __init__(self, config: CompositeConfig | None = None, **overrides):
-        self.config = config or CompositeConfig(**overrides)
+    def __init__(self, **options):
+        self.config = build_options(CompositeConfig, options)
         self.retrieval = make_drafter(self.config.retrieval, **self.config.retrieval_options)
         self.model = make_drafter(self.config.model, **self.config.model_options)
         self.parts = (self.model, self.retrieval)
@@ -77,7 +81,7 @@ class CompositeDrafter(BaseDrafter):
 
     def observe_batch(self, request_ids, token_ids, logprobs=None) -> None:
         for part in self.parts:
-            observe_all(part, request_ids, token_ids, logprobs)
+            part.observe_batch(request_ids, token_ids, logprobs)
 
     def end(self, request_id):
         for part in self.parts:
@@ -85,9 +89,7 @@ class CompositeDrafter(BaseDrafter):
 
     def bind_target(self, folder: str) -> None:
         for part in self.parts:
-            bind = getattr(part, "bind_target", None)
-            if bind is not None:
-                bind(folder)
+            part.bind_target(folder)
 
     def refresh(self, history, policy_version: int) -> None:
         for part in self.parts:

@@ -149,7 +149,6 @@ def build_draft(sources: list[Candidates], max_tokens: int, cfg: TreeConfig) -> 
     tokens: list[int] = []
     parents: list[int] = []
     probs: list[float] = []
-    score = 0.0
     heap: list[tuple[float, int, int, int, float, _Node]] = []  # (-path_prob, tiebreak, token, parent, cond, node)
     counter = 0
 
@@ -171,6 +170,5 @@ def build_draft(sources: list[Candidates], max_tokens: int, cfg: TreeConfig) -> 
         tokens.append(t)
         parents.append(parent)
         probs.append(cond)
-        score += -neg_p
         push_children(node, len(tokens) - 1, -neg_p)
-    return Draft(tokens, parents, probs, score)
+    return Draft(tokens, parents, probs)

@@ -28,17 +28,22 @@ The draft is a chain, the drafter's argmax at each depth with its probability as
 accepted, cut where the path probability falls below `min_prob`, plus the runner-up tokens at each depth as leaves
 beside the chain node (`leaves`), the best max_tokens nodes by path probability kept. drafters/composite.py merges
 it with the suffix drafter's tree.
+
+What it reuses. Its layers are the target's by construction: each Block runs rollout/layers.py's `decoder_layer`, the
+very function of the embedded engine's forward, on fp32 copies of the checkpoint's weights (as nn.Parameters, so
+the top block trains through it with autograd), with only the attention over its own KV rows written here; the
+checkpoint is read by rollout/checkpoint_io.py, the engine's reader. Neither module is part of rollout/engine/.
 """
 
 from __future__ import annotations
 
-import glob
+import dataclasses
 import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +51,23 @@ from torch import nn
 
 from drafters.base import EMPTY_DRAFT, BaseDrafter, Draft, register_drafter
 from drafters.composite import merge_drafts
+from drafters.options import DrafterOptions, build_options
+from rollout.checkpoint_io import read_tensors, safetensors_files
+from rollout.layers import (
+    LayerWeights,
+    ModelShape,
+    decoder_layer,
+    layer_weights,
+    rms_norm,
+    rope_tables,
+    shape_from_config,
+)
 
 
 @dataclass
-class ModelDrafterConfig:
+class ModelDrafterConfig(DrafterOptions):
+    drafter: ClassVar[str] = "model"
+
     model: str | None = None  # the target's checkpoint (its first layers are reused); None: the engine's target,
     # or the embedded SmolLM2 where there is no engine (offline replay)
     layers: int = 4  # frozen target layers under the trained block
@@ -68,62 +86,26 @@ class ModelDrafterConfig:
     max_len: int = 4096  # prompt + output tokens per request (allocated as needed)
     seed: int = 0
 
-    def __post_init__(self):
+    def validate(self) -> None:
         for name in ("top_logprobs", "leaves"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"model drafter {name} must be an int >= 0, got {value!r}")
 
 
-class _Config:
-    """The few transformers-config fields the block needs, read from the checkpoint's config.json."""
-
-    def __init__(self, folder: Path):
-        from transformers import AutoConfig
-
-        from rollout.engine.architectures import shape_from_config
-
-        self.hf = AutoConfig.from_pretrained(folder)
-        self.shape = shape_from_config(self.hf, getattr(self.hf, "max_position_embeddings", 2048))
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # transformers' rotate-half convention, so the target's layers see the positions they were trained with
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class Block(nn.Module):
-    """One Llama-family decoder layer (GQA attention with RoPE, SwiGLU MLP), loaded from the target's weights."""
+    """One decoder layer of the target, its weights copied into fp32 parameters; the math is the engine's
+    (rollout/layers.py: decoder_layer), with attention over this drafter's own [batch, time] rows and K/V."""
 
-    NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-    def __init__(self, shape, tensors: dict[str, torch.Tensor], prefix: str):
+    def __init__(self, shape: ModelShape, tensors: dict[str, torch.Tensor], prefix: str):
         super().__init__()
         self.shape = shape
-
-        def param(name: str) -> nn.Parameter | None:
-            t = tensors.get(prefix + name)
-            return None if t is None else nn.Parameter(t.detach().clone().float())
-
-        self.attn = nn.ParameterDict({n: param(f"self_attn.{n}.weight") for n in self.NAMES})
-        self.bias = nn.ParameterDict(
-            {n: p for n in self.NAMES if (p := param(f"self_attn.{n}.bias")) is not None}
-        )  # Qwen2 has q/k/v biases
-        self.qk_norm = nn.ParameterDict(
-            {n: p for n in ("q_norm", "k_norm") if (p := param(f"self_attn.{n}.weight")) is not None}
-        )  # Qwen3 normalises each head of q and k
-        self.mlp = nn.ParameterDict({n: param(f"mlp.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")})
-        self.norm_in = param("input_layernorm.weight")
-        self.norm_post = param("post_attention_layernorm.weight")
-
-    def _proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.attn[name], self.bias[name] if name in self.bias else None)
+        fused = layer_weights(tensors, prefix, shape)
+        params = {name: nn.Parameter(t.detach().clone().float()) for name, t in fused.tensors().items()}
+        for name, param in params.items():
+            self.register_parameter(name, param)
+        # the same Parameters: the optimizer updates them in place, decoder_layer reads them
+        self.weights: LayerWeights = dataclasses.replace(fused, **params)
 
     def forward(
         self,
@@ -137,41 +119,18 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         s = self.shape
         B, T, _ = x.shape
-        h = _rms(x, self.norm_in, s.rms_norm_eps)
-        q = self._proj("q_proj", h).view(B, T, s.num_heads, s.head_dim)
-        k = self._proj("k_proj", h).view(B, T, s.num_kv_heads, s.head_dim)
-        v = self._proj("v_proj", h).view(B, T, s.num_kv_heads, s.head_dim)
-        if self.qk_norm:
-            q = _rms(q, self.qk_norm["q_norm"], s.rms_norm_eps)
-            k = _rms(k, self.qk_norm["k_norm"], s.rms_norm_eps)
-        q = _rotate(q.transpose(1, 2), cos[:, None], sin[:, None])  # [B, NH, T, hd]
-        k = _rotate(k.transpose(1, 2), cos[:, None], sin[:, None])  # [B, KVH, T, hd]
-        v = v.transpose(1, 2)  # [B, KVH, T, hd]
-        if cache is not None:
-            index = positions[:, None, :, None].expand(B, s.num_kv_heads, T, s.head_dim)
-            cache[0].scatter_(2, index, k)
-            cache[1].scatter_(2, index, v)
-            k, v = cache[0][:, :, :keys], cache[1][:, :, :keys]  # [B, KVH, keys, hd]
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        x = x + self._proj("o_proj", a.transpose(1, 2).reshape(B, T, -1))
-        h = _rms(x, self.norm_post, s.rms_norm_eps)
-        m = self.mlp
-        return x + F.linear(F.silu(F.linear(h, m["gate_proj"])) * F.linear(h, m["up_proj"]), m["down_proj"])
 
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
+            if cache is not None:
+                index = positions[:, None, :, None].expand(B, s.num_kv_heads, T, s.head_dim)
+                cache[0].scatter_(2, index, k)
+                cache[1].scatter_(2, index, v)
+                k, v = cache[0][:, :, :keys], cache[1][:, :, :keys]  # [B, KVH, keys, hd]
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            return a.transpose(1, 2).reshape(B, T, -1)  # [B, T, NH * hd]
 
-def _load_tensors(folder: Path, wanted) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    files = sorted(glob.glob(str(folder / "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {folder}: the model drafter reads the target's checkpoint")
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                if wanted(name):
-                    out[name] = f.get_tensor(name)
-    return out
+        return decoder_layer(x, self.weights, s, cos.unsqueeze(-2), sin.unsqueeze(-2), attend)
 
 
 class DraftNet(nn.Module):
@@ -179,26 +138,30 @@ class DraftNet(nn.Module):
 
     def __init__(self, folder: Path, layers: int, max_len: int):
         super().__init__()
-        cfg = _Config(folder)
-        s = self.shape = cfg.shape
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(folder)
+        s = self.shape = shape_from_config(hf, getattr(hf, "max_position_embeddings", 2048))
         if not 1 <= layers < s.num_layers:
             raise ValueError(f"model drafter layers must be in [1, {s.num_layers - 1}] for this target, got {layers}")
         prefixes = [f"model.layers.{i}." for i in range(layers + 1)]
-        tensors = _load_tensors(
-            folder,
-            lambda n: (
-                n in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
-                or any(n.startswith(p) for p in prefixes)
-            ),
+        if not safetensors_files(folder):
+            raise FileNotFoundError(f"no *.safetensors in {folder}: the model drafter reads the target's checkpoint")
+        tensors = dict(
+            read_tensors(
+                folder,
+                lambda n: (
+                    n in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+                    or any(n.startswith(p) for p in prefixes)
+                ),
+            )
         )
         self.embed = tensors["model.embed_tokens.weight"].float()  # [V, H]
         self.lm_head = tensors.get("lm_head.weight", self.embed).float()  # [V, H]; tied in SmolLM2
         self.norm = tensors["model.norm.weight"].float()  # [H]
         self.frozen = nn.ModuleList(Block(s, tensors, p) for p in prefixes[:-1]).requires_grad_(False)
         self.top = Block(s, tensors, prefixes[-1])
-        from rollout.engine.architectures import rope_tables
-
-        self.cos, self.sin = rope_tables(cfg.hf, s, max_len)  # [max_len, hd]
+        self.cos, self.sin = rope_tables(hf, s, max_len)  # [max_len, hd]
         self.max_len = max_len
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +179,7 @@ class DraftNet(nn.Module):
 
     def logits(self, x: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., len(vocab)] over the kept vocabulary."""
-        return F.linear(_rms(x, self.norm, self.shape.rms_norm_eps), self.lm_head[vocab])
+        return F.linear(rms_norm(x, self.norm, self.shape.rms_norm_eps), self.lm_head[vocab])
 
 
 class _KVRows:
@@ -286,8 +249,8 @@ class _Request:
 
 @register_drafter("model")
 class ModelDrafter(BaseDrafter):
-    def __init__(self, config: ModelDrafterConfig | None = None, **overrides):
-        self.config = config or ModelDrafterConfig(**overrides)
+    def __init__(self, **options):
+        self.config = build_options(ModelDrafterConfig, options)
         self.net: DraftNet | None = None  # built from config.model, or from the engine's target (bind_target)
         if self.config.model is not None:
             self._build(self.config.model)
@@ -303,7 +266,7 @@ class ModelDrafter(BaseDrafter):
         return self.config.top_logprobs
 
     def _build(self, model: str) -> None:
-        from rollout.engine.checkpoint import resolve_model
+        from rollout.checkpoint import resolve_model
 
         c = self.config
         self.net = DraftNet(Path(resolve_model(model)), c.layers, c.max_len)

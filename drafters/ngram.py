@@ -9,12 +9,14 @@ batch in one call; `lookup` below, and `NgramReferenceDrafter` built on it, are 
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
 
 import numpy as np
 
 from drafters.base import EMPTY_DRAFT, BaseDrafter, Draft, TrackingDrafter, register_drafter
 from drafters.native import load_native
+from drafters.options import DrafterOptions, build_options
 
 
 def lookup(tokens: np.ndarray, max_tokens: int, min_n: int, max_n: int) -> list[int]:
@@ -31,16 +33,24 @@ def lookup(tokens: np.ndarray, max_tokens: int, min_n: int, max_n: int) -> list[
     return []
 
 
-def check_orders(min_n: int, max_n: int) -> tuple[int, int]:
-    if not 1 <= min_n <= max_n:
-        raise ValueError(f"ngram drafter needs 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
-    return int(min_n), int(max_n)
+@dataclass
+class NgramConfig(DrafterOptions):
+    drafter: ClassVar[str] = "ngram"
+
+    min_n: int = 1  # the shortest tail n-gram looked up
+    max_n: int = 4  # the longest, tried first
+
+    def validate(self) -> None:
+        n, m = self.min_n, self.max_n
+        if isinstance(n, int) and isinstance(m, int) and not 1 <= n <= m:
+            raise ValueError(f"ngram drafter needs 1 <= min_n <= max_n, got min_n={n}, max_n={m}")
 
 
 @register_drafter("ngram")
 class NgramDrafter(BaseDrafter):
-    def __init__(self, min_n: int = 1, max_n: int = 4):
-        self.min_n, self.max_n = check_orders(min_n, max_n)
+    def __init__(self, **options):
+        self.config = build_options(NgramConfig, options)
+        self.min_n, self.max_n = self.config.min_n, self.config.max_n
         self.core = load_native().NgramCore(self.min_n, self.max_n, Draft, EMPTY_DRAFT)
         self.slots: dict[str, int] = {}  # request id -> the core's slot
 
@@ -73,9 +83,10 @@ class NgramDrafter(BaseDrafter):
 class NgramReferenceDrafter(TrackingDrafter):
     """`ngram` in Python over each request's token list: the reference the compiled one is tested against."""
 
-    def __init__(self, min_n: int = 1, max_n: int = 4):
+    def __init__(self, **options):
         super().__init__()
-        self.min_n, self.max_n = check_orders(min_n, max_n)
+        self.config = build_options(NgramConfig, options)
+        self.min_n, self.max_n = self.config.min_n, self.config.max_n
 
     def propose(self, request_id, max_tokens):
         if max_tokens <= 0:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from drafters.base import Draft, Drafter, observe_all, propose_all
+from drafters.base import Draft, Drafter, propose_all
 from rollout.history import RolloutHistory, older_than
 
 
@@ -159,7 +159,7 @@ def replay(
                 pos[j] += n + 1
             _, observed = _timed(
                 hasattr(drafter, "observe_batch"),
-                lambda: observe_all(drafter, step_ids, emitted, emitted_lps),
+                lambda: drafter.observe_batch(step_ids, emitted, emitted_lps),
                 lambda i: drafter.observe(step_ids[i], emitted[i], emitted_lps[i]),
                 len(step_ids),
             )

@@ -22,10 +22,9 @@ algorithm in Python and numpy, registered as `suffix_reference`: the tests hold 
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -34,13 +33,16 @@ import pyarrow.compute as pc
 from drafters.base import EMPTY_DRAFT, BaseDrafter, Draft, register_drafter
 from drafters.matching import TreeConfig
 from drafters.native import load_native
+from drafters.options import DrafterOptions, build_options
 from rollout.history import prompt_key
 
 BUCKET_BITS = 20  # the global index's hash table: 2**20 chains (4 MiB)
 
 
 @dataclass
-class SuffixConfig:
+class SuffixConfig(DrafterOptions):
+    drafter: ClassVar[str] = "suffix"
+
     decay: float = 0.5  # weight of a rollout one policy version old, relative to the current version
     window_versions: int = 8  # global window and per-prompt store keep this many versions (GRPO revisits a
     # prompt every dataset/prompts-per-step steps: 4 in the main job)
@@ -57,7 +59,31 @@ class SuffixConfig:
     global_max_tokens: int = 2_000_000
     prompt_tail: int = 16  # prompt tokens stored ahead of each rollout in the global index
     max_walk: int = 32  # candidates examined per query of the global window and of other groups in flight
-    tree: TreeConfig = field(default_factory=TreeConfig)
+    tree: TreeConfig = field(default_factory=TreeConfig)  # its fields are options by their own names, flat
+
+    def validate(self) -> None:
+        if _is_number(self.decay) and not 0 < self.decay <= 1:
+            raise ValueError(f"suffix drafter decay must be in (0, 1], got {self.decay}")
+        for part in (self, self.tree):
+            for f in fields(part):
+                value = getattr(part, f.name)
+                if f.name not in _LIMITS or not _is_number(value):
+                    continue  # a value of the wrong type is named by the type check that follows
+                low, inclusive = _LIMITS[f.name]
+                if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
+                    raise ValueError(
+                        f"suffix drafter option {f.name} must be {'>=' if inclusive else '>'} {low}, got {value}"
+                    )
+        for name in ("min_prob", "logprob_trust"):
+            value = getattr(self.tree, name)
+            if _is_number(value) and value > 1:
+                raise ValueError(f"suffix drafter option {name} must be <= 1, got {value}")
+        if _is_number(self.tree.match_power) and not math.isfinite(self.tree.match_power):
+            raise ValueError(f"suffix drafter option match_power must be finite, got {self.tree.match_power}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # option -> (lowest allowed value, whether the lowest is allowed)
@@ -82,33 +108,9 @@ _LIMITS = {
 }
 
 
-def suffix_config(config: SuffixConfig | None = None, overrides: dict[str, Any] | None = None) -> SuffixConfig:
-    """A validated copy of `config` (the caller's object is left as it is) with `overrides` applied; an override
-    names a SuffixConfig or TreeConfig field."""
-    cfg = copy.deepcopy(config) if config is not None else SuffixConfig()
-    for name, value in (overrides or {}).items():
-        target = cfg.tree if name in {f.name for f in fields(TreeConfig)} else cfg
-        if name == "tree" or not hasattr(target, name):
-            raise ValueError(f"unknown suffix drafter option {name!r}")
-        setattr(target, name, type(getattr(target, name))(value))
-    if not 0 < cfg.decay <= 1:
-        raise ValueError(f"suffix drafter decay must be in (0, 1], got {cfg.decay}")
-    for part in (cfg, cfg.tree):
-        for f in fields(part):
-            value = getattr(part, f.name)
-            if f.name not in _LIMITS:
-                continue
-            low, inclusive = _LIMITS[f.name]
-            if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
-                raise ValueError(
-                    f"suffix drafter option {f.name} must be {'>=' if inclusive else '>'} {low}, got {value}"
-                )
-    for name in ("min_prob", "logprob_trust"):
-        if getattr(cfg.tree, name) > 1:
-            raise ValueError(f"suffix drafter option {name} must be <= 1, got {getattr(cfg.tree, name)}")
-    if not math.isfinite(cfg.tree.match_power):
-        raise ValueError(f"suffix drafter option match_power must be finite, got {cfg.tree.match_power}")
-    return cfg
+def suffix_options(options: dict[str, Any]) -> SuffixConfig:
+    """The suffix drafters' options (SuffixConfig and TreeConfig fields, flat), copied and validated."""
+    return build_options(SuffixConfig, options)
 
 
 @dataclass
@@ -168,8 +170,8 @@ def core_config(cfg: SuffixConfig) -> dict[str, Any]:
 
 @register_drafter("suffix")
 class SuffixDrafter(BaseDrafter):
-    def __init__(self, config: SuffixConfig | None = None, **overrides):
-        self.cfg = suffix_config(config, overrides)
+    def __init__(self, **options):
+        self.cfg = suffix_options(options)
         self.core = load_native().SuffixCore(core_config(self.cfg), Draft, EMPTY_DRAFT)  # holds the policy version
         self.slots: dict[str, int] = {}  # request id -> the core's slot
 

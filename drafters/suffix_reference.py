@@ -23,7 +23,7 @@ import numpy as np
 
 from drafters.base import BaseDrafter, Draft, register_drafter
 from drafters.matching import Candidates, build_draft, match_in_array
-from drafters.suffix import SuffixConfig, suffix_config
+from drafters.suffix import suffix_options
 from drafters.token_index import TokenIndex, wrap16
 from rollout.history import prompt_key
 
@@ -168,9 +168,8 @@ class _PromptStore:
 
 @register_drafter("suffix_reference")
 class SuffixReferenceDrafter(BaseDrafter):
-    def __init__(self, config: SuffixConfig | None = None, **overrides):
-        cfg = suffix_config(config, overrides)
-        self.cfg = cfg
+    def __init__(self, **options):
+        cfg = self.cfg = suffix_options(options)
         self.version = 0
         self.requests: dict[str, _Request] = {}
         self.groups: dict[str, dict[str, None]] = {}  # group -> in-flight request ids, in the order they began

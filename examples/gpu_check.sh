@@ -99,7 +99,7 @@ EOF
 "$PYTHON" - "$MODEL" << 'EOF'
 import sys
 
-from rollout.engine.checkpoint import resolve_model
+from rollout.checkpoint import resolve_model
 
 try:
     print(f"model: {resolve_model(sys.argv[1], log=print)}")

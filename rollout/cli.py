@@ -136,9 +136,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
+    from rollout.checkpoint import resolve_model
     from rollout.cluster import RolloutCluster
     from rollout.config import load_config
-    from rollout.engine.checkpoint import resolve_model
     from rollout.history import RolloutHistory
     from rollout.sampling import SamplingParams
     from rollout.worker import RolloutRequest
@@ -211,7 +211,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from transformers import AutoTokenizer
 
             from adapters.vllm_server import CompletionServer, ServerConfig, serve
-            from rollout.engine.checkpoint import resolve_model
+            from rollout.checkpoint import resolve_model
 
             tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.engine.model))
             server = CompletionServer(

@@ -2,9 +2,10 @@
 
 - Dispatch: all samples of a prompt (its GRPO group) go to one worker, in one call, so that worker's drafter sees
   every sibling; groups go to the worker with the fewest outstanding tokens.
-- Weights: the trainer's named tensors are cut into buckets of about `cluster.weight_bucket_mb`; each bucket is put
-  in Ray's object store once and staged on every worker with one call; `commit(version)` then applies them
-  atomically everywhere. A wrong name or shape is refused at staging, on every worker, before anything changes.
+- Weights: the trainer's named tensors are cut into buckets of at most `cluster.weight_bucket_mb` (a larger tensor
+  travels alone; rollout/weights.py); each bucket is put in Ray's object store once and staged on every worker with
+  one call; `commit(version)` then applies them atomically everywhere. A wrong name, shape or dtype is refused at
+  staging, on every worker, before anything changes.
 - History: at each weight sync the rollouts finished on each worker are shared with all the others, so every
   drafter learns from the whole batch; the cluster keeps the merged window for workers that restart.
 - Faults: a worker that dies mid-rollout is replaced, brought to the current weights, version and history before
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import pyarrow as pa
@@ -26,9 +27,25 @@ import pyarrow as pa
 from rollout.config import ServiceConfig
 from rollout.history import RolloutHistory, prompt_key
 from rollout.result import RolloutResult
+from rollout.weights import buckets, to_host
 from rollout.worker import RolloutRequest
 
-WORKER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SPECROLLOUT_CACHE", "HOME", "SPECROLLOUT_VLLM_KWARGS")
+# The environment every engine actor gets from the process that starts it (this cluster, verl's replicas, OpenRLHF's
+# create_engines): Ray's workers start from the raylet's environment, which is not the driver's when Ray was
+# started elsewhere (`ray start`, a shared cluster).
+WORKER_ENV = (
+    "HF_HUB_OFFLINE",  # the model and tokenizer resolve from the local cache as in the driver, never from the Hub
+    "TRANSFORMERS_OFFLINE",  # likewise for transformers' own loaders
+    "SPECROLLOUT_CACHE",  # converted checkpoints and measured matmul plans: the driver's, not converted again
+    "HOME",  # where ~/.cache/huggingface and the default SPECROLLOUT_CACHE live
+    "SPECROLLOUT_VLLM_KWARGS",  # extra vllm.LLM arguments (engine.backend=vllm), read where the engine is built
+    "RAY_AUTH_MODE",  # the actor's own Ray calls (ray.util.collective's weight group for OpenRLHF) authenticate alike
+)
+
+
+def worker_env(**defaults: str) -> dict[str, str]:
+    """The WORKER_ENV variables set here, over `defaults` (what a worker gets when the driver sets nothing)."""
+    return {**defaults, **{k: os.environ[k] for k in WORKER_ENV if k in os.environ}}
 
 
 @dataclass
@@ -42,20 +59,6 @@ class _Weights:
         for _, held in self.buckets:
             held -= names
         self.buckets = [(r, held) for r, held in self.buckets if held] + [(ref, set(names))]
-
-
-def _bucketize(named: Iterable[tuple[str, object]], bucket_bytes: int) -> Iterable[list[tuple[str, object]]]:
-    bucket, size = [], 0
-    for name, tensor in named:
-        t = tensor.detach().to("cpu").contiguous() if hasattr(tensor, "detach") else tensor
-        nbytes = t.numel() * t.element_size() if hasattr(t, "numel") else 0
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += nbytes
-    if bucket:
-        yield bucket
 
 
 class RolloutCluster:
@@ -86,37 +89,33 @@ class RolloutCluster:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         c = self.config.cluster
-        env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
-        env.setdefault("HF_HUB_OFFLINE", "1")
         return self._actor_cls.options(
             num_cpus=c.num_cpus_per_worker,
             num_gpus=c.num_gpus_per_worker,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self._pg, placement_group_bundle_index=index
             ),
-            runtime_env={"env_vars": env},
+            runtime_env={"env_vars": worker_env(HF_HUB_OFFLINE="1")},
         ).remote(self.config, index)
 
     # ------------------------------------------------------------------ generation
 
     def _validate(self, requests: list[RolloutRequest]) -> None:
-        from rollout.engine.engine import _validate_prompt
+        from rollout.frontend import validate_prompt
 
         seen = set()
         for r in requests:
-            _validate_prompt(r.prompt_token_ids, self.info["vocab_size"], self.info["max_model_len"])
+            validate_prompt(r.prompt_token_ids, self.info["vocab_size"], self.info["max_model_len"])
             if r.request_id in seen:
                 raise ValueError(f"request_id {r.request_id!r} appears twice in one call")
             seen.add(r.request_id)
 
-    def generate(self, requests: list[RolloutRequest]) -> list[RolloutResult]:
-        """Run the requests to completion across the workers; results in request order, each exactly once."""
+    def generate(self, requests: list[RolloutRequest], plain: bool = False) -> list[RolloutResult]:
+        """Run the requests to completion across the workers; results in request order, each exactly once.
+        plain=True: without speculation, unseen by the drafters and the histories (a benchmark's twin)."""
         from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
-        requests = [
-            r if r.request_id else RolloutRequest(uuid.uuid4().hex, r.prompt_token_ids, r.params, r.group)
-            for r in requests
-        ]
+        requests = [r if r.request_id else replace(r, request_id=uuid.uuid4().hex) for r in requests]
         self._validate(requests)  # every bad request is refused before any is dispatched
         groups: OrderedDict[str, list[RolloutRequest]] = OrderedDict()
         for r in requests:
@@ -128,7 +127,7 @@ class RolloutCluster:
             tokens = sum(r.params.max_tokens for r in reqs)
             self._outstanding[w] += tokens
             actor = self.workers[w]
-            pending[actor.generate.remote(reqs)] = (w, actor, reqs, tokens)
+            pending[actor.generate.remote(reqs, plain)] = (w, actor, reqs, tokens)
 
         for reqs in groups.values():
             submit(reqs)
@@ -163,7 +162,8 @@ class RolloutCluster:
         self.sync_history()
         refs = []
         try:
-            for bucket in _bucketize(named_tensors, self.config.cluster.weight_bucket_mb * 2**20):
+            named = ((name, to_host(tensor)) for name, tensor in named_tensors)
+            for bucket in buckets(named, self.config.cluster.weight_bucket_mb * 2**20):
                 ref = self._ray.put(bucket)
                 refs.append((ref, {name for name, _ in bucket}))
                 self._ray.get([w.stage_weights.remote(ref) for w in self.workers])
@@ -257,7 +257,7 @@ def _worker_class():
             return {
                 "vocab_size": self.engine.vocab_size,
                 "max_model_len": self.engine.max_model_len,
-                "architecture": self.engine.model.shape.architecture,
+                "architecture": self.engine.architecture,
             }
 
     return RolloutWorkerActor

@@ -11,9 +11,12 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-# Engine backends (rollout/engines.py builds them): "embedded" is our own engine; "vllm" is vLLM with our drafters
-# plugged in as its proposer (rollout/vllm_engine.py; needs the optional vllm extra, a GPU for sampled rollouts).
-ENGINE_BACKENDS = ("embedded", "vllm")
+from rollout.engines import BACKENDS, check_backend
+
+# Engine backends, the names of rollout/engines.py's BACKENDS (it imports nothing heavy): "embedded" is our own
+# engine; "vllm" is vLLM with our drafters plugged in as its proposer (rollout/vllm_engine.py; needs the optional
+# vllm extra, a GPU for sampled rollouts).
+ENGINE_BACKENDS = tuple(BACKENDS)
 
 
 @dataclass
@@ -80,7 +83,7 @@ class ClusterConfig:
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0.0
     placement_strategy: str = "PACK"  # Ray placement group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
-    weight_bucket_mb: int = 256  # weights travel in buckets of about this size, one call per bucket
+    weight_bucket_mb: int = 256  # weights travel in buckets of at most this size, one call each
     max_worker_restarts: int = 3  # per worker; beyond this a dead worker's requests fail loudly
     ray_address: str | None = None  # None: start or join a local Ray
 
@@ -98,9 +101,7 @@ class ServiceConfig:
         from rollout.budget import parse_budget
 
         e, s, c = self.engine, self.speculation, self.cluster
-        if e.backend not in ENGINE_BACKENDS:
-            known = ", ".join(ENGINE_BACKENDS)
-            raise ValueError(f"engine.backend: unknown backend {e.backend!r}; known backends: {known}")
+        check_backend(e.backend)
         if e.max_num_seqs < 1:
             raise ValueError(f"engine.max_num_seqs must be >= 1, got {e.max_num_seqs}")
         if e.max_model_len < 2:

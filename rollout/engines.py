@@ -9,11 +9,12 @@ its own torch, and a machine without it must still run the embedded engine.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from rollout.config import EngineConfig, HistoryConfig, SpeculationConfig
+if TYPE_CHECKING:  # rollout.config imports this module for the backend names: nothing of it at import time
+    from rollout.config import EngineConfig, HistoryConfig, SpeculationConfig
 
-# name -> "module:Class", for the names in rollout.config.ENGINE_BACKENDS. Each class has
+# The one list of backends: name -> "module:Class" (rollout.config.ENGINE_BACKENDS is its names). Each class has
 # from_config(engine, speculation, history, log=...) and the Engine API (add_request, step, abort, update_weights...).
 BACKENDS: dict[str, str] = {
     "embedded": "rollout.engine.engine:Engine",
@@ -21,12 +22,17 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def backend_class(name: str) -> type:
-    """The engine class of a backend name; ValueError naming the known ones for any other."""
+def check_backend(name: str) -> str:
+    """The "module:Class" of a backend name (nothing is imported); ValueError naming the known ones for any other."""
     target = BACKENDS.get(name)
     if target is None:
         raise ValueError(f"engine.backend: unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
-    module, _, attr = target.partition(":")
+    return target
+
+
+def backend_class(name: str) -> type:
+    """The engine class of a backend name; ValueError naming the known ones for any other."""
+    module, _, attr = check_backend(name).partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
@@ -37,5 +43,7 @@ def make_engine(
     log: Callable[[str], None] = lambda s: None,
 ) -> Any:
     """Build the engine that `engine.backend` names, from the same three config sections for every backend."""
+    from rollout.config import EngineConfig
+
     engine = engine or EngineConfig()
     return backend_class(engine.backend).from_config(engine, speculation, history, log=log)

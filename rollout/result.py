@@ -26,6 +26,8 @@ class SpecStats:
 
     def record(self, depths_drafted: int, accepted: int, drafted: int) -> None:
         self.target_forwards += 1
+        if not drafted:  # a plain step: nothing drafted, nothing accepted
+            return
         self.drafted += drafted
         self.accepted += accepted
         count_positions(self.drafted_per_position, self.accepted_per_position, depths_drafted, accepted)

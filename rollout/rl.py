@@ -103,7 +103,7 @@ def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResu
     from trl import GRPOConfig, GRPOTrainer
 
     from adapters.trl import make_rollout_func
-    from rollout.engine.checkpoint import resolve_model
+    from rollout.checkpoint import resolve_model
     from rollout.tasks import TASKS
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")

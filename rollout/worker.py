@@ -2,9 +2,11 @@
 
 The actor is asynchronous: `generate` queues its requests into the engine and awaits them while one background
 task steps the engine, so requests from concurrent calls share each step (continuous batching across calls).
-`generate_stream` yields each result as it finishes. Weights arrive in buckets (`stage_weights`, one call per
-bucket) and take effect atomically at `commit_weights(version)`, which also refreshes the drafter; a bucket with a
-wrong name, shape or dtype is refused when staged, before anything changes.
+`generate(requests, plain=True)` decodes a call without speculation (a benchmark's twin): it waits until the engine
+is idle, runs alone in the engine's plain mode, and speculative calls that arrive meanwhile wait for it. Weights
+arrive in buckets (`stage_weights`, one call per bucket) and take effect atomically at `commit_weights(version)`,
+which also refreshes the drafter; a bucket with a wrong name, shape or dtype is refused when staged, before anything
+changes.
 
 The class is plain Python; rollout/cluster.py wraps it with `ray.remote`, so importing this module needs no Ray.
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import pyarrow as pa
 
@@ -23,6 +24,7 @@ from rollout.engines import make_engine
 from rollout.history import SCHEMA, results_to_batch
 from rollout.result import RolloutResult
 from rollout.sampling import SamplingParams
+from rollout.weights import WeightStager
 
 
 @dataclass
@@ -31,7 +33,6 @@ class RolloutRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     group: str | None = None
-    speculate: bool = True  # False: plain decoding, unseen by the drafter and the history (for comparisons)
 
 
 class RolloutWorker:
@@ -41,7 +42,8 @@ class RolloutWorker:
         self._futures: dict[str, asyncio.Future] = {}
         self._stream_queues: dict[str, asyncio.Queue] = {}
         self._stepper: asyncio.Task | None = None
-        self._staged: list[tuple[str, object]] = []
+        self._plain_call = asyncio.Lock()  # held by a plain call from before it starts until its last result
+        self.staged = WeightStager(self.engine.model.check_weight)  # the weight update being pushed
 
     # ------------------------------------------------------------------ generation
 
@@ -50,7 +52,7 @@ class RolloutWorker:
         added: list[str] = []
         try:
             for r in requests:
-                added.append(self.engine.add_request(r.prompt_token_ids, r.params, r.request_id, r.group, r.speculate))
+                added.append(self.engine.add_request(r.prompt_token_ids, r.params, r.request_id, r.group))
         except Exception:
             for rid in added:
                 self.engine.abort(rid)
@@ -78,45 +80,51 @@ class RolloutWorker:
             # Let other calls (new requests, health checks) in between steps.
             await asyncio.sleep(0)
 
-    async def generate(self, requests: list[RolloutRequest]) -> list[RolloutResult]:
-        loop = asyncio.get_running_loop()
-        ids = self._add(requests)
-        futures = [self._futures.setdefault(rid, loop.create_future()) for rid in ids]
-        self._ensure_stepping()
-        return list(await asyncio.gather(*futures))
+    async def drained(self) -> None:
+        """Return once no request is in flight (weights may then change); new calls may still add requests after."""
+        while self.engine.has_unfinished():
+            self._ensure_stepping()
+            # Shielded: a caller cancelled while waiting must not cancel the step loop other calls wait on.
+            await asyncio.shield(self._stepper)
 
-    async def generate_stream(self, requests: list[RolloutRequest]) -> AsyncIterator[RolloutResult]:
-        """Yield results in the order they finish."""
+    async def generate(self, requests: list[RolloutRequest], plain: bool = False) -> list[RolloutResult]:
+        """Generate to completion; results in request order. plain=True: without speculation, unseen by the
+        drafter and the history (see the module docstring)."""
+        if not plain:
+            async with self._plain_call:  # only waits while a plain call runs
+                futures = self._queue(requests)
+            return list(await asyncio.gather(*futures))
+        async with self._plain_call:
+            await self.drained()
+            with self.engine.plain():
+                futures = self._queue(requests)
+                return list(await asyncio.gather(*futures))
+
+    def _queue(self, requests: list[RolloutRequest]) -> list[asyncio.Future]:
         loop = asyncio.get_running_loop()
-        ids = self._add(requests)
-        futures = [self._futures.setdefault(rid, loop.create_future()) for rid in ids]
+        futures = [self._futures.setdefault(rid, loop.create_future()) for rid in self._add(requests)]
         self._ensure_stepping()
-        for next_done in asyncio.as_completed(futures):
-            yield await next_done
+        return futures
 
     # ------------------------------------------------------------------ weights
 
     def stage_weights(self, bucket: list[tuple[str, object]]) -> int:
-        """Check one bucket of (name, tensor) against the model and keep it until commit; returns tensors staged."""
-        for name, tensor in bucket:
-            self.engine.model.check_weight(name, tensor)
-        self._staged.extend(bucket)
-        return len(self._staged)
+        """Check one bucket of (name, tensor) against the model and keep it until commit; returns tensors staged.
+        A bad tensor refuses the bucket and drops the update staged so far (rollout/weights.py)."""
+        return self.staged.stage(bucket)
 
     def commit_weights(self, version: int) -> int:
         """Apply the staged buckets as policy `version` and refresh the drafter."""
-        staged, self._staged = self._staged, []
-        return self.engine.update_weights(staged, version)
+        return self.engine.update_weights(self.staged.commit(), version)
 
     def discard_weights(self) -> None:
-        self._staged = []
+        self.staged.discard()
 
     # ------------------------------------------------------------------ history
 
     def export_rollouts(self) -> pa.Table:
         """Rollouts finished here since the last export (they also enter this worker's own history)."""
-        new = list(self.engine._unrecorded)
-        self.engine.flush_history()
+        new = self.engine.take_finished()
         if not new:
             return SCHEMA.empty_table()
         return pa.Table.from_batches([results_to_batch(new)])
@@ -147,8 +155,7 @@ class RolloutWorker:
         return {
             "worker": self.index,
             "policy_version": e.policy_version,
-            "running": len(e.running),
-            "waiting": len(e.waiting),
+            "unfinished": e.num_unfinished(),
             "target_forwards": e.total_forwards,
             "history_rows": 0 if e.history is None else e.history.num_rows,
         }

@@ -18,8 +18,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from rollout.checkpoint import resolve_model
 from rollout.config import EngineConfig
-from rollout.engine.checkpoint import resolve_model
 from rollout.engine.engine import Engine
 from rollout.engine.model import TargetModel
 

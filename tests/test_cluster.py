@@ -47,6 +47,43 @@ def requests(groups: int, samples: int, max_tokens: int = 12, temperature: float
     return out
 
 
+def test_requests_without_an_id_keep_every_other_field():
+    """The ids the cluster gives requests that bring none replace only the id (no Ray: stand-in workers)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from rollout.result import RolloutResult, SpecStats
+
+    sent: list[RolloutRequest] = []
+
+    class Ref:  # an object ref: hashable by identity, holding the call
+        def __init__(self, reqs):
+            self.reqs = reqs
+
+    def remote(reqs, plain=False):
+        sent.extend(reqs)
+        return Ref(reqs)
+
+    def get(ref):
+        return [
+            RolloutResult(r.request_id, r.prompt_token_ids, [1], [0.0], "length", SpecStats(), r.group)
+            for r in ref.reqs
+        ]
+
+    cluster = RolloutCluster.__new__(RolloutCluster)
+    cluster.workers, cluster._outstanding = [SimpleNamespace(generate=SimpleNamespace(remote=remote))], [0]
+    cluster._ray = SimpleNamespace(wait=lambda refs, num_returns: (refs[:num_returns], refs[num_returns:]), get=get)
+    cluster._validate = lambda requests: None
+    # Every flag away from its default too: a field a rebuild of the request dropped would come back changed.
+    flags = {f.name: False for f in dataclasses.fields(RolloutRequest) if f.default is True}
+    given = [dataclasses.replace(r, request_id="", **flags) for r in requests(groups=2, samples=2, tag="noid")]
+    results = cluster.generate(given)
+    assert len({r.request_id for r in results}) == 4 and all(r.request_id for r in results)
+    by_id = {r.request_id: r for r in sent}
+    for request, result in zip(given, results):
+        assert dataclasses.replace(by_id[result.request_id], request_id="") == request
+
+
 def test_group_affinity_and_balance(cluster):
     reqs = requests(groups=6, samples=4)
     results = cluster.generate(reqs)
@@ -183,7 +220,7 @@ def test_smollm2_cluster_two_workers(cluster, smol_tokenizer):
         before = cluster.generate(greedy)[0].token_ids
         from transformers import AutoModelForCausalLM
 
-        from rollout.engine.checkpoint import resolve_model
+        from rollout.checkpoint import resolve_model
 
         hf = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32)
         with torch.no_grad():  # a visibly different policy: the last layer's MLP output doubled

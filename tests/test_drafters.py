@@ -10,7 +10,8 @@ import pytest
 
 from drafters.base import BaseDrafter, Draft, known_drafters, make_drafter
 from drafters.matching import Candidates, TreeConfig, build_draft, match_in_array, match_lengths
-from drafters.ngram import lookup
+from drafters.ngram import NgramConfig, NgramDrafter, lookup
+from drafters.options import as_options
 from drafters.replay import accepted_length, replay
 from drafters.suffix import SuffixConfig, SuffixDrafter
 from drafters.suffix_reference import SuffixReferenceDrafter
@@ -169,7 +170,7 @@ def suffix(request):
     cls = SUFFIX_IMPLEMENTATIONS[request.param]
 
     def build(**kw):
-        return cls(SuffixConfig(**kw))
+        return cls(**kw)
 
     return build
 
@@ -226,18 +227,74 @@ def test_recency_decay_changes_the_proposal(suffix):
 
 @pytest.mark.parametrize("cls", [SuffixDrafter, SuffixReferenceDrafter])
 def test_suffix_drafter_options(cls):
-    with pytest.raises(ValueError, match="unknown suffix drafter option 'bogus'"):
+    with pytest.raises(ValueError, match="unknown suffix drafter option 'bogus'; known options: decay, .*min_prob"):
         cls(bogus=1)
+    with pytest.raises(ValueError, match="unknown suffix drafter option 'tree'"):
+        cls(tree={"min_prob": 0.2})  # a group's fields are options by their own names, flat
     with pytest.raises(ValueError, match="max_walk must be >= 1, got 0"):
         cls(max_walk=0)
     with pytest.raises(ValueError, match="decay must be in"):
         cls(decay=0.0)
     with pytest.raises(ValueError, match="min_prob must be <= 1"):
         cls(min_prob=1.5)
-    assert cls(min_prob=0.2, decay=0.9).cfg.tree.min_prob == 0.2
+    with pytest.raises(ValueError, match="suffix drafter option max_walk must be an int, got 2.5"):
+        cls(max_walk=2.5)
+    with pytest.raises(ValueError, match="suffix drafter option decay must be a number, got 'x'"):
+        cls(decay="x")
+    d = cls(min_prob=0.2, decay=1)
+    assert d.cfg.tree.min_prob == 0.2 and d.cfg.decay == 1.0 and isinstance(d.cfg.decay, float)
+    # a config object in hand becomes keyword options; the drafter holds its own copy
     config = SuffixConfig()
-    assert cls(config, min_prob=0.3).cfg.tree.min_prob == 0.3
+    d = cls(**{**as_options(config), "min_prob": 0.3})
+    assert d.cfg.tree.min_prob == 0.3 and d.cfg is not config
     assert config.tree.min_prob == TreeConfig().min_prob  # the caller's config is not changed by the overrides
+
+
+def test_every_drafter_takes_keyword_options_only():
+    # One way in: keyword options. A config object passed beside them is refused, never silently dropped.
+    with pytest.raises(TypeError):
+        SuffixDrafter(SuffixConfig(), min_prob=0.3)
+    with pytest.raises(TypeError):
+        NgramDrafter(NgramConfig(max_n=2))
+    for name, options in {
+        "ngram": {"min_n": 2, "max_n": 3},
+        "ngram_reference": {"max_n": 2},
+        "suffix": {"decay": 0.9},
+        "suffix_reference": {"max_depth": 4},
+    }.items():
+        with pytest.raises(ValueError, match=f"unknown {name.split('_')[0]} drafter option 'bogus'; known options: "):
+            make_drafter(name, bogus=1)
+        given = dict(options)
+        d = make_drafter(name, **given)
+        config = d.cfg if hasattr(d, "cfg") else d.config
+        assert {k: v for k, v in as_options(config).items() if k in options} == options
+        assert given == options
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("ngram", {"min_n": 3, "max_n": 2}, "ngram drafter needs 1 <= min_n <= max_n, got min_n=3, max_n=2"),
+        ("ngram", {"max_n": True}, "ngram drafter option max_n must be an int, got True"),
+        ("composite", {"retrieval_options": [1]}, "composite drafter option retrieval_options must be a mapping"),
+        ("composite", {"retrieval_options": {"bogus": 1}}, "unknown suffix drafter option 'bogus'; known options"),
+        ("composite", {"modle": "model"}, "unknown composite drafter option 'modle'; known options: retrieval, "),
+    ],
+)
+def test_bad_drafter_options_are_refused_by_name(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        make_drafter(name, **options)
+
+
+def test_composite_copies_its_parts_options():
+    # The composite passes its parts' options the same way (make_drafter, keywords); the caller's nested dicts
+    # stay as they were, and the part gets the values it was given.
+    retrieval = {"decay": 0.7, "min_prob": 0.1}
+    d = make_drafter("composite", retrieval_options=retrieval, model="ngram", model_options={"max_n": 2})
+    assert d.retrieval.cfg.decay == 0.7 and d.retrieval.cfg.tree.min_prob == 0.1 and d.model.max_n == 2
+    assert d.config.retrieval_options == retrieval and d.config.retrieval_options is not retrieval
+    d.config.retrieval_options["decay"] = 0.1
+    assert retrieval == {"decay": 0.7, "min_prob": 0.1}
 
 
 def test_token_index_integrity_after_random_inserts_and_evictions():
@@ -290,7 +347,7 @@ def test_memory_per_million_tokens(cls, limit_mib):
         rows.append(row(rng.integers(0, 49152, 40).tolist(), rng.integers(0, 49152, 500).tolist(), version=i // 500))
     history = RolloutHistory()
     history.append(rows_to_batch(rows))
-    d = cls(SuffixConfig(window_versions=8))
+    d = cls(window_versions=8)
     d.refresh(history, 3)
     mb = d.nbytes / 2**20
     print(f"{cls.__name__}: {mb:.2f} MiB for 1M stored tokens")

@@ -291,6 +291,100 @@ def test_bad_options_name_the_problem(tiny_folder):
         d.begin("x", [1, 2], None)
 
 
+def test_options_are_keywords_copied_and_checked(tiny_folder):
+    from drafters.model import ModelDrafterConfig
+    from drafters.options import as_options
+
+    # one way in: keywords; a config object beside them is refused rather than half-applied
+    with pytest.raises(TypeError):
+        ModelDrafter(ModelDrafterConfig(layers=1), model=str(tiny_folder))
+    with pytest.raises(ValueError, match="unknown model drafter option 'lyers'; known options: model, layers, "):
+        make_drafter("model", lyers=2)
+    with pytest.raises(ValueError, match="model drafter option lr must be a number, got 'fast'"):
+        make_drafter("model", lr="fast")
+    given = {"model_options": {"model": str(tiny_folder), "layers": 1, "train_seconds": 1}}
+    d = make_drafter("composite", **given)
+    assert d.model.config.layers == 1 and d.model.config.train_seconds == 1.0
+    assert given == {"model_options": {"model": str(tiny_folder), "layers": 1, "train_seconds": 1}}  # unchanged
+    again = ModelDrafter(**as_options(d.model.config))
+    assert again.config == d.model.config and again.config is not d.model.config
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_the_drafter_is_the_targets_layers(tmp_path_factory, arch):
+    # Cut after all of a 2-layer target's layers, the drafter network computes the target's logits: its layers are
+    # the engine's decoder_layer on the checkpoint's weights (q/k/v biases in Qwen2, q/k norms in Qwen3), with its
+    # own attention and cache. Checked against transformers, cached one token at a time and in one pass.
+    from conftest import build_tiny
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny(tmp_path_factory, arch)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    drafter = ModelDrafter(model=str(folder), layers=1, min_prob=0.0, draft_untrained=True, leaves=0, max_len=64)
+    net, vocab = drafter.net, torch.arange(384)
+    ids = torch.randint(0, 384, (1, 19), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf(ids).logits[0]  # [T, V]
+        cos, sin = net.rope(torch.arange(ids.shape[1])[None])
+        full = net.logits(net.top(net.frozen_states(ids), cos, sin, None)[0], vocab)
+    assert (full - expected).abs().max().item() < 1e-4
+    drafter.begin("r", ids[0, :10].tolist(), None)
+    draft = drafter.propose("r", 1)  # through the drafter's KV cache
+    assert draft.token_ids == [int(expected[9].argmax())]
+
+
+def test_the_top_block_trains_through_the_shared_layer(tiny_folder):
+    d = ModelDrafter(model=str(tiny_folder), layers=1)
+    top, frozen = d.net.top, d.net.frozen[0]
+    names = {n for n, _ in top.named_parameters()}
+    assert {"ln1", "wqkv", "wo", "ln2", "w_gate_up", "w_down"} <= names
+    assert all(p.requires_grad for p in top.parameters())
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert top.weights.wqkv is top.wqkv  # decoder_layer reads the very parameters the optimizer updates
+    x = d.net.frozen_states(torch.tensor([[1, 2, 3, 4]]))
+    cos, sin = d.net.rope(torch.arange(4)[None])
+    top(x, cos, sin, None).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in top.parameters())
+
+
+def test_checkpoint_reader_agrees_with_itself_and_with_an_index(tiny_folder, tmp_path):
+    import json
+    import shutil
+
+    from rollout.checkpoint_io import read_tensors, tensor_files, tensor_shapes
+
+    tensors = dict(read_tensors(tiny_folder))
+    shapes = tensor_shapes(tiny_folder)
+    assert shapes == {name: tuple(t.shape) for name, t in tensors.items()}
+    assert set(tensor_files(tiny_folder)) == set(tensors)
+    # a sharded checkpoint's index names the files; a stray file beside it is not read
+    folder = tmp_path / "sharded"
+    shutil.copytree(tiny_folder, folder)
+    (file,) = folder.glob("*.safetensors")
+    file.rename(folder / "model-00001-of-00001.safetensors")
+    shutil.copy(folder / "model-00001-of-00001.safetensors", folder / "stray.safetensors")
+    weight_map = {name: "model-00001-of-00001.safetensors" for name in tensors}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert tensor_shapes(folder) == shapes
+    assert set(tensor_files(folder).values()) == {folder / "model-00001-of-00001.safetensors"}
+    assert [n for n, _ in read_tensors(folder, lambda n: n.startswith("model.norm"))] == ["model.norm.weight"]
+
+
+def test_drafters_import_no_engine_internals():
+    # drafters/ builds on a small core (drafters.base, rollout.history, rollout.layers, rollout.checkpoint_io), not
+    # on rollout/engine/, which imports drafters; each of these imports alone in a fresh interpreter.
+    import subprocess
+    import sys
+
+    check = (
+        "import sys, drafters.base as b; b.known_drafters(); import drafters.replay; "
+        "bad = sorted(m for m in sys.modules if m.startswith(('rollout.engine', 'adapters'))); "
+        "assert not bad, bad"
+    )
+    for code in (check, "import rollout.engine.engine", "import adapters.trl", "import drafters.model"):
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
 @pytest.mark.slow
 def test_acceptance_on_the_smollm2_trace_rises_after_a_refresh_on_earlier_steps():
     """Version 3 of the committed T=1.0 trace (8 prompts x 8 samples), replayed by a drafter that has not trained

@@ -467,7 +467,7 @@ def test_actor_class_batches_calls_and_groups_samples_without_ray(tiny_folder):
     assert len(responses) == 3 and all(
         len(r["rollout_log_probs"]) == len(r["observation_tokens"]) == 9 for r in responses
     )
-    table = actor.service.rollouts().table()
+    table = actor.worker.export_rollouts()  # every rollout so far, in the order they finished
     groups = table.column("group").to_pylist()
     assert len(set(groups[:3])) == 3, "separate generate calls are separate groups"
     assert len(set(groups[3:])) == 1 and groups[3].startswith("orlhf-group-"), "one prompt's samples: one group"

@@ -22,15 +22,15 @@ from rollout.tasks import chat_prompt_ids
 def count_prefills(engine: Engine) -> list[int]:
     """Wraps the engine's forward groups; the list grows by the number of prompts each prefill step feeds."""
     counts: list[int] = []
-    run = engine._run
+    run = engine.runner.run
 
-    def counted(seqs, slot_lo):
+    def counted(seqs, slot_lo, drafts, keep_top):
         fresh = sum(1 for s in seqs if s.cache_len == 0)
         if fresh:
             counts.append(fresh)
-        return run(seqs, slot_lo)
+        return run(seqs, slot_lo, drafts, keep_top)
 
-    engine._run = counted
+    engine.runner.run = counted
     return counts
 
 
@@ -51,7 +51,7 @@ def engine_pair(model, slots: int, vocab: int):
         e = make_engine(
             model, max_num_seqs=slots, drafter=RandomDrafter(vocab, tree=True), budget=parse_budget("fixed:4")
         )
-        e.config.share_prompts = share
+        e.scheduler.share_prompts = share
         engines.append(e)
     return engines
 
@@ -72,7 +72,7 @@ def test_siblings_prefill_once_and_emit_what_their_own_prefill_would(tiny_model,
     assert flat(got) == pytest.approx(flat(want), abs=1e-5)
     assert sum(prefills_shared) == len(prompts)  # one prefill per distinct prompt
     assert sum(prefills_alone) == len(batch)
-    assert not shared._kept_prompts  # nothing kept once no request waits for it
+    assert not shared.scheduler.kept_prompts  # nothing kept once no request waits for it
 
 
 def test_a_one_token_prompt_is_prefilled_by_each_copy(tiny_model):
@@ -108,13 +108,14 @@ def test_smollm2_grpo_batch_with_shared_prompts(smol_model, smol_tokenizer):
 
 
 def test_plain_only_batches_leave_the_auto_budget_alone(tiny_model):
-    # A comparison twin (speculate=False) decodes plainly; were the budget consulted, its gate would file those
+    # A comparison twin (engine.plain()) decodes plainly; were the budget consulted, its gate would file those
     # plain steps under whichever arm it picked and learn from them what drafting is worth.
     from rollout.cost_model import CostModel
 
     budget = parse_budget("auto", cost=CostModel.from_function(lambda m, b: 0.01 + 0.001 * m))
     engine = make_engine(tiny_model, drafter=RandomDrafter(384), budget=budget)
-    engine.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=6, ignore_eos=True), speculate=[False] * 4)
+    with engine.plain():
+        engine.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=6, ignore_eos=True))
     assert not budget.gate._arms
     engine.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=6, ignore_eos=True))
     assert budget.gate._arms
@@ -126,7 +127,7 @@ def test_kept_prompts_do_not_outlive_the_weights(tiny_model):
     engine.add_request([4, 5, 6], SamplingParams(max_tokens=1))
     queued = engine.add_request([4, 5, 6], SamplingParams(max_tokens=1))
     engine.step()
-    assert engine._kept_prompts  # the first copy finished while its sibling queued
+    assert engine.scheduler.kept_prompts  # the first copy finished while its sibling queued
     engine.abort(queued)
     engine.update_weights([], version=1)
-    assert not engine._kept_prompts
+    assert not engine.scheduler.kept_prompts

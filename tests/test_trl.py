@@ -86,7 +86,7 @@ def test_sampling_seed_changes_only_the_rollouts_seeds(smol_tokenizer):
         def __init__(self):
             self.requests = []
 
-        def generate(self, requests):
+        def generate(self, requests, plain=False):
             self.requests += requests
             return []
 

@@ -217,7 +217,7 @@ def lossy_verify(probs, row_start, draft_tokens, draft_parents, uniforms) -> Ver
         drawn = sample_inverse_cdf(rows_of(cur_row), fresh)
         next_token = torch.where(stop, drawn, next_token)
         active &= moved
-    return VerifyResult(accepted, num, next_token, cur)
+    return VerifyResult(accepted, num, next_token)
 
 
 def simulate_two_tokens(verifier, target: np.ndarray, kind: str, n: int, seed: int) -> np.ndarray:

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from drafters.base import BaseDrafter, Draft, make_drafter, observe_all, propose_all, register_drafter
+from drafters.base import BaseDrafter, Draft, make_drafter, propose_all, register_drafter
 from rollout.config import ENGINE_BACKENDS, EngineConfig, HistoryConfig, ServiceConfig, SpeculationConfig, load_config
 from rollout.engines import BACKENDS, make_engine
+from rollout.frontend import Request
 from rollout.history import results_to_batch
 from rollout.result import RolloutResult, SpecStats
 from rollout.sampling import SamplingParams
@@ -74,8 +75,8 @@ class FakeRunner:
         self.token_ids_cpu = np.zeros((rows, MAX_LEN), dtype=np.int32)  # [rows, max_model_len]
         self.num_tokens_no_spec = np.zeros(rows, dtype=np.int32)  # [rows]
 
-    def add(self, rid, prompt, group=None, speculate=True, max_tokens=16):
-        extra = {EXTRA_ARGS_KEY: {"group": group, "speculate": speculate}}
+    def add(self, rid, prompt, group=None, max_tokens=16):
+        extra = {EXTRA_ARGS_KEY: {"group": group}}
         params = SimpleNamespace(max_tokens=max_tokens, extra_args=extra)
         self.requests[rid] = SimpleNamespace(prompt_token_ids=list(prompt), sampling_params=params)
         self.tokens[rid] = list(prompt)
@@ -120,7 +121,7 @@ class Recording(BaseDrafter):
 
     def observe_batch(self, rids, tokens, logprobs=None):
         self.calls.append(("observe_batch", [(rid, list(t)) for rid, t in zip(rids, tokens)]))
-        observe_all(self.inner, rids, tokens, logprobs)
+        self.inner.observe_batch(rids, tokens, logprobs)
 
     def propose_batch(self, rids, max_tokens):
         self.calls.append(("propose_batch", list(zip(rids, max_tokens))))
@@ -230,26 +231,31 @@ def test_proposer_uses_the_scheduled_draft_length_and_keeps_preempted_requests()
     assert rec.take()[0] == ("observe_batch", [("a", [3])])
 
 
-def test_proposer_speculate_false_and_trees():
+def test_proposer_plain_mode_and_trees():
     class TreeDrafter(BaseDrafter):
         def propose(self, rid, max_tokens):
             # root -> 40 and 50; 40 -> 60 and 70; 70 -> 80: the best chain is 40 60
             return Draft([40, 50, 60, 70, 80], parents=[-1, -1, 0, 0, 3])
 
     proposer, runner, rec = attached(TreeDrafter(), k=4)
-    runner.add("plain", [1, 2], speculate=False)
+    # A request begun while the frontend decodes plainly (specrollout_speculate(False)) never reaches the drafter.
+    proposer.speculating = False
+    runner.add("plain", [1, 2])
+    assert runner.step(proposer, ["plain"], {"plain": [3]}) == {"plain": []}
+    assert rec.take() == []
+    proposer.speculating = True
     runner.add("tree", [1, 2])
-    drafts = runner.step(proposer, ["plain", "tree"], {"plain": [3], "tree": [3]})
+    drafts = runner.step(proposer, ["plain", "tree"], {"plain": [4], "tree": [3]})
     assert drafts == {"plain": [], "tree": [40, 60]}
     assert rec.take() == [
         ("begin", "tree", [1, 2], None),
         ("observe_batch", [("tree", [3])]),
         ("propose_batch", [("tree", 4)]),
     ]
-    # A plain request still gets its forwards counted.
+    # A plain request still gets its forwards counted (two steps emitted for it).
     runner.finish("plain")
     runner.step(proposer, ["tree"], {"tree": [40, 5]})
-    assert SpecStats(**proposer.pop_stats(["plain"])["plain"]).target_forwards == 1
+    assert SpecStats(**proposer.pop_stats(["plain"])["plain"]).target_forwards == 2
 
 
 def test_proposer_cuts_a_draft_at_a_token_outside_the_vocabulary():
@@ -446,17 +452,17 @@ def test_llm_kwargs():
 
 def test_vllm_sampling_kwargs():
     p = SamplingParams(temperature=0.6, top_k=5, top_p=0.9, max_tokens=7, min_tokens=2, stop_token_ids=(4,))
-    kw = vllm_sampling_kwargs(p, seed=11, group="g", speculate=False)
+    kw = vllm_sampling_kwargs(p, seed=11, group="g")
     assert kw["logprobs"] == 0 and kw["seed"] == 11 and kw["stop_token_ids"] == [4]
     assert (kw["temperature"], kw["top_k"], kw["top_p"], kw["max_tokens"], kw["min_tokens"]) == (0.6, 5, 0.9, 7, 2)
-    assert kw["extra_args"] == {EXTRA_ARGS_KEY: {"group": "g", "speculate": False}}
+    assert kw["extra_args"] == {EXTRA_ARGS_KEY: {"group": "g"}}
 
 
 def test_top_logprobs_for_the_drafter():
-    # logprobs=k asks vLLM for the top k (and the sampled token); only speculated requests reach the drafter.
+    # logprobs=k asks vLLM for the top k (and the sampled token); the engine asks for them only while it speculates.
     p = SamplingParams(temperature=1.0, max_tokens=4)
-    assert vllm_sampling_kwargs(p, seed=1, group=None, speculate=True, top_logprobs=16)["logprobs"] == 16
-    assert vllm_sampling_kwargs(p, seed=1, group=None, speculate=False, top_logprobs=16)["logprobs"] == 0
+    assert vllm_sampling_kwargs(p, seed=1, group=None, top_logprobs=16)["logprobs"] == 16
+    assert vllm_sampling_kwargs(p, seed=1, group=None)["logprobs"] == 0
     lp = lambda v: SimpleNamespace(logprob=v)  # noqa: E731
     # position 0: the sampled token 9 lies outside the top 2; position 1: entries in no particular order
     entries = [{5: lp(-0.5), 7: lp(-1.5), 9: lp(-4.0)}, {3: lp(-2.0), 4: lp(-0.1), 1: lp(-3.0)}]
@@ -466,7 +472,7 @@ def test_top_logprobs_for_the_drafter():
 
 def test_checkpoint_weights(tiny_folder):
     weights = CheckpointWeights(tiny_folder)
-    assert weights.shape.architecture == "LlamaForCausalLM"
+    assert weights.architecture == "LlamaForCausalLM"
     q = "model.layers.0.self_attn.q_proj.weight"
     assert weights.check_weight("module." + q, torch.zeros(weights.shapes[q])) == q
     assert weights.check_weight("model.layers.0.self_attn.rotary_emb.inv_freq", torch.zeros(3)) is None
@@ -505,6 +511,13 @@ class FakeLLM:
         return True
 
 
+def track(engine, rid, internal_id, prompt, group):
+    """A request vLLM accepted as `internal_id`, as add_request leaves it (without a vLLM to accept it)."""
+    request = Request(rid, list(prompt), SamplingParams(), group, 0, True)
+    engine.in_flight[rid] = request
+    engine._track(request, internal_id)
+
+
 def output(rid, tokens, finished=False, reason=None):
     """A RequestOutput delta: new tokens, their {token: Logprob} entries, and the finish state."""
     logprobs = [{t: SimpleNamespace(logprob=-0.5 * (i + 1))} for i, t in enumerate(tokens)]
@@ -524,8 +537,8 @@ def test_frontend_steps_aborts_and_pushes_weights(tiny_folder):
     config = VLLMEngineConfig(model=str(tiny_folder), num_speculative_tokens=2, drafter="suffix")
     engine = VLLMEngine(config, llm=llm, platform_is_cpu=False)
     assert llm.rpcs == [("specrollout_setup", ("suffix", {}, 512 * 2**20, 8, str(tiny_folder)))]
-    engine._track("a", "a-1234", [1, 2, 3], "g", True)
-    engine._track("b", "b-5678", [4, 5], None, True)
+    track(engine, "a", "a-1234", [1, 2, 3], "g")
+    track(engine, "b", "b-5678", [4, 5], None)
     llm.replies["specrollout_pop_stats"] = {"a-1234": SpecStats(2, 2, 2, [1, 1], [1, 1]).to_dict()}
 
     assert engine.step() == []
@@ -582,7 +595,7 @@ def test_frontend_records_the_top_logprobs_its_drafter_learns_from(tiny_folder):
         llm.replies["specrollout_setup"] = {"top_logprobs": 2}  # what the worker's drafter asked for
         engine = VLLMEngine(config, history=history, llm=llm, platform_is_cpu=False)
         assert engine.top_logprobs == k
-        engine._track("a", "a-1", [1, 2], "g", True)
+        track(engine, "a", "a-1", [1, 2], "g")
         (a,) = engine.step()
         assert a.token_ids == [7, 8] and a.top_token_ids is None  # the caller gets the sampled tokens' logprobs
         if engine.history is None:

@@ -194,6 +194,19 @@ def test_malformed_json_and_bad_weight_requests(server):
     assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
+def test_pushed_tensors_are_checked_on_arrival_and_a_refused_one_leaves_nothing_staged(service):
+    from adapters.vllm_server import HTTPError
+
+    core = CompletionServer(service)
+    core._stage([(WEIGHT, torch.zeros(576, 1536))])
+    with pytest.raises(HTTPError, match=f"parameter '{WEIGHT}': shape \\(3, 5\\) does not match") as refused:
+        core._stage([(WEIGHT, torch.zeros(3, 5))])
+    assert refused.value.status == 400 and len(core._staged) == 0, "the update staged so far is dropped"
+    version = service.policy_version
+    core._commit_legacy()  # nothing to apply: a refused legacy push does not fail the generations after it
+    assert service.policy_version == version
+
+
 def _legacy_group(port: int):
     """The trainer side of trl <= 1.10's group on CPU: the last rank, the store on the server."""
     return gloo_group("127.0.0.1", port, 1, 2, False, 60.0)

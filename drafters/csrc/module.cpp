@@ -143,7 +143,7 @@ class DraftFactory {
     DraftFactory(py::object draft_type, py::object empty) : type_(std::move(draft_type)), empty_(std::move(empty)) {}
 
     py::object tree(const DraftOut& d) const {
-        return d.tokens.empty() ? empty_ : type_(to_list(d.tokens), to_list(d.parents), to_list(d.probs), d.score);
+        return d.tokens.empty() ? empty_ : type_(to_list(d.tokens), to_list(d.parents), to_list(d.probs));
     }
 
     py::object chain(const std::vector<int32_t>& tokens) const { return tokens.empty() ? empty_ : type_(to_list(tokens)); }

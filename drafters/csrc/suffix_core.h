@@ -203,13 +203,11 @@ struct DraftOut {
     std::vector<int32_t> tokens;
     std::vector<int32_t> parents;
     std::vector<double> probs;
-    double score = 0.0;
 
     void clear() {
         tokens.clear();
         parents.clear();
         probs.clear();
-        score = 0.0;
     }
 };
 
@@ -255,7 +253,6 @@ class TreeBuilder {
             out.tokens.push_back(item.token);
             out.parents.push_back(item.parent);
             out.probs.push_back(item.cond);
-            out.score += item.p;
             push_children(item.node, static_cast<int32_t>(out.tokens.size()) - 1, item.p, cfg);
         }
     }

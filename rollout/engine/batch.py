@@ -152,40 +152,45 @@ def tree_ancestors(parents: list[int]) -> np.ndarray:
 
 
 def build_batch(seqs: list[SeqInput], slot_lo: int, device: torch.device | str = "cpu") -> ForwardBatch:
-    """Pack the sequences occupying slots [slot_lo, slot_lo + len(seqs)) into one forward."""
+    """Pack the sequences occupying slots [slot_lo, slot_lo + len(seqs)) into one forward.
+
+    Index arrays and the mask are built for the whole batch at once with numpy; only a tree's ancestor block is
+    built per sequence. (tests/batch_reference.py keeps the per-sequence construction this must equal.)"""
     if not seqs:
         raise ValueError("a forward needs at least one sequence")
     b = len(seqs)
-    lengths = [len(s.tokens) for s in seqs]
-    if min(lengths) < 1:
+    lengths = np.fromiter((len(s.tokens) for s in seqs), dtype=np.int64, count=b)  # [B]
+    if lengths.min() < 1:
         raise ValueError("every sequence in a forward needs at least one new token")
-    t_max = max(lengths)
-    ctx = max(s.cache_len + n for s, n in zip(seqs, lengths))
+    cache = np.fromiter((s.cache_len for s in seqs), dtype=np.int64, count=b)  # [B]
+    logits_from = np.fromiter((s.logits_from for s in seqs), dtype=np.int64, count=b)  # [B]
+    t_max = int(lengths.max())
+    ctx = int((cache + lengths).max())
+    m = int(lengths.sum())
+    starts = np.cumsum(lengths) - lengths  # [B] packed row of each sequence's first new token
+    seq_of = np.repeat(np.arange(b), lengths)  # [M]
+    within = np.arange(m) - starts[seq_of]  # [M] index among its sequence's new tokens
+    depth = within.copy()  # [M] depth below the cached context: the index, in a chain
 
-    tokens, positions, write_slots, write_pos, padded, logit_rows, logit_counts = [], [], [], [], [], [], []
-    mask = np.zeros((b, t_max, ctx), dtype=bool)
-    offset = 0
-    for i, (s, n) in enumerate(zip(seqs, lengths)):
+    # [B, T, ctx]: new token r of sequence i sees the cache and new tokens 0..r (a chain); padding rows see
+    # position 0 only, so their softmax stays finite (their outputs are dropped).
+    rows = np.arange(t_max)[None, :, None]
+    real = rows < lengths[:, None, None]
+    mask = (np.arange(ctx)[None, None, :] <= cache[:, None, None] + rows) & real
+    mask[:, :, 0] |= ~real[:, :, 0]
+    for i, s in enumerate(seqs):
         if s.parents is None:
-            depths = list(range(n))
-            anc = np.tri(n, dtype=bool)
-        else:
-            if len(s.parents) != n:
-                raise ValueError(f"sequence {i}: {len(s.parents)} parents for {n} new tokens")
-            depths = tree_depths(s.parents)
-            anc = tree_ancestors(s.parents)
-        tokens.extend(s.tokens)
-        positions.extend(s.cache_len + d for d in depths)
-        write_slots.extend([slot_lo + i] * n)
-        write_pos.extend(range(s.cache_len, s.cache_len + n))
-        padded.extend(range(i * t_max, i * t_max + n))
-        mask[i, :n, : s.cache_len] = True
-        mask[i, :n, s.cache_len : s.cache_len + n] = anc
-        # Padding rows attend to one position so their softmax stays finite; their outputs are dropped.
-        mask[i, n:, 0] = True
-        logit_rows.extend(range(offset + s.logits_from, offset + n))
-        logit_counts.append(n - s.logits_from)
-        offset += n
+            continue
+        n, c = int(lengths[i]), int(cache[i])
+        if len(s.parents) != n:
+            raise ValueError(f"sequence {i}: {len(s.parents)} parents for {n} new tokens")
+        depth[starts[i] : starts[i] + n] = tree_depths(s.parents)
+        mask[i, :n, c : c + n] = tree_ancestors(s.parents)
+
+    counts = lengths - logits_from  # [B]
+    r = int(counts.sum())
+    first_logit = np.repeat(np.cumsum(counts) - counts, counts)  # [R] each row's sequence's first logit row
+    logit_rows = np.repeat(starts + logits_from, counts) + (np.arange(r) - first_logit)
 
     def as_tensor(values, dtype=torch.int64):
         return torch.as_tensor(np.asarray(values), dtype=dtype, device=device)
@@ -193,24 +198,57 @@ def build_batch(seqs: list[SeqInput], slot_lo: int, device: torch.device | str =
     # Equal counts pad nothing: one call. Otherwise split where the padding would cost more than the split's extra
     # calls and copies: a few long drafts (or a prompt) beside many short ones.
     split = None
-    if min(lengths) < t_max:
-        classes = _length_classes(lengths)
-        if _split_pays(lengths, classes):
-            split = _ragged_split(seqs, lengths, classes, mask, as_tensor, device)
+    if lengths.min() < t_max:
+        length_list = lengths.tolist()
+        classes = _length_classes(length_list)
+        if _split_pays(length_list, classes):
+            split = _ragged_split(seqs, length_list, classes, mask, as_tensor, device)
 
     return ForwardBatch(
-        token_ids=as_tensor(tokens),
-        positions=as_tensor(positions),
-        write_slots=as_tensor(write_slots),
-        write_pos=as_tensor(write_pos),
-        padded_index=as_tensor(padded),
+        token_ids=as_tensor([t for s in seqs for t in s.tokens]),
+        positions=as_tensor(cache[seq_of] + depth),
+        write_slots=as_tensor(slot_lo + seq_of),
+        write_pos=as_tensor(cache[seq_of] + within),
+        padded_index=as_tensor(seq_of * t_max + within),
         attn_mask=torch.from_numpy(mask).to(device).unsqueeze(1),
         logit_rows=as_tensor(logit_rows),
-        logit_counts=logit_counts,
+        logit_counts=counts.tolist(),
         slot_lo=slot_lo,
         num_seqs=b,
         max_new=t_max,
         ctx=ctx,
         is_decode=t_max == 1,
         split=split,
+    )
+
+
+def build_decode_batch(
+    cache_lens: np.ndarray, tokens: list[int], slot_lo: int, device: torch.device | str = "cpu"
+) -> ForwardBatch:
+    """build_batch for the commonest step: every sequence feeds one token and no draft (plain decoding). The same
+    ForwardBatch, without building a SeqInput per sequence.
+
+    cache_lens [B] int64: tokens cached per sequence; tokens [B]: the token each feeds."""
+    b = len(tokens)
+    ctx = int(cache_lens.max()) + 1
+    arange = np.arange(b)
+    mask = np.arange(ctx)[None, None, :] <= cache_lens[:, None, None]  # [B, 1, ctx]
+
+    def as_tensor(values):
+        return torch.as_tensor(values, dtype=torch.int64, device=device)
+
+    return ForwardBatch(
+        token_ids=as_tensor(np.asarray(tokens, dtype=np.int64)),
+        positions=as_tensor(cache_lens),
+        write_slots=as_tensor(slot_lo + arange),
+        write_pos=as_tensor(cache_lens),
+        padded_index=as_tensor(arange),
+        attn_mask=torch.from_numpy(mask).to(device).unsqueeze(1),
+        logit_rows=as_tensor(arange),
+        logit_counts=[1] * b,
+        slot_lo=slot_lo,
+        num_seqs=b,
+        max_new=1,
+        ctx=ctx,
+        is_decode=True,
     )

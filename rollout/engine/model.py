@@ -5,7 +5,8 @@ SmolLM2 on this CPU, the weights are streamed once per row on the small-GEMM pat
 where each sequence brings a different number of tokens arranged as a tree. This forward packs all new tokens of a
 step into one token-major matrix [M, hidden], picks each product's kernel by measurement (see matmul.py), fuses
 q/k/v and gate/up into single products, computes logits only for the rows that need them, and attends over a view
-of the slot cache.
+of the slot cache. The layer math itself (rollout/layers.py: decoder_layer) and the checkpoint reading
+(rollout/checkpoint_io.py) are shared with the parametric drafter; this module brings the attention and the products.
 
 Logits equal transformers' within fp32 rounding (tests/test_model_parity.py): within 1e-4 with matmul="mkl" (the
 kernels transformers uses), within ~2e-4 with the faster default matmul="fast".
@@ -18,66 +19,21 @@ tests allow. The exactness tests and benchmarks/engine.py switch it off.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from rollout.engine.architectures import ModelShape, rope_tables, shape_from_config
+from rollout.checkpoint import cache_dir
+from rollout.checkpoint_io import read_tensors, tensor_files
 from rollout.engine.batch import ForwardBatch
-from rollout.engine.checkpoint import cache_dir
 from rollout.engine.hardware import fingerprint
 from rollout.engine.kv_cache import SlotKVCache
 from rollout.engine.matmul import MatmulPlan
+from rollout.layers import LayerWeights, ModelShape, decoder_layer, rms_norm, rope_tables, shape_from_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class LayerWeights:
-    ln1: torch.Tensor  # [D]
-    wqkv: torch.Tensor  # [(H + 2*KVH) * hd, D]
-    bqkv: torch.Tensor | None  # [(H + 2*KVH) * hd]
-    q_norm: torch.Tensor | None  # [hd]
-    k_norm: torch.Tensor | None  # [hd]
-    wo: torch.Tensor  # [D, H * hd]
-    bo: torch.Tensor | None  # [D]
-    ln2: torch.Tensor  # [D]
-    w_gate_up: torch.Tensor  # [2 * I, D]
-    b_gate_up: torch.Tensor | None  # [2 * I]
-    w_down: torch.Tensor  # [D, I]
-    b_down: torch.Tensor | None  # [D]
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim computed in fp32, as transformers' LlamaRMSNorm does."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [M, heads, hd], cos/sin [M, 1, hd]: rotate pairs (i, i + hd/2) as transformers' rotate_half does."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def _checkpoint_tensors(folder: Path) -> dict[str, Path]:
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
-    names: dict[str, Path] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            names.update({k: file for k in f.keys()})
-    return names
 
 
 def check_named_tensor(name: str, tensor: Any, expected: Mapping[str, Any], architecture: str) -> str | None:
@@ -169,14 +125,13 @@ class TargetModel:
         tune: bool = True,
         matmul: str = "fast",
     ) -> "TargetModel":
-        from safetensors import safe_open
         from transformers import AutoConfig
 
         folder = Path(folder)
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         config = AutoConfig.from_pretrained(folder)
-        files = _checkpoint_tensors(folder)
+        files = tensor_files(folder)
         biases = {
             kind
             for name in files
@@ -190,13 +145,7 @@ class TargetModel:
         }
         model = cls(config, max_model_len, DTYPES[dtype], torch.device(device), biases, matmul)
 
-        def tensors():
-            for file in sorted(set(files.values())):
-                with safe_open(file, framework="pt") as f:
-                    for name in f.keys():
-                        yield name, f.get_tensor(name)
-
-        loaded = model.load_weights(tensors(), strict=True)
+        loaded = model.load_weights(read_tensors(folder), strict=True)
         missing = sorted(set(model._views) - loaded - {"lm_head.weight"})
         if missing:
             raise ValueError(f"checkpoint {folder} lacks {len(missing)} tensors, e.g. {missing[:3]}")
@@ -304,34 +253,22 @@ class TargetModel:
         """Run the new tokens through the model; returns fp32 logits [R, vocab] for batch.logit_rows."""
         s = self.shape
         mm = self.plan.mm
-        eps = s.rms_norm_eps
-        inter = s.intermediate_size
-        m = batch.num_tokens
         h = self.embed[batch.token_ids]  # [M, D]
         cos = self.cos[batch.positions].unsqueeze(1)  # [M, 1, hd]
         sin = self.sin[batch.positions].unsqueeze(1)  # [M, 1, hd]
         for layer, w in enumerate(self.layers):
-            qkv = mm(w.wqkv, _rms_norm(h, w.ln1, eps))  # [M, (H + 2*KVH) * hd]
-            if w.bqkv is not None:
-                qkv = qkv + w.bqkv
-            q = qkv[:, : s.q_size].view(m, s.num_heads, s.head_dim)  # [M, H, hd]
-            k = qkv[:, s.q_size : s.q_size + s.kv_size].view(m, s.num_kv_heads, s.head_dim)  # [M, KVH, hd]
-            v = qkv[:, s.q_size + s.kv_size :].view(m, s.num_kv_heads, s.head_dim)  # [M, KVH, hd]
-            if w.q_norm is not None:
-                q = _rms_norm(q, w.q_norm, eps)
-                k = _rms_norm(k, w.k_norm, eps)
-            q = _rope(q, cos, sin)
-            k = _rope(k, cos, sin)
-            cache.write(layer, batch.write_slots, batch.write_pos, k, v)
-            o = mm(w.wo, self._attention(q, layer, batch, cache))  # [M, D]
-            h = h + (o if w.bo is None else o + w.bo)
-            gu = mm(w.w_gate_up, _rms_norm(h, w.ln2, eps))  # [M, 2I]
-            if w.b_gate_up is not None:
-                gu = gu + w.b_gate_up
-            d = mm(w.w_down, F.silu(gu[:, :inter]) * gu[:, inter:])  # [M, D]
-            h = h + (d if w.b_down is None else d + w.b_down)
-        x = _rms_norm(h[batch.logit_rows], self.norm, eps)  # [R, D]
+            h = decoder_layer(h, w, s, cos, sin, self._attend(layer, batch, cache), mm)  # [M, D]
+        x = rms_norm(h[batch.logit_rows], self.norm, s.rms_norm_eps)  # [R, D]
         return mm(self.lm_head, x).float()  # [R, V]
+
+    def _attend(self, layer: int, batch: ForwardBatch, cache: SlotKVCache):
+        """The layer's attention for decoder_layer: the new keys and values into the slot cache, then q over it."""
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache.write(layer, batch.write_slots, batch.write_pos, k, v)
+            return self._attention(q, layer, batch, cache)  # [M, H * hd]
+
+        return attend
 
     def _attention(self, q: torch.Tensor, layer: int, batch: ForwardBatch, cache: SlotKVCache) -> torch.Tensor:
         """q [M, H, hd] -> attention output [M, H * hd] over the cache (which already holds the new keys)."""

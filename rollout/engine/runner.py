@@ -1,0 +1,188 @@
+"""One verification step of a batch: build the forward, run the target, verify the drafts, commit what was accepted.
+
+Bookkeeping stays on the host and is done for the whole batch at once where it can be: one batch build, one
+transfer of the row parameters, one gather of the emitted tokens' logprobs, one copy of the results back. What is
+left per sequence is one pass that turns the accepted path into tokens and KV moves, and one that appends them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from drafters.base import Draft
+from rollout.engine.batch import SeqInput, build_batch, build_decode_batch
+from rollout.engine.kv_cache import SlotKVCache
+from rollout.engine.model import TargetModel
+from rollout.engine.sequence import Sequence
+from rollout.engine.speculator import StepOutcome
+from rollout.sampling import process_logits
+from rollout.verify import sample_inverse_cdf, verify
+
+
+class Runner:
+    def __init__(self, model: TargetModel, cache: SlotKVCache, top_logprobs: int):
+        self.model = model
+        self.cache = cache
+        self.vocab_size = model.shape.vocab_size
+        self.top_logprobs = top_logprobs  # the target's top-k to keep per emitted token (0: none)
+
+    def run(self, seqs: list[Sequence], slot_lo: int, drafts: list[Draft], keep_top: bool) -> StepOutcome:
+        """Verify `drafts` for the sequences in slots [slot_lo, slot_lo + len(seqs)) and commit the result.
+        keep_top: record the target's top-k of each committed token on the sequence (for the history)."""
+        cache_lens = np.fromiter((s.cache_len for s in seqs), dtype=np.int64, count=len(seqs))  # [B]
+        pending = [len(s.tokens) - c for s, c in zip(seqs, cache_lens.tolist())]  # tokens each feeds besides its draft
+        if max(pending) == 1 and not any(len(d) for d in drafts):
+            batch = build_decode_batch(cache_lens, [s.tokens[-1] for s in seqs], slot_lo, self.model.device)
+        else:
+            inputs = [_seq_input(s, p, d) for s, p, d in zip(seqs, pending, drafts)]
+            batch = build_batch(inputs, slot_lo, self.model.device)
+        logits = self.model.forward(batch, self.cache)  # [R, V]
+        device = logits.device
+        counts = np.asarray(batch.logit_counts)  # [B] rows per sequence: the root's and one per draft node
+        row_start = np.cumsum(counts) - counts  # [B]
+        row_params = _row_params(seqs, counts, device)
+        masked = _min_tokens_mask(seqs, drafts, counts, self.vocab_size)  # [R, V] bool, or None
+        if masked is not None:
+            masked = masked.to(device)
+        reached_rows: list[torch.Tensor] = []  # rows verification reached, and their logprobs [A, V], in order
+        reached_logprobs: list[torch.Tensor] = []
+
+        def distributions(rows: torch.Tensor) -> torch.Tensor:
+            """Processed distributions of the rows verification reaches: one per emitted token, not per node."""
+            at = rows.to(device)
+            reached = logits[at] if masked is None else logits[at].masked_fill(masked[at], float("-inf"))
+            probs, logprobs = process_logits(reached, *(p[at] for p in row_params))
+            reached_rows.append(rows)
+            reached_logprobs.append(logprobs)
+            return probs
+
+        sizes = [len(d) for d in drafts]
+        width = max(sizes)
+        depth = max(d.depth for d in drafts) if width else 0
+        tokens = np.full((len(seqs), width), -1, dtype=np.int64)  # [B, N]
+        parents = np.full((len(seqs), width), -1, dtype=np.int64)  # [B, N]
+        if width:
+            for i, d in enumerate(drafts):
+                if sizes[i]:
+                    tokens[i, : sizes[i]] = d.token_ids
+                    parents[i, : sizes[i]] = d.node_parents
+        # One uniform per output position, from the request's own generator (see verify.py): its rollout depends
+        # neither on its batch neighbours nor on what was drafted.
+        uniforms = torch.tensor([s.uniforms(len(s.output), depth + 1) for s in seqs], dtype=torch.float64)  # [B, D+1]
+        if width:
+            starts, tokens_t, parents_t = (torch.from_numpy(a) for a in (row_start, tokens, parents))
+            result = verify(distributions, starts, tokens_t, parents_t, uniforms)
+            next_tokens = result.next_token.tolist()
+        else:  # nothing drafted: verify() would draw each root's token and stop; draw it directly
+            next_tokens = sample_inverse_cdf(distributions(torch.from_numpy(row_start)), uniforms[:, 0]).tolist()
+
+        if width:
+            paths, emitted_all, lp_rows = self._accept(seqs, slot_lo, drafts, pending, row_start, result)
+        else:  # plain decoding: one token per sequence, drawn at its root row
+            paths = [[] for _ in seqs]
+            emitted_all = [[t] for t in next_tokens]
+            lp_rows = row_start.tolist()
+            for s, p in zip(seqs, pending):
+                s.cache_len += p
+                s.stats.target_forwards += 1
+
+        # The emitted tokens' logprobs in one gather and one copy to the host (float() per token would wait on a GPU
+        # once per token).
+        all_rows = torch.cat(reached_rows).numpy()
+        index_of_row = np.empty(int(counts.sum()), dtype=np.int64)
+        index_of_row[all_rows] = np.arange(len(all_rows))
+        picked = torch.from_numpy(index_of_row[lp_rows]).to(device)
+        emitted_flat = torch.tensor([t for e in emitted_all for t in e], device=device)
+        lp_emitted = torch.cat(reached_logprobs)[picked]  # [E, V]
+        token_logprobs = lp_emitted.gather(1, emitted_flat[:, None]).squeeze(1).tolist()
+        top = None
+        if keep_top and self.top_logprobs:
+            values, ids = lp_emitted.topk(min(self.top_logprobs, lp_emitted.shape[-1]), dim=-1)  # [E, k] each
+            top = (ids.to(torch.int32).cpu(), values.cpu())
+
+        committed, committed_lps, finished = [], [], []
+        offset = 0
+        for s, emitted in zip(seqs, emitted_all):
+            lps = token_logprobs[offset : offset + len(emitted)]
+            kept = s.commit(emitted, lps)
+            if top is not None:  # copies: a view would keep the whole step's rows alive
+                s.top.append((top[0][offset : offset + kept].clone(), top[1][offset : offset + kept].clone()))
+            offset += len(emitted)
+            committed.append(emitted if kept == len(emitted) else emitted[:kept])
+            committed_lps.append(lps if kept == len(lps) else lps[:kept])
+            if s.finish_reason is not None:
+                finished.append(s)
+        return StepOutcome(paths, next_tokens, committed, committed_lps, finished)
+
+    def _accept(self, seqs, slot_lo, drafts, pending, row_start, result):
+        """Accepted paths -> (paths, emitted tokens, the row each was drawn from); advances cache_len and moves the
+        KV of a tree branch other than the first into place."""
+        num_accepted = result.num_accepted.tolist()
+        next_tokens = result.next_token.tolist()
+        accepted = result.accepted.tolist()
+        paths: list[list[int]] = []
+        emitted_all: list[list[int]] = []
+        lp_rows: list[int] = []  # the row each emitted token was drawn from: the root, then the path's nodes
+        moves: list[tuple[int, int, int]] = []  # (slot, from, to)
+        for i, s in enumerate(seqs):
+            start = int(row_start[i])
+            n = num_accepted[i]
+            d = drafts[i]
+            lp_rows.append(start)
+            if n:
+                path = accepted[i][:n]
+                emitted = [d.token_ids[j] for j in path]
+                emitted.append(next_tokens[i])
+                lp_rows.extend(start + j + 1 for j in path)
+                base = s.cache_len + pending[i]
+                moves.extend((slot_lo + i, base + j, base + k) for k, j in enumerate(path) if j != k)
+            else:
+                path = []
+                emitted = [next_tokens[i]]
+            s.cache_len += pending[i] + n
+            s.stats.record(d.depth, n, len(d))
+            paths.append(path)
+            emitted_all.append(emitted)
+        if moves:
+            slots, src, dst = (torch.tensor(c) for c in zip(*moves))
+            self.cache.move_positions(slots, src, dst)
+        return paths, emitted_all, lp_rows
+
+
+def _seq_input(s: Sequence, pending: int, d: Draft) -> SeqInput:
+    fed = s.tokens[s.cache_len :] if pending > 1 else [s.tokens[-1]]
+    if not len(d):
+        return SeqInput(s.cache_len, fed, None, pending - 1)
+    parents = None
+    if not d.is_chain:
+        # Draft node j is new token pending + j; the draft's root is the last pending token, new token pending - 1.
+        parents = list(range(-1, pending - 1)) + [pending - 1 if q < 0 else pending + q for q in d.node_parents]
+    return SeqInput(s.cache_len, fed + list(d.token_ids), parents, pending - 1)
+
+
+def _row_params(seqs: list[Sequence], counts: np.ndarray, device) -> list[torch.Tensor]:
+    """temperature, top_k, top_p of every logit row [R] each, on the logits' device."""
+    out = []
+    for name, dtype in (("temperature", np.float32), ("top_k", np.int64), ("top_p", np.float32)):
+        values = np.fromiter((getattr(s.request.params, name) for s in seqs), dtype=dtype, count=len(seqs))
+        out.append(torch.from_numpy(np.repeat(values, counts)).to(device))
+    return out
+
+
+def _min_tokens_mask(seqs: list[Sequence], drafts: list[Draft], counts: np.ndarray, vocab_size: int):
+    """[R, V] bool: rows whose output position is below their request's min_tokens, with its stop tokens marked;
+    None when no request needs one. A sequence's first logit row predicts output position len(output), the row of a
+    draft node at depth d (1-based) position len(output) + d."""
+    if all(len(s.output) >= s.request.params.min_tokens for s in seqs):
+        return None
+    mask = torch.zeros(int(counts.sum()), vocab_size, dtype=torch.bool)
+    row = 0
+    for s, d, count in zip(seqs, drafts, counts.tolist()):
+        positions = [len(s.output)] + [len(s.output) + depth for depth in d.node_depths]
+        stops = sorted(s.stop_ids)
+        for r, position in zip(range(row, row + count), positions):
+            if position < s.request.params.min_tokens and stops:
+                mask[r, stops] = True
+        row += count
+    return mask

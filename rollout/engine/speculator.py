@@ -1,0 +1,106 @@
+"""Speculation for one engine: the drafter and the budget, turned into an explicit plan per step.
+
+Per step: `plan` asks the drafter for a draft per sequence (one batched call) and lets the budget choose how much
+of each to verify; the runner verifies what the plan says; `learn` hands the outcome back: the budget's feedback
+per draft, the drafter's observation of the emitted tokens (one batched call), and the step's timing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from drafters.base import EMPTY_DRAFT, Draft, Drafter, NoDrafter, propose_all
+from rollout.budget import Budget, BudgetItem
+from rollout.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    drafts: list[Draft]  # [B] what each sequence verifies this step
+    # [B] drafts the budget verified none of, still judged at their first level for free: the token this step emits
+    # does not depend on the draft (verify.py), so a first-level node would have been accepted exactly when it equals
+    # that token. Without it, a sequence whose drafts once fared badly is never drafted again, since only verified
+    # drafts teach the budget (measured: the tail's last sequences went undrafted while a fixed budget of 4 landed
+    # about a fifth of its nodes).
+    shadows: list[Draft]
+    draft_seconds: float  # host time spent proposing
+
+    @classmethod
+    def plain(cls, batch: int) -> "StepPlan":
+        return cls([EMPTY_DRAFT] * batch, [EMPTY_DRAFT] * batch, 0.0)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one verification step did, per sequence of the batch."""
+
+    paths: list[list[int]]  # [B] accepted draft node indices, root first
+    next_tokens: list[int]  # [B] the token drawn after each accepted path
+    committed: list[list[int]]  # [B] tokens appended (emitted tokens up to a stop or the length limit)
+    committed_logprobs: list[list[float]]  # [B] their logprobs
+    finished: list[Sequence]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(c) for c in self.committed)
+
+
+class Speculator:
+    def __init__(self, drafter: Drafter, budget: Budget, max_draft_tokens: int, vocab_size: int):
+        self.drafter = drafter
+        self.budget = budget
+        self.max_draft_tokens = max_draft_tokens
+        self.vocab_size = vocab_size
+        # Without a drafter there is nothing to plan or learn: the engine decodes plainly at no per-sequence cost.
+        self.active = not isinstance(drafter, NoDrafter)
+
+    def begin(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            self.drafter.begin(s.request_id, s.prompt, s.request.group)
+
+    def end(self, seq: Sequence) -> None:
+        self.drafter.end(seq.request_id)
+        self.budget.finished(seq.request_id, seq.prompt_key, len(seq.output))
+
+    def refresh(self, history, policy_version: int) -> None:
+        self.drafter.refresh(history, policy_version)
+        self.budget.refresh(history)
+
+    def plan(self, seqs: list[Sequence], waiting: int) -> StepPlan:
+        """Each sequence's draft, cut to what the budget verifies."""
+        prefill = any(s.cache_len == 0 for s in seqs)
+        ask = min(self.max_draft_tokens, self.budget.max_draft(len(seqs), prefill))
+        rooms = [s.draft_room() for s in seqs]
+        wanted = [i for i, room in enumerate(rooms) if min(ask, room) > 0]
+        started = time.perf_counter()
+        proposed = propose_all(self.drafter, [seqs[i].request_id for i in wanted], [min(ask, rooms[i]) for i in wanted])
+        draft_seconds = time.perf_counter() - started
+        drafts = [EMPTY_DRAFT] * len(seqs)
+        for i, d in zip(wanted, proposed):
+            if d is None or not len(d):
+                continue
+            if min(d.token_ids) < 0 or max(d.token_ids) >= self.vocab_size:
+                raise RuntimeError(f"drafter {type(self.drafter).__name__} proposed a token outside the vocabulary")
+            k = min(ask, rooms[i])
+            drafts[i] = d.truncated(k, k)
+        items = [
+            BudgetItem(s.request_id, d, len(s.tokens) - s.cache_len, s.prompt_key, len(s.output))
+            for s, d in zip(seqs, drafts)
+        ]
+        counts = self.budget.select(items, waiting=waiting)
+        shadows = [d.truncated(len(d), 1) if n == 0 else EMPTY_DRAFT for d, n in zip(drafts, counts)]
+        chosen = [d if n >= len(d) else d.truncated(n, n) for d, n in zip(drafts, counts)]
+        return StepPlan(chosen, shadows, draft_seconds)
+
+    def learn(self, seqs: list[Sequence], plan: StepPlan, outcome: StepOutcome, seconds: float) -> None:
+        """Feed the step's outcome back: to the budget per draft, to the drafter the committed tokens."""
+        for s, d, shadow, path, token in zip(seqs, plan.drafts, plan.shadows, outcome.paths, outcome.next_tokens):
+            if len(d):
+                self.budget.feedback(s.request_id, d, path)
+            elif len(shadow):
+                self.budget.feedback(s.request_id, shadow, [j for j, t in enumerate(shadow.token_ids) if t == token])
+        started = time.perf_counter()
+        self.drafter.observe_batch([s.request_id for s in seqs], outcome.committed, outcome.committed_logprobs)
+        observed = time.perf_counter() - started  # drafting's host cost includes observing
+        self.budget.observe_step(seconds + observed, outcome.tokens, plan.draft_seconds + observed)
