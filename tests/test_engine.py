@@ -14,7 +14,7 @@ import torch
 from conftest import make_engine, on_device
 from helpers import RandomDrafter, WrongDrafter, WrongFirstTreeDrafter
 
-import rollout.engine.engine as engine_module
+import rollout.engine.runner as runner_module
 from drafters.reference import ReferenceDrafter
 from rollout.budget import parse_budget
 from rollout.engine.batch import SeqInput, build_batch
@@ -161,7 +161,7 @@ def test_sampled_tokens_have_the_no_spec_distribution(smol_model, smol_tokenizer
     p_spec = homogeneity_pvalue(plain, spec)
     from test_verify import lossy_verify as lossy
 
-    monkeypatch.setattr(engine_module, "verify", lossy)
+    monkeypatch.setattr(runner_module, "verify", lossy)
     lossy_samples, _ = run(ReferenceDrafter({tuple(prompt): greedy}), "fixed:4", 20_000)
     p_lossy = homogeneity_pvalue(plain, lossy_samples)
     share = lambda xs: sum(x[0] == greedy[0] for x in xs) / len(xs)  # noqa: E731
