@@ -97,12 +97,17 @@ class Engine(EngineFrontend):
     def running(self) -> list[Sequence]:
         return self.scheduler.running
 
+    @property
+    def _drafting(self) -> bool:
+        """Whether requests in flight are drafted and seen by the drafter: speculating, with a drafter to ask."""
+        return self.speculating and self.speculator.active
+
     # ------------------------------------------------------------------ the step
 
     def step(self) -> list[RolloutResult]:
         """Advance every running sequence by one verification; returns the requests that finished."""
         admitted = self.scheduler.admit()
-        speculating = self.speculating and self.speculator.active
+        speculating = self._drafting
         if speculating:
             self.speculator.begin(admitted)
         finished: list[Sequence] = []
@@ -118,7 +123,7 @@ class Engine(EngineFrontend):
 
     def _release(self, finished: list[Sequence]) -> list[RolloutResult]:
         self.scheduler.release(finished)
-        if self.speculating and self.speculator.active:
+        if self._drafting:
             for s in finished:
                 self.speculator.end(s)
         return self._finish([s.result(self.policy_version) for s in finished])
@@ -132,9 +137,8 @@ class Engine(EngineFrontend):
         seq = self.scheduler.remove_waiting(request_id)
         if seq is None:  # running: its slot is freed like a finished one's
             seq = self.scheduler.find_running(request_id)
-            seq.finish_reason = "abort"
             self.scheduler.release([seq])
-            if self.speculating and self.speculator.active:
+            if self._drafting:
                 self.speculator.end(seq)
         seq.finish_reason = "abort"
         return seq.result(self.policy_version)

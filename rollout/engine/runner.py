@@ -32,7 +32,9 @@ class Runner:
         keep_top: record the target's top-k of each committed token on the sequence (for the history)."""
         cache_lens = np.fromiter((s.cache_len for s in seqs), dtype=np.int64, count=len(seqs))  # [B]
         pending = [len(s.tokens) - c for s, c in zip(seqs, cache_lens.tolist())]  # tokens each feeds besides its draft
-        if max(pending) == 1 and not any(len(d) for d in drafts):
+        sizes = [len(d) for d in drafts]  # [B] draft nodes
+        width = max(sizes)
+        if max(pending) == 1 and not width:
             batch = build_decode_batch(cache_lens, [s.tokens[-1] for s in seqs], slot_lo, self.model.device)
         else:
             inputs = [_seq_input(s, p, d) for s, p, d in zip(seqs, pending, drafts)]
@@ -57,8 +59,6 @@ class Runner:
             reached_logprobs.append(logprobs)
             return probs
 
-        sizes = [len(d) for d in drafts]
-        width = max(sizes)
         depth = max(d.depth for d in drafts) if width else 0
         tokens = np.full((len(seqs), width), -1, dtype=np.int64)  # [B, N]
         parents = np.full((len(seqs), width), -1, dtype=np.int64)  # [B, N]
@@ -78,7 +78,7 @@ class Runner:
             next_tokens = sample_inverse_cdf(distributions(torch.from_numpy(row_start)), uniforms[:, 0]).tolist()
 
         if width:
-            paths, emitted_all, lp_rows = self._accept(seqs, slot_lo, drafts, pending, row_start, result)
+            paths, emitted_all, lp_rows = self._accept(seqs, slot_lo, drafts, pending, row_start, result, next_tokens)
         else:  # plain decoding: one token per sequence, drawn at its root row
             paths = [[] for _ in seqs]
             emitted_all = [[t] for t in next_tokens]
@@ -115,11 +115,10 @@ class Runner:
                 finished.append(s)
         return StepOutcome(paths, next_tokens, committed, committed_lps, finished)
 
-    def _accept(self, seqs, slot_lo, drafts, pending, row_start, result):
+    def _accept(self, seqs, slot_lo, drafts, pending, row_start, result, next_tokens):
         """Accepted paths -> (paths, emitted tokens, the row each was drawn from); advances cache_len and moves the
         KV of a tree branch other than the first into place."""
         num_accepted = result.num_accepted.tolist()
-        next_tokens = result.next_token.tolist()
         accepted = result.accepted.tolist()
         paths: list[list[int]] = []
         emitted_all: list[list[int]] = []
