@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rollout.verify import sample_inverse_cdf
+
 
 def _check_int(name: str, value, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -86,6 +88,46 @@ def process_logits(
 
     Greedy rows sample from a point mass on the argmax of the raw logits; all other rows sample from exp(logprobs).
     """
+    temperature = temperature.to(logits.device)
+    logprobs = processed_logprobs(logits, temperature, top_k, top_p)
+    probs = logprobs.exp()
+    greedy = temperature == 0
+    if bool(greedy.any()):
+        rows = greedy.nonzero().squeeze(1)
+        point = torch.zeros_like(probs[rows])
+        point.scatter_(-1, logits[rows].argmax(-1, keepdim=True), 1.0)
+        probs[rows] = point
+    return probs, logprobs
+
+
+def draw_tokens(
+    logits: torch.Tensor,  # [R, V] fp32
+    temperature: torch.Tensor,  # [R]; 0 = greedy
+    top_k: torch.Tensor,  # [R] int
+    top_p: torch.Tensor,  # [R]
+    u: torch.Tensor,  # [R] float64 uniforms
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [R] int64, logprobs [R, V]): what sample_inverse_cdf(process_logits(...)[0], u) draws, without
+    building the probabilities nobody samples from. A greedy row's inverse CDF is a step at the argmax, so its
+    token is the argmax whatever u is; the other rows are drawn from exp(logprobs), as process_logits gives them."""
+    temperature = temperature.to(logits.device)
+    logprobs = processed_logprobs(logits, temperature, top_k, top_p)
+    greedy = temperature == 0
+    if bool(greedy.all()):
+        return logits.argmax(-1), logprobs
+    tokens = sample_inverse_cdf(logprobs.exp(), u)
+    if bool(greedy.any()):
+        tokens = torch.where(greedy, logits.argmax(-1), tokens)
+    return tokens, logprobs
+
+
+def processed_logprobs(
+    logits: torch.Tensor,  # [R, V] fp32
+    temperature: torch.Tensor,  # [R]; 0 = greedy (reported under temperature 1)
+    top_k: torch.Tensor,  # [R] int; 0 = off
+    top_p: torch.Tensor,  # [R]; 1 = off
+) -> torch.Tensor:
+    """logprobs [R, V] of the processed distribution, the ones a request reports."""
     # Per-row parameters are often built on the host; the work happens where the logits are.
     temperature, top_k, top_p = (t.to(logits.device) for t in (temperature, top_k, top_p))
     greedy = temperature == 0
@@ -107,11 +149,4 @@ def process_logits(
         drop_sorted[:, 0] = False  # the most likely token always stays
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         scaled[rows] = sub.masked_fill(drop, neg_inf)
-    logprobs = scaled.log_softmax(-1)
-    probs = logprobs.exp()
-    if bool(greedy.any()):
-        rows = greedy.nonzero().squeeze(1)
-        point = torch.zeros_like(probs[rows])
-        point.scatter_(-1, logits[rows].argmax(-1, keepdim=True), 1.0)
-        probs[rows] = point
-    return probs, logprobs
+    return scaled.log_softmax(-1)

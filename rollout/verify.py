@@ -22,6 +22,11 @@ Nodes of a draft are numbered 0..N-1 and listed parents first, siblings in the o
 is the root (the last token already emitted). The target's distribution at the root is row 0 of the sequence's block
 of rows, at draft node j it is row j + 1. The loop runs over depths, vectorised over the batch; each step draws
 through the inverse CDF once per emitted token, as plain sampling does.
+
+`verify` states the rule on tensors and is the reference the tests hold everything to. The engine runs `walk`, the
+same walk on host integer arrays with the draws handed in (`Draw`): per depth a handful of numpy operations on a few
+hundred integers instead of a dozen torch calls, and the engine may draw every row's token in one call beforehand
+(each row with its own depth's uniform) rather than one call per depth.
 """
 
 from __future__ import annotations
@@ -29,11 +34,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Union
 
+import numpy as np
 import torch
 
 # The target's processed distributions, either all rows at once [R, V] or a function giving the rows asked for
 # (the engine processes logits lazily: only the nodes verification reaches need their distribution).
 Distributions = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+# The target's token at each of some logit rows, given each row's uniform: (rows [A] int64, u [A] float64) -> [A]
+# int64, all numpy. Whatever it does must be a draw through the inverse CDF of the row's processed distribution.
+Draw = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -96,3 +106,42 @@ def verify(
     if active.numel():
         raise ValueError(f"uniforms has {uniforms.shape[1]} columns; drafts are deeper than that")
     return VerifyResult(accepted, num_accepted, next_token)
+
+
+def walk(
+    draw: Draw,
+    row_start: np.ndarray,  # [B] int64: row of each sequence's root
+    draft_tokens: np.ndarray,  # [B, N] int64, -1 where a sequence has fewer nodes
+    draft_parents: np.ndarray,  # [B, N] int64, parent node index, -1 = root
+    uniforms: np.ndarray,  # [B, D + 1] float64: column d decides the token at depth d
+) -> VerifyResult:
+    """`verify` on host arrays, with the target's tokens drawn by `draw`; returns the same result (as tensors)."""
+    b, n = draft_tokens.shape
+    cur = np.full(b, -1, dtype=np.int64)  # current node, -1 = root
+    cur_row = row_start.astype(np.int64, copy=True)
+    accepted = np.full((b, n), -1, dtype=np.int64)
+    num_accepted = np.zeros(b, dtype=np.int64)
+    next_token = np.full(b, -1, dtype=np.int64)
+    active = np.arange(b)
+    for depth in range(uniforms.shape[1]):
+        y = draw(cur_row[active], uniforms[active, depth])  # [A]
+        if n == 0:
+            next_token[active] = y
+            active = active[:0]
+            break
+        # A child of the current node carrying y; draft tokens are >= 0 where present, so padding never matches.
+        hit = (draft_parents[active] == cur[active, None]) & (draft_tokens[active] == y[:, None])  # [A, N]
+        found = hit.any(1)
+        j = hit.argmax(1)[found]  # the first candidate carrying y
+        moved = active[found]
+        accepted[moved, num_accepted[moved]] = j
+        num_accepted[moved] += 1
+        cur[moved] = j
+        cur_row[moved] = row_start[moved] + j + 1
+        next_token[active[~found]] = y[~found]
+        active = moved
+        if not active.size:
+            break
+    if active.size:
+        raise ValueError(f"uniforms has {uniforms.shape[1]} columns; drafts are deeper than that")
+    return VerifyResult(*(torch.from_numpy(a) for a in (accepted, num_accepted, next_token)))

@@ -159,9 +159,9 @@ def test_sampled_tokens_have_the_no_spec_distribution(smol_model, smol_tokenizer
     plain, _ = run(None, "off", 0)
     spec, accepted = run(drafter, "fixed:4", 10_000)
     p_spec = homogeneity_pvalue(plain, spec)
-    from test_verify import lossy_verify as lossy
+    from test_verify import lossy_walk as lossy
 
-    monkeypatch.setattr(runner_module, "verify", lossy)
+    monkeypatch.setattr(runner_module, "walk", lossy)
     lossy_samples, _ = run(ReferenceDrafter({tuple(prompt): greedy}), "fixed:4", 20_000)
     p_lossy = homogeneity_pvalue(plain, lossy_samples)
     share = lambda xs: sum(x[0] == greedy[0] for x in xs) / len(xs)  # noqa: E731

@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from rollout.sampling import process_logits
-from rollout.verify import VerifyResult, sample_inverse_cdf, verify
+from rollout.sampling import draw_tokens, process_logits
+from rollout.verify import VerifyResult, sample_inverse_cdf, verify, walk
 
 pytestmark = pytest.mark.exactness
 
@@ -145,6 +145,96 @@ def test_verify_is_a_pure_function_of_its_uniforms():
 
 
 # ---------------------------------------------------------------------------------------------- statistics
+
+
+def random_batch(seed: int, vocab: int = 4):
+    """A batch of random trees (chains, siblings, duplicates, empty drafts) with mixed per-row processing."""
+    rng = np.random.default_rng(seed)
+    b = int(rng.integers(1, 9))
+    sizes = rng.integers(0, 7, b)
+    n = max(int(sizes.max()), 1)
+    tokens = np.full((b, n), -1, dtype=np.int64)
+    parents = np.full((b, n), -1, dtype=np.int64)
+    depths = np.zeros(b, dtype=np.int64)
+    for i, size in enumerate(sizes):
+        d = [0] * size
+        for j in range(size):
+            parents[i, j] = -1 if j == 0 or rng.random() < 0.2 else int(rng.integers(-1, j))
+            d[j] = 1 if parents[i, j] < 0 else d[parents[i, j]] + 1
+        tokens[i, :size] = rng.integers(0, vocab, size)
+        depths[i] = max(d, default=0)
+    counts = sizes + 1
+    row_start = np.cumsum(counts) - counts
+    rows = int(counts.sum())
+    logits = torch.tensor(rng.normal(size=(rows, vocab)) * 2, dtype=torch.float32)
+    seq_params = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 2, 1.0), (1.0, 0, 0.8)]
+    params = [seq_params[int(rng.integers(0, 4))] for _ in range(b)]
+    per_row = [torch.tensor(np.repeat([p[k] for p in params], counts)) for k in range(3)]
+    per_row[1] = per_row[1].long()
+    uniforms = rng.random((b, int(depths.max()) + 1))
+    return logits, per_row, row_start, tokens, parents, uniforms
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_walk_matches_the_reference(seed):
+    """The engine's walk on host arrays gives verify()'s result exactly, drawing per depth or every row at once."""
+    logits, per_row, row_start, tokens, parents, uniforms = random_batch(seed)
+    probs, _ = process_logits(logits, *per_row)
+    ref = verify(probs, *(torch.from_numpy(a) for a in (row_start, tokens, parents, uniforms)))
+
+    def per_depth(rows, u):
+        at = torch.from_numpy(rows)
+        return draw_tokens(logits[at], *(p[at] for p in per_row), torch.from_numpy(u))[0].numpy()
+
+    # every row drawn beforehand with its own depth's uniform
+    depth_of = np.zeros(len(logits), dtype=np.int64)
+    for i, start in enumerate(row_start):
+        for j in range((tokens[i] >= 0).sum()):
+            p = parents[i, j]
+            depth_of[start + j + 1] = 1 if p < 0 else depth_of[start + p + 1] + 1
+    seq_of = np.repeat(np.arange(len(row_start)), np.diff(np.append(row_start, len(logits))))
+    all_rows = per_depth(np.arange(len(logits)), uniforms[seq_of, depth_of])
+    for draw in (per_depth, lambda rows, u: all_rows[rows]):
+        got = walk(draw, row_start, tokens, parents, uniforms)
+        assert torch.equal(got.accepted, ref.accepted)
+        assert torch.equal(got.num_accepted, ref.num_accepted)
+        assert torch.equal(got.next_token, ref.next_token)
+
+
+def test_draw_tokens_is_the_inverse_cdf_of_the_processed_distribution():
+    for seed in range(10):
+        logits, per_row, *_ = random_batch(seed, vocab=50)
+        u = torch.rand(len(logits), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        probs, logprobs = process_logits(logits, *per_row)
+        tokens, got_logprobs = draw_tokens(logits, *per_row, u)
+        assert torch.equal(tokens, sample_inverse_cdf(probs, u))
+        assert torch.equal(got_logprobs, logprobs)
+
+
+def lossy_walk(draw, row_start, draft_tokens, draft_parents, uniforms) -> VerifyResult:
+    """Negative control for the engine's walk: where the target's draw misses the current node's first child, that
+    child is accepted anyway three times in ten (decided by a number derived from the position's uniform but nearly
+    independent of which token it drew), so drafted tokens come out too often."""
+    b, n = draft_tokens.shape
+    cur = np.full(b, -1)
+    cur_row = row_start.copy()
+    accepted = np.full((b, max(n, 1)), -1)
+    num = np.zeros(b, dtype=np.int64)
+    next_token = np.full(b, -1)
+    for i in range(b):
+        for depth in range(uniforms.shape[1]):
+            u = uniforms[i, depth]
+            y = int(draw(np.array([cur_row[i]]), np.array([u]))[0])
+            children = [j for j in range(n) if draft_parents[i, j] == cur[i] and draft_tokens[i, j] >= 0]
+            hits = [j for j in children if draft_tokens[i, j] == y]
+            j = hits[0] if hits else (children[0] if children and (u * 9301.0 + 0.5) % 1.0 < 0.3 else None)
+            if j is None:
+                next_token[i] = y
+                break
+            accepted[i, num[i]] = j
+            num[i] += 1
+            cur[i], cur_row[i] = j, row_start[i] + j + 1
+    return VerifyResult(*(torch.from_numpy(a) for a in (accepted[:, :n], num, next_token)))
 
 
 def reference_processed(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:

@@ -16,8 +16,50 @@ from rollout.engine.kv_cache import SlotKVCache
 from rollout.engine.model import TargetModel
 from rollout.engine.sequence import Sequence
 from rollout.engine.speculator import StepOutcome
-from rollout.sampling import process_logits
-from rollout.verify import sample_inverse_cdf, verify
+from rollout.sampling import draw_tokens
+from rollout.verify import VerifyResult, walk
+
+# On a CPU, drawing a row costs about 10 ns per vocabulary entry (processing, then the inverse CDF in float64) and a
+# call about 150 us: drawing every row at once pays while a step's rows x vocabulary stay below ~2^18 (the tiny
+# test models), and drawing per depth only the rows verification reaches pays for real vocabularies (SmolLM2:
+# 49152). On an accelerator the element cost is small beside a kernel launch: always every row at once, as vLLM's
+# rejection sampler does.
+CPU_ALL_ROWS_ELEMENTS = 2**18
+
+
+def _draw_all_rows(rows: int, vocab_size: int, device: torch.device) -> bool:
+    return device.type != "cpu" or rows * vocab_size <= CPU_ALL_ROWS_ELEMENTS
+
+
+class RowDraws:
+    """Draws the target's token at logit rows through their processed distributions (min_tokens masks applied)
+    and keeps each drawn row's logprobs, so that the emitted tokens' logprobs are read from the same numbers."""
+
+    def __init__(self, logits: torch.Tensor, masked: torch.Tensor | None, row_params: list[torch.Tensor]):
+        self.logits = logits  # [R, V]
+        self.masked = masked  # [R, V] bool or None
+        self.row_params = row_params  # temperature, top_k, top_p [R] each
+        self.rows: list[np.ndarray] = []  # rows drawn, in order
+        self.logprobs: list[torch.Tensor] = []  # their logprobs [A, V], in order
+
+    def __call__(self, rows: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """rows [A] int64, u [A] float64 -> tokens [A] int64."""
+        at = torch.from_numpy(rows).to(self.logits.device)
+        reached = self.logits[at]
+        if self.masked is not None:
+            reached = reached.masked_fill(self.masked[at], float("-inf"))
+        tokens, logprobs = draw_tokens(reached, *(p[at] for p in self.row_params), torch.from_numpy(u))
+        self.rows.append(rows)
+        self.logprobs.append(logprobs)
+        return tokens.cpu().numpy()
+
+    def logprobs_of(self, rows: list[int]) -> torch.Tensor:
+        """[len(rows), V]: the logprobs of already drawn rows, in the order asked, in one gather."""
+        drawn = np.concatenate(self.rows)
+        index_of_row = np.empty(len(self.logits), dtype=np.int64)
+        index_of_row[drawn] = np.arange(len(drawn))
+        picked = torch.from_numpy(index_of_row[rows]).to(self.logits.device)
+        return torch.cat(self.logprobs)[picked] if len(self.logprobs) > 1 else self.logprobs[0][picked]
 
 
 class Runner:
@@ -45,37 +87,17 @@ class Runner:
         row_start = np.cumsum(counts) - counts  # [B]
         row_params = _row_params(seqs, counts, device)
         masked = _min_tokens_mask(seqs, drafts, counts, self.vocab_size)  # [R, V] bool, or None
-        if masked is not None:
-            masked = masked.to(device)
-        reached_rows: list[torch.Tensor] = []  # rows verification reached, and their logprobs [A, V], in order
-        reached_logprobs: list[torch.Tensor] = []
-
-        def distributions(rows: torch.Tensor) -> torch.Tensor:
-            """Processed distributions of the rows verification reaches: one per emitted token, not per node."""
-            at = rows.to(device)
-            reached = logits[at] if masked is None else logits[at].masked_fill(masked[at], float("-inf"))
-            probs, logprobs = process_logits(reached, *(p[at] for p in row_params))
-            reached_rows.append(rows)
-            reached_logprobs.append(logprobs)
-            return probs
+        draws = RowDraws(logits, None if masked is None else masked.to(device), row_params)
 
         depth = max(d.depth for d in drafts) if width else 0
-        tokens = np.full((len(seqs), width), -1, dtype=np.int64)  # [B, N]
-        parents = np.full((len(seqs), width), -1, dtype=np.int64)  # [B, N]
-        if width:
-            for i, d in enumerate(drafts):
-                if sizes[i]:
-                    tokens[i, : sizes[i]] = d.token_ids
-                    parents[i, : sizes[i]] = d.node_parents
         # One uniform per output position, from the request's own generator (see verify.py): its rollout depends
         # neither on its batch neighbours nor on what was drafted.
-        uniforms = torch.tensor([s.uniforms(len(s.output), depth + 1) for s in seqs], dtype=torch.float64)  # [B, D+1]
+        uniforms = np.array([s.uniforms(len(s.output), depth + 1) for s in seqs], dtype=np.float64)  # [B, D+1]
         if width:
-            starts, tokens_t, parents_t = (torch.from_numpy(a) for a in (row_start, tokens, parents))
-            result = verify(distributions, starts, tokens_t, parents_t, uniforms)
+            result = _verify(draws, drafts, width, counts, row_start, uniforms)
             next_tokens = result.next_token.tolist()
-        else:  # nothing drafted: verify() would draw each root's token and stop; draw it directly
-            next_tokens = sample_inverse_cdf(distributions(torch.from_numpy(row_start)), uniforms[:, 0]).tolist()
+        else:  # nothing drafted: each root's token is the one drawn
+            next_tokens = draws(row_start, uniforms[:, 0]).tolist()
 
         if width:
             paths, emitted_all, lp_rows = self._accept(seqs, slot_lo, drafts, pending, row_start, result, next_tokens)
@@ -89,12 +111,8 @@ class Runner:
 
         # The emitted tokens' logprobs in one gather and one copy to the host (float() per token would wait on a GPU
         # once per token).
-        all_rows = torch.cat(reached_rows).numpy()
-        index_of_row = np.empty(int(counts.sum()), dtype=np.int64)
-        index_of_row[all_rows] = np.arange(len(all_rows))
-        picked = torch.from_numpy(index_of_row[lp_rows]).to(device)
+        lp_emitted = draws.logprobs_of(lp_rows)  # [E, V]
         emitted_flat = torch.tensor([t for e in emitted_all for t in e], device=device)
-        lp_emitted = torch.cat(reached_logprobs)[picked]  # [E, V]
         token_logprobs = lp_emitted.gather(1, emitted_flat[:, None]).squeeze(1).tolist()
         top = None
         if keep_top and self.top_logprobs:
@@ -147,6 +165,30 @@ class Runner:
             slots, src, dst = (torch.tensor(c) for c in zip(*moves))
             self.cache.move_positions(slots, src, dst)
         return paths, emitted_all, lp_rows
+
+
+def _verify(
+    draws: RowDraws, drafts: list[Draft], width: int, counts: np.ndarray, row_start: np.ndarray, uniforms: np.ndarray
+) -> VerifyResult:
+    b = len(drafts)
+    tokens = np.full((b, width), -1, dtype=np.int64)  # [B, N]
+    parents = np.full((b, width), -1, dtype=np.int64)  # [B, N]
+    depths = np.zeros((b, width), dtype=np.int64)  # [B, N]
+    for i, d in enumerate(drafts):
+        if len(d):
+            tokens[i, : len(d)] = d.token_ids
+            parents[i, : len(d)] = d.node_parents
+            depths[i, : len(d)] = d.node_depths
+    rows = int(counts.sum())
+    if not _draw_all_rows(rows, draws.logits.shape[-1], draws.logits.device):
+        return walk(draws, row_start, tokens, parents, uniforms)
+    # Every row's token in one call, each row with its own depth's uniform; the walk then only looks them up. Rows
+    # the walk never reaches are drawn for nothing, which costs less here than a call per depth.
+    seq_of_row = np.repeat(np.arange(b), counts)  # [R]
+    node = np.arange(rows) - row_start[seq_of_row] - 1  # [R] draft node of each row, -1 = the root
+    row_depth = np.where(node < 0, 0, depths[seq_of_row, np.maximum(node, 0)])  # [R]
+    drawn = draws(np.arange(rows), uniforms[seq_of_row, row_depth])  # [R]
+    return walk(lambda at, u: drawn[at], row_start, tokens, parents, uniforms)
 
 
 def _seq_input(s: Sequence, pending: int, d: Draft) -> SeqInput:
