@@ -45,6 +45,11 @@ class RolloutStats:
     accepted: int
     sync_seconds: float = 0.0
     nospec_seconds: float | None = None  # when a plain-decoding twin was generated for comparison
+    oracle_seconds: float | None = None  # and a twin drafted from the plain twin's tokens (the limit of speculation)
+    engine_forwards: int | None = None  # batched forwards of this call (twins not counted), where the service says
+    # share of each call's engine time spent with at most SMALL_BATCH sequences running (where the service says)
+    small_batch_share: float | None = None
+    nospec_small_batch_share: float | None = None
 
     @property
     def tokens_per_forward(self) -> float:
@@ -78,7 +83,8 @@ class SpecRolloutFunc:
     """The callable handed to GRPOTrainer(rollout_func=...)."""
 
     service: Any  # RolloutService: RolloutCluster or LocalService
-    compare_without_speculation: bool = False  # also time a plain-decoding twin of every batch (benchmarks)
+    # Benchmarks: also time a plain-decoding twin of every batch, and an oracle twin drafted from its tokens.
+    compare_without_speculation: bool = False
     on_rollouts: Callable[[list, RolloutStats], None] | None = None  # e.g. to save traces or log
     sampling_seed: int | None = None  # seeds the rollouts' samples; None: the trainer's args.seed
     history: list[RolloutStats] = field(default_factory=list)
@@ -94,10 +100,24 @@ class SpecRolloutFunc:
         self._synced_step = step
         return time.perf_counter() - t0
 
-    def _timed(self, requests: list[RolloutRequest], plain: bool = False) -> tuple[float, list]:
+    def _timed(self, requests: list[RolloutRequest], **mode) -> tuple[float, list, dict]:
+        """(seconds, results, the service's counters moved by the call: step_seconds, small_batch_seconds,
+        target_forwards, where it reports them) of one service call."""
+        before = _engine_totals(self.service)
         t0 = time.perf_counter()
-        results = self.service.generate(requests, plain=plain)
-        return time.perf_counter() - t0, results
+        results = self.service.generate(requests, **mode)
+        seconds = time.perf_counter() - t0
+        after = _engine_totals(self.service)
+        return seconds, results, {k: after[k] - before[k] for k in after}
+
+    def _twins(self, requests: list[RolloutRequest]) -> tuple[float, list, dict, float]:
+        """The plain twin (seconds, results, counters), then the oracle twin's seconds."""
+        twins = [replace(r, request_id=f"plain-{r.request_id}") for r in requests]
+        nospec, plain, moved = self._timed(twins, plain=True)
+        oracles = [replace(r, request_id=f"oracle-{r.request_id}") for r in requests]
+        known = {o.request_id: p.token_ids for o, p in zip(oracles, plain)}
+        oracle, _, _ = self._timed(oracles, oracle=known)
+        return nospec, plain, moved, oracle
 
     def __call__(self, prompts: list, trainer) -> dict[str, list]:
         sync_seconds = self._sync(trainer)
@@ -111,16 +131,15 @@ class SpecRolloutFunc:
             params = sampling_params_from(args, seed=base_seed * 1_000_003 + step * 100_003 + i)
             ids = render_prompt(tokenizer, prompt)
             requests.append(RolloutRequest(f"s{step}-{i}", ids, params, f"s{step}-g{i // g}"))
-        nospec = None
-        twins = None
-        if self.compare_without_speculation:
-            twins = [replace(r, request_id=f"plain-{r.request_id}") for r in requests]
-        if twins is not None and step % 2 == 1:  # alternate which goes first, so drift in machine load evens out
-            nospec, plain = self._timed(twins, plain=True)
-        seconds, results = self._timed(requests)
-        if twins is not None and step % 2 == 0:
-            nospec, plain = self._timed(twins, plain=True)
-        if twins is not None:
+        nospec = oracle = None
+        nospec_moved: dict = {}
+        twins = self.compare_without_speculation
+        if twins and step % 2 == 1:  # alternate which goes first, so drift in machine load evens out
+            nospec, plain, nospec_moved, oracle = self._twins(requests)
+        seconds, results, moved = self._timed(requests)
+        if twins and step % 2 == 0:
+            nospec, plain, nospec_moved, oracle = self._twins(requests)
+        if twins:
             mismatch = sum(p.token_ids != r.token_ids for p, r in zip(plain, results))
             if mismatch:
                 print(
@@ -137,6 +156,10 @@ class SpecRolloutFunc:
             accepted=sum(r.spec.accepted for r in results),
             sync_seconds=sync_seconds,
             nospec_seconds=nospec,
+            oracle_seconds=oracle,
+            engine_forwards=moved.get("target_forwards"),
+            small_batch_share=_small_batch_share(moved),
+            nospec_small_batch_share=_small_batch_share(nospec_moved),
         )
         self.history.append(stats)
         if self.on_rollouts is not None:
@@ -149,6 +172,24 @@ class SpecRolloutFunc:
             "spec_target_forwards": [r.spec.target_forwards for r in results],
             "policy_version": [r.policy_version for r in results],
         }
+
+
+TOTALS = ("step_seconds", "small_batch_seconds", "target_forwards")
+
+
+def _engine_totals(service) -> dict:
+    """The counters in TOTALS summed over the service's replicas; empty if it reports none."""
+    stats = getattr(service, "stats", None)
+    if stats is None:
+        return {}
+    rows = stats()
+    return {k: sum(r[k] for r in rows) for k in TOTALS if all(k in r for r in rows)}
+
+
+def _small_batch_share(moved: dict) -> float | None:
+    """Share of a call's engine step time with at most SMALL_BATCH sequences running."""
+    seconds = moved.get("step_seconds")
+    return moved["small_batch_seconds"] / seconds if seconds else None
 
 
 def make_rollout_func(service, **kwargs) -> SpecRolloutFunc:

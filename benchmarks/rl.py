@@ -5,7 +5,11 @@
 
 Run 1 trains with speculative rollouts; at every step the same prompts, with the same seeds, are also generated
 without speculation on the same engine and weights (which goes first alternates), so spec_s / nospec_s is measured
-on identical work. Run 2 trains from the same seed with speculation off, for the reward curve to compare. Run 3
+on identical work; and once more drafted by an oracle that knows each rollout (seeded rollouts do not depend on the
+drafts, so the plain twin's tokens are the truth), under a copy of the same budget: nospec_s / oracle_s is the
+limit of speculation for that step on this machine. small_batch_share is the share of the engine's step time with
+at most 8 sequences running (the long tail), for the speculative call and for its plain twin.
+Run 2 trains from the same seed with speculation off, for the reward curve to compare. Run 3
 trains with speculation off with the next sampling seed (same prompts, data order and initial weights; other sampled
 rollouts): how far two runs that differ only by chance drift apart is the noise the spec/no-spec difference is
 judged against. (Sampled rollouts of runs 1 and 2 differ where rounding moves a sample across a CDF edge, README
@@ -27,6 +31,14 @@ from rollout.config import ServiceConfig  # noqa: E402
 from rollout.rl import RLConfig, plot_steps, run_grpo  # noqa: E402
 
 
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
 def run_benchmark(cfg: RLConfig, service: ServiceConfig) -> dict:
     spec = run_grpo(replace(cfg, compare_without_speculation=True, out_dir=f"{cfg.out_dir}/spec"), service)
     service_off = replace(service, speculation=replace(service.speculation, budget="off"))
@@ -42,7 +54,11 @@ def run_benchmark(cfg: RLConfig, service: ServiceConfig) -> dict:
             "step": m.step,
             "spec_s": round(m.rollout_s, 3),
             "nospec_s": round(m.nospec_s, 3) if m.nospec_s else None,
+            "oracle_s": round(m.oracle_s, 3) if m.oracle_s else None,
             "speedup": round(m.nospec_s / m.rollout_s, 3) if m.nospec_s and m.rollout_s else None,
+            "oracle_speedup": round(m.nospec_s / m.oracle_s, 3) if m.nospec_s and m.oracle_s else None,
+            "small_batch_share": _round(m.small_batch_share),
+            "nospec_small_batch_share": _round(m.nospec_small_batch_share),
             "acceptance_length": round(m.acceptance_length, 3),
             "tokens_per_forward": round(m.tokens_per_forward, 3),
             "draft_volume": round(m.draft_volume, 3),
@@ -55,6 +71,10 @@ def run_benchmark(cfg: RLConfig, service: ServiceConfig) -> dict:
         for m in spec.steps
     ]
     speedups = [s["speedup"] for s in steps if s["speedup"]]
+    oracle = [s["oracle_speedup"] for s in steps if s["oracle_speedup"]]
+    tail = [s["nospec_small_batch_share"] for s in steps if s["nospec_small_batch_share"] is not None]
+    last5 = _median(speedups[-5:])
+    oracle5 = _median(oracle[-5:])
 
     def gaps(a: str, b: str) -> list[float]:
         return [abs(s[a] - s[b]) for s in steps if s[a] is not None and s[b] is not None]
@@ -63,8 +83,14 @@ def run_benchmark(cfg: RLConfig, service: ServiceConfig) -> dict:
     seed_vs_seed = gaps("reward_nospec_run", "reward_nospec_other_sampling_seed")
     payload = {
         "steps": steps,
-        "speedup_last5": round(statistics.median(speedups[-5:]), 3) if speedups else None,
-        "speedup_first5": round(statistics.median(speedups[:5]), 3) if speedups else None,
+        "speedup_last5": last5,
+        "speedup_first5": _median(speedups[:5]),
+        "oracle_speedup_last5": oracle5,
+        # how much of what speculation could give here it gives
+        "fraction_of_oracle_last5": (
+            round((last5 - 1) / (oracle5 - 1), 3) if last5 is not None and oracle5 and oracle5 > 1 else None
+        ),
+        "tail_fraction_last5": _median(tail[-5:]),  # of the plain twins: share of makespan at <= 8 sequences
         "reward_max_abs_difference_between_runs": round(max(spec_vs_off), 4) if spec_vs_off else None,
         "reward_mean_abs_difference_between_runs": round(statistics.mean(spec_vs_off), 4) if spec_vs_off else None,
         # the same two figures for two runs without speculation whose sampling seeds differ: run-to-run noise
@@ -96,5 +122,9 @@ def run_benchmark(cfg: RLConfig, service: ServiceConfig) -> dict:
             f"without speculation, sampling seed {other_seed}": [reward_noise.get(m.step) for m in spec.steps],
         },
     )
-    print(f"speedup (median of last 5 steps): {payload['speedup_last5']}; wrote {out_dir / 'rl.json'}")
+    print(
+        f"speedup (median of last 5 steps): {payload['speedup_last5']}, oracle {payload['oracle_speedup_last5']}, "
+        f"fraction of oracle {payload['fraction_of_oracle_last5']}, plain twin's time at <= 8 sequences "
+        f"{payload['tail_fraction_last5']}; wrote {out_dir / 'rl.json'}"
+    )
     return payload

@@ -13,12 +13,23 @@ from drafters.base import EMPTY_DRAFT, BaseDrafter, Draft
 
 
 class ReferenceDrafter(BaseDrafter):
-    def __init__(self, references: Mapping[tuple[int, ...], Sequence[int]]):
-        self.references = {tuple(k): list(v) for k, v in references.items()}
+    """references: prompt -> continuation; by_request: request id -> continuation (GRPO siblings share a prompt but
+    not a rollout: the engine's oracle mode keys by request). A request named in by_request uses that one."""
+
+    def __init__(
+        self,
+        references: Mapping[tuple[int, ...], Sequence[int]] | None = None,
+        by_request: Mapping[str, Sequence[int]] | None = None,
+    ):
+        self.references = {tuple(k): list(v) for k, v in (references or {}).items()}
+        self.by_request = {k: list(v) for k, v in (by_request or {}).items()}
         self._state: dict[str, tuple[list[int], list[int]]] = {}  # request -> (reference, generated)
 
     def begin(self, request_id, prompt_ids, group):
-        self._state[request_id] = (self.references.get(tuple(prompt_ids), []), [])
+        reference = self.by_request.get(request_id)
+        if reference is None:
+            reference = self.references.get(tuple(prompt_ids), [])
+        self._state[request_id] = (reference, [])
 
     def observe(self, request_id, token_ids, logprobs=None):
         self._state[request_id][1].extend(token_ids)

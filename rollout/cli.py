@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     def rl_arguments(p: argparse.ArgumentParser, out: str) -> None:
         p.add_argument("--config", default="configs/default.yaml")
         p.add_argument("--quick", action="store_true", help="a few small steps (about a minute)")
-        p.add_argument("--task", default="copy", choices=["copy", "count"])
+        p.add_argument("--task", default="tail", choices=["tail", "copy", "count"])
         p.add_argument("--steps", type=int)
         p.add_argument("--prompts-per-step", type=int)
         p.add_argument("--num-generations", type=int)

@@ -110,9 +110,12 @@ class RolloutCluster:
                 raise ValueError(f"request_id {r.request_id!r} appears twice in one call")
             seen.add(r.request_id)
 
-    def generate(self, requests: list[RolloutRequest], plain: bool = False) -> list[RolloutResult]:
+    def generate(
+        self, requests: list[RolloutRequest], plain: bool = False, oracle: dict[str, list[int]] | None = None
+    ) -> list[RolloutResult]:
         """Run the requests to completion across the workers; results in request order, each exactly once.
-        plain=True: without speculation, unseen by the drafters and the histories (a benchmark's twin)."""
+        plain=True: without speculation, unseen by the drafters and the histories (a benchmark's twin); oracle:
+        each request drafted from its known rollout (request id -> tokens), likewise unseen."""
         from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
         requests = [r if r.request_id else replace(r, request_id=uuid.uuid4().hex) for r in requests]
@@ -122,15 +125,29 @@ class RolloutCluster:
             groups.setdefault(r.group or prompt_key(r.prompt_token_ids), []).append(r)
         pending: dict[object, tuple[int, object, list[RolloutRequest], int]] = {}
 
-        def submit(reqs: list[RolloutRequest]) -> None:
-            w = min(range(len(self.workers)), key=lambda i: self._outstanding[i])
+        def submit(reqs: list[RolloutRequest], w: int | None = None) -> None:
+            if w is None:
+                w = min(range(len(self.workers)), key=lambda i: self._outstanding[i])
             tokens = sum(r.params.max_tokens for r in reqs)
             self._outstanding[w] += tokens
             actor = self.workers[w]
-            pending[actor.generate.remote(reqs, plain)] = (w, actor, reqs, tokens)
+            known = None if oracle is None else {r.request_id: oracle.get(r.request_id, []) for r in reqs}
+            pending[actor.generate.remote(reqs, plain, known)] = (w, actor, reqs, tokens)
 
-        for reqs in groups.values():
-            submit(reqs)
+        if plain or oracle is not None:
+            # A twin runs alone on a worker (the mode is the engine's), so one call per worker carries all of its
+            # groups: sent group by group, they would run one after the other, not batched as the speculative call.
+            per_worker: dict[int, list[RolloutRequest]] = {}
+            load = list(self._outstanding)
+            for reqs in groups.values():
+                w = min(range(len(self.workers)), key=lambda i: load[i])
+                load[w] += sum(r.params.max_tokens for r in reqs)
+                per_worker.setdefault(w, []).extend(reqs)
+            for w, reqs in per_worker.items():
+                submit(reqs, w)
+        else:
+            for reqs in groups.values():
+                submit(reqs)
         results: dict[str, RolloutResult] = {}
         while pending:
             ready, _ = self._ray.wait(list(pending), num_returns=1)

@@ -27,7 +27,7 @@ import numbers
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 from typing import Sequence as Seq
 
 import torch
@@ -72,6 +72,11 @@ class Request:
     speculate: bool  # False under `plain()`: no drafts, unseen by the drafter and the history
 
 
+# "The long tail": steps with at most this many sequences running (TLT speculates only below 32 live requests; at
+# 8 or fewer a step here is memory-bound and verifying several tokens costs little more than one).
+SMALL_BATCH = 8
+
+
 class EngineFrontend(ABC):
     """The public engine API; see the module docstring for what a backend implements."""
 
@@ -93,7 +98,12 @@ class EngineFrontend(ABC):
         # The target's top-k per generated token, for a drafter that distils from them (only into the history).
         self.top_logprobs = history.recorded_top_logprobs(top_logprobs)
         self.speculating = True  # False inside plain()
+        self.recording = True  # False inside a benchmark's twin: its rollouts stay out of the history
         self.total_forwards = 0
+        # Wall time of engine steps, and of those with at most SMALL_BATCH sequences running: how much of a
+        # rollout's makespan its long tail takes (a backend that cannot tell leaves them at 0).
+        self.step_seconds = 0.0
+        self.small_batch_seconds = 0.0
         self.in_flight: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(seed)
@@ -178,7 +188,7 @@ class EngineFrontend(ABC):
         out = []
         for r in results:
             request = self.in_flight.pop(r.request_id)
-            if request.speculate and self.history is not None and r.finish_reason != "abort":
+            if request.speculate and self.recording and self.history is not None and r.finish_reason != "abort":
                 self._unrecorded.append(r)
             out.append(r.without_top())  # the top-k are the history's; not sent back to the caller
         return out
@@ -220,6 +230,25 @@ class EngineFrontend(ABC):
             for rid in list(self.in_flight):  # left by an exception: they must not run on as speculative requests
                 self.abort(rid)
             self._set_speculating(True)
+
+    @contextmanager
+    def oracle(self, references: Mapping[str, Seq[int]]) -> Iterator[None]:
+        """Requests queued inside are drafted from `references` (request id -> that rollout's tokens, known from a
+        plain twin with the same seeds), under a copy of the engine's budget: the limit of speculation on that work.
+        Like plain(), they stay out of the drafter and the history. Only the embedded engine has this mode."""
+        raise NotImplementedError(f"{type(self).__name__} has no oracle mode (the embedded engine has)")
+        yield
+
+    def counters(self) -> dict:
+        """The engine's running totals, as workers and services report them."""
+        return {
+            "policy_version": self.policy_version,
+            "unfinished": self.num_unfinished(),
+            "target_forwards": self.total_forwards,
+            "history_rows": 0 if self.history is None else self.history.num_rows,
+            "step_seconds": self.step_seconds,
+            "small_batch_seconds": self.small_batch_seconds,
+        }
 
     def _set_speculating(self, on: bool) -> None:
         """The mode switch; a backend whose drafter lives elsewhere (vLLM's workers) also tells it there."""

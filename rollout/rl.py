@@ -24,12 +24,12 @@ from rollout.config import ServiceConfig
 
 @dataclass
 class RLConfig:
-    task: str = "copy"
+    task: str = "tail"  # rollout/tasks.py TASK_FAMILIES
     steps: int = 20
     prompts_per_step: int = 4
     num_generations: int = 8
     distinct_prompts: int = 16  # prompts are revisited across steps, as epochs over a dataset do
-    max_completion_length: int = 48
+    max_completion_length: int | None = None  # None: the task's own (room for its longest answers)
     temperature: float = 1.0
     learning_rate: float = 2e-5
     seed: int = 0  # the task's prompts, the data order, the trainer; and the rollouts' samples unless sampling_seed
@@ -38,6 +38,14 @@ class RLConfig:
     use_ray: bool = True  # False: the engine runs in this process (LocalService)
     save_policy: bool = False
     compare_without_speculation: bool = False
+
+    def __post_init__(self):
+        from rollout.tasks import TASK_FAMILIES
+
+        if self.task not in TASK_FAMILIES:
+            raise ValueError(f"unknown task {self.task!r}; known tasks: {', '.join(TASK_FAMILIES)}")
+        if self.max_completion_length is None:
+            self.max_completion_length = TASK_FAMILIES[self.task].max_completion_length
 
     @classmethod
     def quick(cls, **overrides) -> "RLConfig":
@@ -53,6 +61,9 @@ class StepMetrics:
     logp_difference: float | None = None  # TRL: |trainer logprob - our returned logprob|, mean
     rollout_s: float = 0.0
     nospec_s: float | None = None
+    oracle_s: float | None = None  # the same rollouts drafted by an oracle that knows them (bench-rl)
+    small_batch_share: float | None = None  # of the engine's time in this step's rollouts, at <= 8 sequences
+    nospec_small_batch_share: float | None = None  # the same for the plain twin
     sync_s: float = 0.0
     tokens: int = 0
     tokens_per_s: float = 0.0
@@ -90,12 +101,6 @@ class RunResult:
         }
 
 
-def _engine_forwards(service) -> int:
-    if hasattr(service, "engine"):
-        return service.engine.total_forwards
-    return sum(s["target_forwards"] for s in service.stats())
-
-
 def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResult:
     import torch
     from datasets import Dataset
@@ -103,8 +108,9 @@ def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResu
     from trl import GRPOConfig, GRPOTrainer
 
     from adapters.trl import make_rollout_func
+    from adapters.trl_length_chunks import length_chunked
     from rollout.checkpoint import resolve_model
-    from rollout.tasks import TASKS
+    from rollout.tasks import TASK_FAMILIES
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     out = Path(cfg.out_dir)
@@ -114,7 +120,8 @@ def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResu
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
-    tasks = TASKS[cfg.task](cfg.distinct_prompts, seed=cfg.seed)
+    family = TASK_FAMILIES[cfg.task]
+    tasks = family.build(cfg.distinct_prompts, seed=cfg.seed)
     by_prompt = {t.prompt: t for t in tasks}
     rows = [{"prompt": [{"role": "user", "content": t.prompt}], "task_prompt": t.prompt} for t in tasks]
     dataset = Dataset.from_list(rows * max(1, (cfg.steps * cfg.prompts_per_step) // len(rows) + 1))
@@ -135,18 +142,16 @@ def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResu
         service = LocalService(service_config, log=log)
 
     metrics: dict[int, StepMetrics] = {}
-    forwards_before = [_engine_forwards(service)]
 
     def on_rollouts(results, stats) -> None:
-        now = _engine_forwards(service)
-        engine_forwards = max(now - forwards_before[0], 1)
-        forwards_before[0] = now
         m = metrics.setdefault(stats.step + 1, StepMetrics(step=stats.step + 1))
         m.rollout_s, m.nospec_s, m.sync_s = stats.seconds, stats.nospec_seconds, stats.sync_seconds
+        m.oracle_s = stats.oracle_seconds
+        m.small_batch_share, m.nospec_small_batch_share = stats.small_batch_share, stats.nospec_small_batch_share
         m.tokens = stats.tokens
         m.tokens_per_s = stats.tokens / stats.seconds if stats.seconds else 0.0
         m.acceptance_length = stats.tokens_per_forward
-        m.tokens_per_forward = stats.tokens / engine_forwards
+        m.tokens_per_forward = stats.tokens / max(stats.engine_forwards or 1, 1)
         m.draft_volume = stats.drafted / max(stats.target_forwards, 1)
 
     class Collect(TrainerCallback):
@@ -179,11 +184,14 @@ def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResu
         temperature=cfg.temperature,
         learning_rate=cfg.learning_rate,
         beta=0.0,
+        loss_type="dapo",  # TRL's default, named: the length-chunked loss relies on it being a sum over samples
         logging_steps=1,
         save_strategy="no",
         report_to=[],
         seed=cfg.seed,
         dataloader_num_workers=0,
+        # A task in per-step blocks (the tail task: every step has its long prompt) keeps its order.
+        shuffle_dataset=not family.ordered,
     )
     rollout_func = make_rollout_func(
         service,
@@ -191,7 +199,8 @@ def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResu
         on_rollouts=on_rollouts,
         sampling_seed=cfg.sampling_seed,
     )
-    trainer = GRPOTrainer(
+    # A long-tailed batch would train mostly on padding; the chunked loss is TRL's own, without it.
+    trainer = length_chunked(GRPOTrainer)(
         model=model,
         reward_funcs=[reward],
         args=args,
@@ -246,8 +255,12 @@ def plot_steps(
         ("rollout tokens / s", {"": [m.tokens_per_s for m in steps]}),
     ]
     if any(m.nospec_s for m in steps):
-        speedups = [(m.nospec_s or 0) / m.rollout_s if m.rollout_s else 0 for m in steps]
-        panels.append(("speedup vs no speculation", {"": speedups}))
+        speedups = {"speculation": [(m.nospec_s or 0) / m.rollout_s if m.rollout_s else None for m in steps]}
+        if any(m.oracle_s for m in steps):
+            speedups["oracle drafts (the limit)"] = [
+                (m.nospec_s or 0) / m.oracle_s if m.oracle_s else None for m in steps
+            ]
+        panels.insert(0, ("rollout speedup vs no speculation", speedups))
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True)
     for ax, (name, series) in zip(axes, panels):
         for label, values in series.items():

@@ -21,9 +21,16 @@ from rollout.worker import RolloutRequest
 class RolloutService(Protocol):
     policy_version: int
 
-    def generate(self, requests: list[RolloutRequest], plain: bool = False) -> list[RolloutResult]:
+    def generate(
+        self, requests: list[RolloutRequest], plain: bool = False, oracle: dict[str, list[int]] | None = None
+    ) -> list[RolloutResult]:
         """Results in request order; plain=True decodes without speculation, unseen by the drafter and the history
-        (a benchmark's twin)."""
+        (a benchmark's twin); oracle drafts each request from its known rollout (request id -> tokens), likewise
+        unseen (the limit of speculation on that work)."""
+        ...
+
+    def stats(self) -> list[dict]:
+        """Per engine replica, its running totals (EngineFrontend.counters)."""
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, object]], version: int | None = None) -> int: ...
@@ -46,15 +53,20 @@ class LocalService:
     def policy_version(self) -> int:
         return self.engine.policy_version
 
-    def generate(self, requests: list[RolloutRequest], plain: bool = False) -> list[RolloutResult]:
+    def generate(
+        self, requests: list[RolloutRequest], plain: bool = False, oracle: dict[str, list[int]] | None = None
+    ) -> list[RolloutResult]:
         ids = [r.request_id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("request ids must be unique within a call")
         args = ([r.prompt_token_ids for r in requests], [r.params for r in requests], [r.group for r in requests], ids)
-        if not plain:
+        if not plain and oracle is None:
             return self.engine.generate(*args)
-        with self.engine.plain():
+        with self.engine.plain() if plain else self.engine.oracle(oracle):
             return self.engine.generate(*args)
+
+    def stats(self) -> list[dict]:
+        return [{"worker": 0, **self.engine.counters()}]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, object]], version: int | None = None) -> int:
         named = [(n, to_host(t)) for n, t in named_tensors]

@@ -5,6 +5,8 @@ SmolLM2-135M copies and continues lists well and is bad at arithmetic, so the ta
   policy gets there sometimes (often capitalised, or with chatter around it), so GRPO has signal from step 0; the
   trained policy answers in one sharp format, which is also what makes its rollouts easy to draft.
 - count: "List the integers from a to b" (harder for the base model; used by `specrollout run --task count`).
+- tail (the default of `specrollout run`): a mix of both whose completion lengths are heavy-tailed, as reasoning
+  rollouts are; see `tail_tasks`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -82,9 +85,6 @@ def copy_tasks(n: int, seed: int = 0) -> list[CopyTask]:
     return out
 
 
-TASKS = {"copy": copy_tasks, "count": lambda n, seed=0: list_tasks(n, seed)}
-
-
 def count_task(start: int, length: int) -> Task:
     end = start + length - 1
     return Task(
@@ -96,6 +96,54 @@ def count_task(start: int, length: int) -> Task:
 def list_tasks(n: int, seed: int = 0) -> list[Task]:
     rng = random.Random(seed)
     return [count_task(rng.randint(1, 60), rng.randint(5, 12)) for _ in range(n)]
+
+
+# Prompts of one training step of the tail task: (kind, how many). Kinds and their answers' lengths in SmolLM2
+# tokens (digits are one token each, ", " two): a copy of 3-6 words 6-14; a count from 1 to 10-20, 28-68; a count
+# from 1 to 52-72, 199-279.
+TAIL_STEP = (("copy", 2), ("medium", 1), ("long", 1))
+
+
+def tail_tasks(n: int, seed: int = 0) -> list:
+    """The long-tail task: `n` prompts in blocks of four, one block per training step, each block two copy prompts,
+    one medium count and one long count ("List the integers from 1 to 64, ...").
+
+    Why it stands for RL rollouts: in a GRPO step of a reasoning task most completions end early and a few run many
+    times longer (DAS, Seer), so the step's makespan is set by a handful of long sequences decoding at tiny batch.
+    Here every step has the same shape: with 8 samples per prompt, 16 completions of 6-14 tokens, 8 of 28-68 and 8 of
+    199-279 once learned (the base policy's chatter runs to the length limit, which is a long tail too), so the
+    longest completion is 4x the median or more and the last 8 sequences decode alone for most of the step. The
+    long answers are structured (a list the policy learns to write exactly, one shared with every other count
+    prompt), so the policy's own earlier rollouts predict them, as a reasoning policy's earlier rollouts predict its
+    recurring derivations. The training loop keeps the blocks in order (`ordered` in TASK_FAMILIES)."""
+    rng = random.Random(seed)
+    copies = iter(copy_tasks(n, seed))
+    out: list = []
+    while len(out) < n:
+        for kind, k in TAIL_STEP:
+            for _ in range(k):
+                if kind == "copy":
+                    out.append(next(copies))
+                else:
+                    length = rng.randint(10, 20) if kind == "medium" else rng.randint(52, 72)
+                    out.append(count_task(1, length))
+    return out[:n]
+
+
+@dataclass(frozen=True)
+class TaskFamily:
+    build: Callable[..., list]  # (n, seed) -> prompts with .prompt and .reward(completion)
+    max_completion_length: int  # room for the longest answer, and for a base policy's chatter beyond it
+    ordered: bool = False  # the prompts come in per-step blocks: the trainer must not shuffle them
+    prompts_per_step: int = 4
+
+
+TASK_FAMILIES = {
+    "tail": TaskFamily(tail_tasks, max_completion_length=288, ordered=True, prompts_per_step=4),
+    "copy": TaskFamily(copy_tasks, max_completion_length=48),
+    "count": TaskFamily(lambda n, seed=0: list_tasks(n, seed), max_completion_length=48),
+}
+TASKS = {name: family.build for name, family in TASK_FAMILIES.items()}
 
 
 def chat_prompt_ids(tokenizer, content: str) -> list[int]:

@@ -87,16 +87,19 @@ class RolloutWorker:
             # Shielded: a caller cancelled while waiting must not cancel the step loop other calls wait on.
             await asyncio.shield(self._stepper)
 
-    async def generate(self, requests: list[RolloutRequest], plain: bool = False) -> list[RolloutResult]:
+    async def generate(
+        self, requests: list[RolloutRequest], plain: bool = False, oracle: dict[str, list[int]] | None = None
+    ) -> list[RolloutResult]:
         """Generate to completion; results in request order. plain=True: without speculation, unseen by the
-        drafter and the history (see the module docstring)."""
-        if not plain:
+        drafter and the history (see the module docstring); oracle: drafted from these known rollouts (request
+        id -> tokens), likewise unseen (Engine.oracle)."""
+        if not plain and oracle is None:
             async with self._plain_call:  # only waits while a plain call runs
                 futures = self._queue(requests)
             return list(await asyncio.gather(*futures))
         async with self._plain_call:
             await self.drained()
-            with self.engine.plain():
+            with self.engine.plain() if plain else self.engine.oracle(oracle):
                 futures = self._queue(requests)
                 return list(await asyncio.gather(*futures))
 
@@ -151,11 +154,4 @@ class RolloutWorker:
         }
 
     def stats(self) -> dict:
-        e = self.engine
-        return {
-            "worker": self.index,
-            "policy_version": e.policy_version,
-            "unfinished": e.num_unfinished(),
-            "target_forwards": e.total_forwards,
-            "history_rows": 0 if e.history is None else e.history.num_rows,
-        }
+        return {"worker": self.index, **self.engine.counters()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -60,7 +61,7 @@ def test_requests_without_an_id_keep_every_other_field():
         def __init__(self, reqs):
             self.reqs = reqs
 
-    def remote(reqs, plain=False):
+    def remote(reqs, plain=False, oracle=None):
         sent.extend(reqs)
         return Ref(reqs)
 
@@ -82,6 +83,61 @@ def test_requests_without_an_id_keep_every_other_field():
     by_id = {r.request_id: r for r in sent}
     for request, result in zip(given, results):
         assert dataclasses.replace(by_id[result.request_id], request_id="") == request
+
+
+def test_a_twin_call_sends_each_worker_all_its_groups_at_once():
+    """A plain or oracle twin holds a worker's engine alone, so its groups go in one call per worker: group by
+    group they would run one after the other instead of batched like the speculative call (no Ray: stand-ins)."""
+    from types import SimpleNamespace
+
+    from rollout.result import RolloutResult, SpecStats
+
+    calls: list[tuple[int, list[str], bool, dict | None]] = []
+
+    class Ref:
+        def __init__(self, reqs):
+            self.reqs = reqs
+
+    def worker(index):
+        def remote(reqs, plain=False, oracle=None):
+            calls.append((index, [r.request_id for r in reqs], plain, oracle))
+            return Ref(reqs)
+
+        return SimpleNamespace(generate=SimpleNamespace(remote=remote))
+
+    def get(ref):
+        return [
+            RolloutResult(r.request_id, r.prompt_token_ids, [1], [0.0], "length", SpecStats(), r.group)
+            for r in ref.reqs
+        ]
+
+    cluster = RolloutCluster.__new__(RolloutCluster)
+    cluster.workers, cluster._outstanding = [worker(0), worker(1)], [0, 0]
+    cluster._ray = SimpleNamespace(wait=lambda refs, num_returns: (refs[:num_returns], refs[num_returns:]), get=get)
+    cluster._validate = lambda requests: None
+    reqs = requests(groups=6, samples=2, tag="twin")
+    cluster.generate(reqs)
+    assert len(calls) == 6, "speculative calls go group by group"
+    calls.clear()
+    cluster.generate(reqs, plain=True)
+    assert sorted(c[0] for c in calls) == [0, 1] and all(c[2] for c in calls), calls
+    assert sum(len(c[1]) for c in calls) == 12
+    calls.clear()
+    known = {r.request_id: [7, 7] for r in reqs}
+    cluster.generate(reqs, oracle=known)
+    assert sorted(c[0] for c in calls) == [0, 1]
+    for _, ids, _, oracle in calls:
+        assert oracle == {i: [7, 7] for i in ids}, "each worker gets the known rollouts of its own requests"
+
+
+def test_oracle_twin_over_ray_gives_the_plain_twins_tokens(cluster):
+    reqs = requests(groups=3, samples=2, temperature=1.0, tag="orc")
+    plain = cluster.generate([dataclasses.replace(r, request_id="p-" + r.request_id) for r in reqs], plain=True)
+    oracle_reqs = [dataclasses.replace(r, request_id="o-" + r.request_id) for r in reqs]
+    known = {o.request_id: p.token_ids for o, p in zip(oracle_reqs, plain)}
+    oracle = cluster.generate(oracle_reqs, oracle=known)
+    assert [r.token_ids for r in oracle] == [r.token_ids for r in plain]
+    assert sum(r.spec.accepted for r in oracle) >= 0.95 * sum(r.spec.drafted for r in oracle) > 0
 
 
 def test_group_affinity_and_balance(cluster):

@@ -8,12 +8,16 @@ history, generate, weight updates, plain decoding) is rollout/frontend.py's, sha
 
 from __future__ import annotations
 
+import copy
 import time
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping
+from typing import Sequence as Seq
 
 import torch
 
 from drafters.base import Drafter, NoDrafter, bind_target, make_drafter, wanted_top_logprobs
+from drafters.reference import ReferenceDrafter
 from rollout.budget import Budget, parse_budget
 from rollout.checkpoint import resolve_model
 from rollout.config import EngineConfig, HistoryConfig, SpeculationConfig
@@ -23,7 +27,7 @@ from rollout.engine.runner import Runner
 from rollout.engine.scheduler import Scheduler
 from rollout.engine.sequence import Sequence
 from rollout.engine.speculator import Speculator, StepPlan
-from rollout.frontend import EngineFrontend, Request
+from rollout.frontend import SMALL_BATCH, EngineFrontend, Request
 from rollout.result import RolloutResult
 
 
@@ -107,10 +111,12 @@ class Engine(EngineFrontend):
     def step(self) -> list[RolloutResult]:
         """Advance every running sequence by one verification; returns the requests that finished."""
         admitted = self.scheduler.admit()
+        batch = len(self.running)
         speculating = self._drafting
         if speculating:
             self.speculator.begin(admitted)
         finished: list[Sequence] = []
+        step_started = time.perf_counter()
         for seqs, slot_lo in self.scheduler.batches():
             started = time.perf_counter()
             plan = self.speculator.plan(seqs, len(self.waiting)) if speculating else StepPlan.plain(len(seqs))
@@ -119,7 +125,26 @@ class Engine(EngineFrontend):
             if speculating:
                 self.speculator.learn(seqs, plan, outcome, time.perf_counter() - started)
             finished += outcome.finished
-        return self._release(finished)
+        released = self._release(finished)
+        seconds = time.perf_counter() - step_started
+        self.step_seconds += seconds
+        if batch <= SMALL_BATCH:
+            self.small_batch_seconds += seconds
+        return released
+
+    @contextmanager
+    def oracle(self, references: Mapping[str, Seq[int]]) -> Iterator[None]:
+        self.require_idle("an oracle run starts")
+        own = self.speculator
+        drafter = ReferenceDrafter(by_request=references)
+        self.speculator = Speculator(drafter, copy.deepcopy(self.budget), own.max_draft_tokens, self.vocab_size)
+        self.recording = False
+        try:
+            yield
+        finally:
+            for rid in list(self.in_flight):  # left by an exception: they must not run on under the oracle
+                self.abort(rid)
+            self.speculator, self.recording = own, True
 
     def _release(self, finished: list[Sequence]) -> list[RolloutResult]:
         self.scheduler.release(finished)
