@@ -59,6 +59,8 @@ def run_benchmark(cfg: RLConfig, service: ServiceConfig) -> dict:
             "oracle_speedup": round(m.nospec_s / m.oracle_s, 3) if m.nospec_s and m.oracle_s else None,
             "small_batch_share": _round(m.small_batch_share),
             "nospec_small_batch_share": _round(m.nospec_small_batch_share),
+            "longest_completion": m.longest_completion,
+            "median_completion": m.median_completion,
             "acceptance_length": round(m.acceptance_length, 3),
             "tokens_per_forward": round(m.tokens_per_forward, 3),
             "draft_volume": round(m.draft_volume, 3),
@@ -110,7 +112,7 @@ def run_benchmark(cfg: RLConfig, service: ServiceConfig) -> dict:
         "machine": machine(),
         "versions": versions("trl", "ray"),
     }
-    out_dir = RESULTS if cfg.out_dir.startswith("runs/bench-rl") and cfg.steps >= 20 else Path(cfg.out_dir)
+    out_dir = RESULTS if cfg.out_dir.startswith("runs/bench-rl") and cfg.steps >= 16 else Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "rl.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot_steps(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from rollout.config import ServiceConfig
 @dataclass
 class RLConfig:
     task: str = "tail"  # rollout/tasks.py TASK_FAMILIES
-    steps: int = 20
+    steps: int = 16
     prompts_per_step: int = 4
     num_generations: int = 8
     distinct_prompts: int = 16  # prompts are revisited across steps, as epochs over a dataset do
@@ -66,6 +67,8 @@ class StepMetrics:
     nospec_small_batch_share: float | None = None  # the same for the plain twin
     sync_s: float = 0.0
     tokens: int = 0
+    longest_completion: int = 0  # tokens
+    median_completion: float = 0.0
     tokens_per_s: float = 0.0
     acceptance_length: float = 0.0  # tokens per sequence-forward, bonus included
     tokens_per_forward: float = 0.0  # tokens per batched engine forward
@@ -149,6 +152,9 @@ def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResu
         m.oracle_s = stats.oracle_seconds
         m.small_batch_share, m.nospec_small_batch_share = stats.small_batch_share, stats.nospec_small_batch_share
         m.tokens = stats.tokens
+        lengths = sorted(len(r.token_ids) for r in results)
+        m.longest_completion = lengths[-1] if lengths else 0
+        m.median_completion = float(statistics.median(lengths)) if lengths else 0.0
         m.tokens_per_s = stats.tokens / stats.seconds if stats.seconds else 0.0
         m.acceptance_length = stats.tokens_per_forward
         m.tokens_per_forward = stats.tokens / max(stats.engine_forwards or 1, 1)
