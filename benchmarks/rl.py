@@ -21,14 +21,14 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, machine, versions  # noqa: E402
 from rollout.config import ServiceConfig  # noqa: E402
-from rollout.rl import RLConfig, plot_steps, run_grpo  # noqa: E402
+from rollout.rl import RLConfig, RunResult, StepMetrics, plot_steps, run_grpo  # noqa: E402
 
 
 def _median(values: list[float]) -> float | None:
@@ -39,14 +39,36 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
-def run_benchmark(cfg: RLConfig, service: ServiceConfig) -> dict:
+def _finished_run(cfg: RLConfig) -> RunResult | None:
+    """A run already made with exactly this config (its summary.json says so), read back from its metrics."""
+    import pyarrow.parquet as pq
+
+    out = Path(cfg.out_dir)
+    try:
+        saved = json.loads((out / "summary.json").read_text())
+        rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    except (OSError, ValueError):
+        return None
+    if saved.get("config") != asdict(cfg):
+        return None
+    known = {f.name for f in fields(StepMetrics)}
+    return RunResult(cfg, [StepMetrics(**{k: v for k, v in r.items() if k in known}) for r in rows], out)
+
+
+def run_benchmark(cfg: RLConfig, service: ServiceConfig, reuse_baselines: bool = False) -> dict:
+    """reuse_baselines: take the two runs without speculation from an earlier bench-rl with the same config (they do
+    not depend on the drafter or the budget), so that a change to speculation reruns only the speculative run."""
     spec = run_grpo(replace(cfg, compare_without_speculation=True, out_dir=f"{cfg.out_dir}/spec"), service)
     service_off = replace(service, speculation=replace(service.speculation, budget="off"))
-    off = run_grpo(replace(cfg, out_dir=f"{cfg.out_dir}/nospec"), service_off)
     other_seed = (cfg.sampling_seed if cfg.sampling_seed is not None else cfg.seed) + 1
-    noise = run_grpo(
-        replace(cfg, sampling_seed=other_seed, out_dir=f"{cfg.out_dir}/nospec_sampling_seed{other_seed}"), service_off
-    )
+    baselines = []
+    for baseline in (
+        replace(cfg, out_dir=f"{cfg.out_dir}/nospec"),
+        replace(cfg, sampling_seed=other_seed, out_dir=f"{cfg.out_dir}/nospec_sampling_seed{other_seed}"),
+    ):
+        finished = _finished_run(baseline) if reuse_baselines else None
+        baselines.append(finished or run_grpo(baseline, service_off))
+    off, noise = baselines
     reward_off = {m.step: m.reward for m in off.steps}
     reward_noise = {m.step: m.reward for m in noise.steps}
     steps = [

@@ -14,15 +14,19 @@ from drafters.base import EMPTY_DRAFT, BaseDrafter, Draft
 
 class ReferenceDrafter(BaseDrafter):
     """references: prompt -> continuation; by_request: request id -> continuation (GRPO siblings share a prompt but
-    not a rollout: the engine's oracle mode keys by request). A request named in by_request uses that one."""
+    not a rollout: the engine's oracle mode keys by request). A request named in by_request uses that one.
+    certainty: the acceptance probability each drafted node claims (None: no claim). The oracle claims 1.0, so a
+    budget that weighs drafts by their claimed probability verifies as much of it as the step's cost allows."""
 
     def __init__(
         self,
         references: Mapping[tuple[int, ...], Sequence[int]] | None = None,
         by_request: Mapping[str, Sequence[int]] | None = None,
+        certainty: float | None = None,
     ):
         self.references = {tuple(k): list(v) for k, v in (references or {}).items()}
         self.by_request = {k: list(v) for k, v in (by_request or {}).items()}
+        self.certainty = certainty
         self._state: dict[str, tuple[list[int], list[int]]] = {}  # request -> (reference, generated)
 
     def begin(self, request_id, prompt_ids, group):
@@ -39,7 +43,8 @@ class ReferenceDrafter(BaseDrafter):
         n = len(generated)
         if reference[:n] != generated:
             return EMPTY_DRAFT
-        return Draft(self.transform(reference[n : n + max_tokens]))
+        tokens = self.transform(reference[n : n + max_tokens])
+        return Draft(tokens, probs=None if self.certainty is None else [self.certainty] * len(tokens))
 
     def transform(self, tokens: list[int]) -> list[int]:
         """Hook for test drafters that corrupt the reference."""

@@ -60,7 +60,7 @@ def cmd_bench_rl(args: argparse.Namespace) -> int:
     """Training with a plain-decoding twin of every step, then a second run without speculation."""
     from benchmarks.rl import run_benchmark
 
-    run_benchmark(_rl_config(args), _service_config(args))
+    run_benchmark(_rl_config(args), _service_config(args), reuse_baselines=args.reuse_baselines)
     return 0
 
 
@@ -255,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench-rl", help="GRPO with per-step speedup against plain decoding, and a no-spec run")
     rl_arguments(bench, "runs/bench-rl")
+    bench.add_argument(
+        "--reuse-baselines",
+        action="store_true",
+        help="take the two runs without speculation from an earlier bench-rl with the same settings",
+    )
     bench.set_defaults(func=cmd_bench_rl)
 
     rep = sub.add_parser("replay", help="replay a rollout trace (Parquet) through drafters, without the model")

@@ -136,7 +136,7 @@ class Engine(EngineFrontend):
     def oracle(self, references: Mapping[str, Seq[int]]) -> Iterator[None]:
         self.require_idle("an oracle run starts")
         own = self.speculator
-        drafter = ReferenceDrafter(by_request=references)
+        drafter = ReferenceDrafter(by_request=references, certainty=1.0)
         self.speculator = Speculator(drafter, copy.deepcopy(self.budget), own.max_draft_tokens, self.vocab_size)
         self.recording = False
         try:
