@@ -52,7 +52,8 @@ def _finished_run(cfg: RLConfig) -> RunResult | None:
     if saved.get("config") != asdict(cfg):
         return None
     known = {f.name for f in fields(StepMetrics)}
-    return RunResult(cfg, [StepMetrics(**{k: v for k, v in r.items() if k in known}) for r in rows], out)
+    steps = [StepMetrics(**{k: v for k, v in r.items() if k in known}) for r in rows]
+    return RunResult(cfg, steps, out, saved.get("summary", {}).get("seconds", 0.0))
 
 
 def run_benchmark(cfg: RLConfig, service: ServiceConfig, reuse_baselines: bool = False) -> dict:
