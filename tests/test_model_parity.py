@@ -17,6 +17,7 @@ from rollout.engine.batch import SeqInput, build_batch
 from rollout.engine.model import TargetModel
 
 TOL = 1e-4
+FP32_FLOOR = 2e-3  # |fp32 - fp64| of a SmolLM2 forward any summation order may reach (see the ragged test)
 
 
 def hf_logits(hf, ids: list[int]) -> torch.Tensor:
@@ -325,7 +326,10 @@ def test_ragged_split_attention_matches_each_sequence_alone_smollm2(smol_model, 
     plan (measured on this machine, rollout/engine/matmul.py) may sum them in other orders, and on these random
     tokens fp32 rounding grows through the layers: transformers' fp32 is ~1.8e-3 from fp64 here (logits up to ~35),
     and with every product pinned to linear, to columns, to onednn or to a random mix, all three runs stayed within
-    2.2x of that while batched and alone differed by up to 5e-3. A wrong mask or offset moves logits by 7 to 40."""
+    2.2x of that while batched and alone differed by up to 5e-3. A wrong mask or offset moves logits by 7 to 40.
+    The bound has a floor: how far an fp32 forward lands from fp64 depends on the kernels' summation order, and on
+    a 2-core Xeon transformers' was only 1.4e-4 while ours (other kernels) were 5-8e-4; 2e-3 stays four orders of
+    magnitude below a real fault."""
     split, padded, alone = ragged_logits(smol_model, monkeypatch)
     ref64 = ragged_reference(hf_smol64)
     plain = max((ragged_reference(hf_smol) - ref64).abs().max().item(), TOL)  # fp32 rounding of a plain forward
@@ -334,7 +338,7 @@ def test_ragged_split_attention_matches_each_sequence_alone_smollm2(smol_model, 
         for name, x in (("split", split), ("padded", padded), ("alone", alone))
     }
     print(f"max |x - fp64|: {', '.join(f'{k} {v:.2e}' for k, v in errors.items())}; transformers fp32 {plain:.2e}")
-    assert all(e <= 4 * plain for e in errors.values()), errors
+    assert all(e <= max(4 * plain, FP32_FLOOR) for e in errors.values()), errors
 
 
 @pytest.mark.parametrize(
