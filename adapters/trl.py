@@ -178,12 +178,9 @@ TOTALS = ("step_seconds", "small_batch_seconds", "target_forwards")
 
 
 def _engine_totals(service) -> dict:
-    """The counters in TOTALS summed over the service's replicas; empty if it reports none."""
-    stats = getattr(service, "stats", None)
-    if stats is None:
-        return {}
-    rows = stats()
-    return {k: sum(r[k] for r in rows) for k in TOTALS if all(k in r for r in rows)}
+    """The counters in TOTALS summed over the service's replicas (RolloutService.stats)."""
+    rows = service.stats()
+    return {k: sum(r[k] for r in rows) for k in TOTALS}
 
 
 def _small_batch_share(moved: dict) -> float | None:

@@ -125,9 +125,12 @@ class RolloutCluster:
             groups.setdefault(r.group or prompt_key(r.prompt_token_ids), []).append(r)
         pending: dict[object, tuple[int, object, list[RolloutRequest], int]] = {}
 
+        def least_loaded(load: list[int]) -> int:
+            return min(range(len(load)), key=load.__getitem__)
+
         def submit(reqs: list[RolloutRequest], w: int | None = None) -> None:
             if w is None:
-                w = min(range(len(self.workers)), key=lambda i: self._outstanding[i])
+                w = least_loaded(self._outstanding)
             tokens = sum(r.params.max_tokens for r in reqs)
             self._outstanding[w] += tokens
             actor = self.workers[w]
@@ -140,7 +143,7 @@ class RolloutCluster:
             per_worker: dict[int, list[RolloutRequest]] = {}
             load = list(self._outstanding)
             for reqs in groups.values():
-                w = min(range(len(self.workers)), key=lambda i: load[i])
+                w = least_loaded(load)
                 load[w] += sum(r.params.max_tokens for r in reqs)
                 per_worker.setdefault(w, []).extend(reqs)
             for w, reqs in per_worker.items():

@@ -135,11 +135,10 @@ class TaskFamily:
     build: Callable[..., list]  # (n, seed) -> prompts with .prompt and .reward(completion)
     max_completion_length: int  # room for the longest answer, and for a base policy's chatter beyond it
     ordered: bool = False  # the prompts come in per-step blocks: the trainer must not shuffle them
-    prompts_per_step: int = 4
 
 
 TASK_FAMILIES = {
-    "tail": TaskFamily(tail_tasks, max_completion_length=288, ordered=True, prompts_per_step=4),
+    "tail": TaskFamily(tail_tasks, max_completion_length=288, ordered=True),
     "copy": TaskFamily(copy_tasks, max_completion_length=48),
     "count": TaskFamily(lambda n, seed=0: list_tasks(n, seed), max_completion_length=48),
 }

@@ -90,6 +90,9 @@ def test_sampling_seed_changes_only_the_rollouts_seeds(smol_tokenizer):
             self.requests += requests
             return []
 
+        def stats(self):  # no engine replicas to report on
+            return []
+
     trainer = SimpleNamespace(
         args=SimpleNamespace(seed=3, temperature=1.0, max_completion_length=8),
         state=SimpleNamespace(global_step=0),
