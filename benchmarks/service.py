@@ -1,18 +1,19 @@
 """Makespan of a GRPO-shaped batch under each draft budget, side by side on one machine.
 
-    python benchmarks/service.py                       # the proxy policy (15-30 minutes on 2 cores)
-    specrollout run --save-policy --out runs/main      # the main job, keeping its trained policy (~11 minutes)
-    python benchmarks/service.py --policy runs/main/policy   # adds the trained policy's rows (~4 minutes)
+    specrollout run --save-policy --out runs/main            # the main job, keeping its trained policy (~12 minutes)
+    python benchmarks/service.py --policy runs/main/policy   # headline (trained policy) + proxy (~40 minutes)
+    python benchmarks/service.py --policy runs/main/policy --skip-proxy   # the headline only (~12 minutes)
+    python benchmarks/service.py                             # the proxy only; the recorded headline stays
     python benchmarks/service.py --device cuda               # on a GPU: results/service_cuda.json, CPU figures stay
     python benchmarks/service.py --quick --out /tmp/s.json   # a reduced run that only proves the wiring
 
-Workload: 32 prompts x 8 samples, up to 256 tokens, 64 sequences decoded together (the rest queue), sampled at
-T=1.0 from a *sharpened* policy. Two policies:
-- the proxy (always measured; the headline keys): the base SmolLM2 with its logits divided by 0.6, which is exactly
-  sampling the base model at T=0.6, on counting prompts whose answers run to the 256-token limit and beyond;
-- the main job's trained policy (`--policy DIR`, saved by `specrollout run --save-policy`), at T=1.0 on prompts of
-  the task it was trained on (the first 16 are its training prompts): short answers and a few long tails. Its rows
-  go under `trained_policy`, beside the proxy's (a run without --policy keeps the recorded ones).
+Workload: 32 prompts x 8 samples, 64 sequences decoded together (the rest queue), sampled at T=1.0. Two policies:
+- the headline (top-level keys; `--policy DIR`, saved by `specrollout run --save-policy`): the main job's trained
+  policy on prompts of the task it was trained on (the long-tail task by default: per block of four prompts, two
+  short copies, a medium count and a long count), up to the task's completion limit. A few long rollouts set the
+  makespan, as in reasoning RL;
+- the proxy (under `proxy`): the base SmolLM2 with its logits divided by 0.6, which is exactly sampling the base
+  model at T=0.6, on counting prompts whose answers run to the 256-token limit and beyond. Needs no training.
 Every mode first sees the same previous round of the same prompts (the drafter's history, as an RL run would have
 from the step before), then generates the timed round with the same seeds. The modes share one loaded model and
 run one after another, twice (--passes), interleaved; each mode's makespan is its fastest run among those whose
@@ -36,8 +37,8 @@ from drafters.base import make_drafter  # noqa: E402
 from rollout.budget import parse_budget  # noqa: E402
 from rollout.checkpoint import resolve_model  # noqa: E402
 from rollout.config import EngineConfig  # noqa: E402
-from rollout.cost_model import measure_cost_model  # noqa: E402
-from rollout.engine.engine import Engine, cost_model_file  # noqa: E402
+from rollout.engine.cost_probe import cost_model_file, measure_cost_model  # noqa: E402
+from rollout.engine.engine import Engine  # noqa: E402
 from rollout.engine.model import TargetModel  # noqa: E402
 from rollout.sampling import SamplingParams  # noqa: E402
 from rollout.tasks import TASKS, chat_prompt_ids, list_tasks  # noqa: E402
@@ -45,7 +46,7 @@ from rollout.tasks import TASKS, chat_prompt_ids, list_tasks  # noqa: E402
 PROMPTS, SAMPLES, MAX_TOKENS, SLOTS = 32, 8, 256, 64
 QUICK = dict(prompts=4, samples=4, max_tokens=32)  # --quick: proves the wiring, figures too noisy to quote
 SHARPEN = 0.6  # the proxy policy samples the base model at this temperature
-MODES = ("auto", "fixed:4", "fixed:8", "off")
+MODES = ("auto", "fixed:2", "fixed:4", "fixed:8", "off")
 
 
 def json_key(mode: str) -> str:
@@ -104,7 +105,6 @@ def measure(
                 "tokens_per_sequence_forward": round(tokens / forwards, 3),
                 "drafted": sum(r.spec.drafted for r in results),
                 "accepted": sum(r.spec.accepted for r in results),
-                **({"gate": engine.budget.gate.summary()} if hasattr(engine.budget, "gate") else {}),
             },
         )
 
@@ -142,7 +142,7 @@ def measure(
 
 
 def trained_workload(policy: Path, prompts: int) -> tuple[list[str], dict]:
-    """The trained policy's task prompts, from the run's summary.json next to the policy folder."""
+    """The trained policy's task prompts and completion limit, from the run's summary.json next to the policy."""
     summary = policy.parent / "summary.json"
     if not summary.exists():  # without it the task, and so the prompts, would be a guess
         raise SystemExit(f"no {summary}: --policy takes the folder `specrollout run --save-policy` writes")
@@ -151,14 +151,19 @@ def trained_workload(policy: Path, prompts: int) -> tuple[list[str], dict]:
     if task not in TASKS:
         raise SystemExit(f"{summary} names task {task!r}; known tasks: {', '.join(TASKS)}")
     texts = [t.prompt for t in TASKS[task](prompts, seed=seed)]
-    return texts, {"task": task, "seed": seed, "training_prompts": run.get("distinct_prompts"), "run": run}
+    max_tokens = int(run.get("max_completion_length") or MAX_TOKENS)
+    workload = {"task": task, "seed": seed, "training_prompts": run.get("distinct_prompts"), "max_tokens": max_tokens}
+    return texts, {**workload, "run": run}
+
+
+HEADLINE_KEYS = ("makespan_s", "speedup_auto_vs_off", "fastest_mode", "passes", "runs", "detail", "workload")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_options(parser, "service")
-    parser.add_argument("--policy", type=Path, help="a trained policy saved by `specrollout run --save-policy`")
-    parser.add_argument("--skip-proxy", action="store_true", help="only the trained policy's rows (with --policy)")
+    parser.add_argument("--policy", type=Path, help="the headline: a policy saved by `specrollout run --save-policy`")
+    parser.add_argument("--skip-proxy", action="store_true", help="only the headline (with --policy)")
     parser.add_argument("--passes", type=int, default=2, help="timed runs of each mode, interleaved (default 2)")
     args = parser.parse_args(argv)
     check_run_options(parser, args, "service")
@@ -167,7 +172,7 @@ def main(argv=None) -> None:
     if args.passes < 1:
         parser.error(f"--passes must be at least 1, got {args.passes}")
     size = QUICK if args.quick else dict(prompts=PROMPTS, samples=SAMPLES, max_tokens=MAX_TOKENS)
-    options = dict(passes=args.passes, device=str(args.device), samples=size["samples"], max_tokens=size["max_tokens"])
+    options = dict(passes=args.passes, device=str(args.device), samples=size["samples"])
     trained = None
     if args.policy is not None:  # checked before the proxy's half hour, not after it
         try:
@@ -176,26 +181,25 @@ def main(argv=None) -> None:
             parser.error(f"--policy: {exc}")
         trained = (folder, *trained_workload(Path(folder), size["prompts"]))
     recorded = json.loads(args.out.read_text()) if args.out.exists() else {}
-    payload = dict(recorded)
-    if not args.skip_proxy:
-        texts = [t.prompt for t in list_tasks(size["prompts"], seed=7)]
-        payload.update(measure(resolve_model(args.model, log=print), texts, SHARPEN, **options))
-        payload["policy"] = (
-            f"proxy for a sharpened policy: base SmolLM2 sampled at T={SHARPEN} (= logits / {SHARPEN} at T=1.0); "
-            "the main job's trained policy is measured under trained_policy"
-        )
-        payload["setup"] = {
-            **size,
-            "slots": SLOTS,
-            "drafter": "suffix",
-            "history": "one previous round of the same prompts",
-        }
+    # A run without --policy keeps the recorded headline; one without the proxy keeps the recorded proxy.
+    payload = {k: recorded[k] for k in (*HEADLINE_KEYS, "proxy") if k in recorded}
     if trained is not None:
         folder, texts, workload = trained
-        payload["trained_policy"] = {
-            **measure(folder, texts, 1.0, **options),
-            "workload": {**workload, "temperature": 1.0, **size},
+        max_tokens = size["max_tokens"] if args.quick else workload["max_tokens"]
+        payload.update(measure(folder, texts, 1.0, max_tokens=max_tokens, **options))
+        payload["workload"] = {**workload, "temperature": 1.0, **size, "max_tokens": max_tokens, "slots": SLOTS}
+    if not args.skip_proxy:
+        texts = [t.prompt for t in list_tasks(size["prompts"], seed=7)]
+        proxy = measure(resolve_model(args.model, log=print), texts, SHARPEN, max_tokens=size["max_tokens"], **options)
+        proxy["workload"] = {
+            "policy": f"base SmolLM2 sampled at T={SHARPEN} (= logits / {SHARPEN} at T=1.0), a stand-in for a "
+            "sharpened policy",
+            "task": "count (list_tasks, seed 7)",
+            **size,
+            "slots": SLOTS,
         }
+        payload["proxy"] = proxy
+    payload["setup"] = {"drafter": "suffix", "history": "one previous round of the same prompts", "modes": MODES}
     payload["machine"], payload["versions"] = machine(str(args.device)), versions()
     write("service", payload, args.out)
 

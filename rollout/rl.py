@@ -15,6 +15,7 @@ generate the same tokens: the per-step speedup is measured on identical work.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import time
@@ -76,6 +77,17 @@ class StepMetrics:
     draft_volume: float = 0.0  # drafted nodes per sequence-forward
     train_s: float = 0.0
 
+    def line(self, steps: int) -> str:
+        """What a user of `specrollout run` watches, one line per step."""
+        reward = "-" if self.reward is None else f"{self.reward:.2f}"
+        text = (
+            f"step {self.step:>3}/{steps}  reward {reward}  acceptance {self.acceptance_length:.2f} tokens/forward  "
+            f"rollout {self.rollout_s:.1f}s"
+        )
+        if self.nospec_s:
+            text += f" (plain {self.nospec_s:.1f}s: {self.nospec_s / max(self.rollout_s, 1e-9):.2f}x)"
+        return text + f"  longest {self.longest_completion} tokens  train {self.train_s:.1f}s"
+
 
 @dataclass
 class RunResult:
@@ -105,10 +117,31 @@ class RunResult:
         }
 
 
+def library_output_to(log_file: Path) -> None:
+    """Library warnings (FutureWarnings and the like) and transformers' and TRL's logs go to `log_file`, so that the
+    terminal shows the run's own lines."""
+    import logging
+    import warnings
+
+    import transformers
+
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")  # each distinct warning once, into the file
+    for name in ("py.warnings", "trl", "datasets", "accelerate"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.propagate = False
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.add_handler(handler)
+
+
 def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResult:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from adapters.trl import make_rollout_func
@@ -119,6 +152,8 @@ def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResu
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    library_output_to(out / "train.log")
+    log(f"task {cfg.task!r}, {cfg.steps} steps; library logs and TRL's per-step dicts go to {out / 'train.log'}")
     torch.manual_seed(cfg.seed)
     folder = resolve_model(service_config.engine.model, log=log)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -166,16 +201,21 @@ def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResu
             self.t0 = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "reward" not in logs:
+            if not logs:
+                return
+            logging.getLogger("trl").info("step %d: %s", state.global_step, logs)  # TRL's dict, into the log file
+            if "reward" not in logs:
                 return
             m = metrics.setdefault(state.global_step, StepMetrics(step=state.global_step))
             m.reward = logs.get("reward")
             m.entropy = logs.get("entropy")
             m.logp_difference = logs.get("sampling/sampling_logp_difference/mean")
+            log(m.line(cfg.steps))  # the step's rollouts, training and reward are all known by now
 
         def on_step_end(self, args, state, control, **kwargs):
             m = metrics.setdefault(state.global_step, StepMetrics(step=state.global_step))
-            m.train_s = time.perf_counter() - self.t0 - m.rollout_s - (m.nospec_s or 0.0) - m.sync_s
+            twins = (m.nospec_s or 0.0) + (m.oracle_s or 0.0)
+            m.train_s = time.perf_counter() - self.t0 - m.rollout_s - twins - m.sync_s
             self.t0 = time.perf_counter()
 
     batch = cfg.prompts_per_step * cfg.num_generations
@@ -216,6 +256,9 @@ def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResu
         rollout_func=rollout_func,
         callbacks=[Collect()],
     )
+    # Collect prints one line per step instead of TRL's progress bar and per-step dicts.
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
     t0 = time.perf_counter()
     try:
         trainer.train()

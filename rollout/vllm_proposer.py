@@ -22,11 +22,13 @@ Nothing here imports vLLM, so the proposer can be driven with vLLM-shaped inputs
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from drafters.base import Draft, Drafter, propose_all
+from drafters.base import EMPTY_DRAFT, Draft, Drafter, propose_all
+from rollout.budget import Budget, BudgetItem, FixedBudget, Selection
 from rollout.result import SpecStats, count_positions
 
 EXTRA_ARGS_KEY = "specrollout"  # SamplingParams.extra_args[EXTRA_ARGS_KEY] = {"group": str | None}
@@ -35,20 +37,20 @@ FINISHED_STATS_KEPT = 65536  # stats of ended requests wait this long for the fr
 log = logging.getLogger(__name__)
 
 
-def best_path(draft: Draft | None) -> list[int]:
-    """The draft's best chain: from the root, always the first child (children are listed most likely first)."""
+def best_chain(draft: Draft | None) -> Draft:
+    """The draft's best chain, with its nodes' probabilities: from the root, always the first child (children are
+    listed most likely first)."""
     if draft is None or len(draft) == 0:
-        return []
+        return EMPTY_DRAFT
     if draft.is_chain:
-        return list(draft.token_ids)
-    chain: list[int] = []
-    node = -1
-    for i, parent in enumerate(draft.parent_list()):
-        # Nodes come parents first, so the first node naming `node` as parent is its first child.
-        if parent == node:
-            chain.append(draft.token_ids[i])
-            node = i
-    return chain
+        return draft
+    nodes: list[int] = []
+    for i, parent in enumerate(draft.node_parents):
+        # Nodes come parents first, so the first node naming the chain's last node as parent is its first child.
+        if parent == (nodes[-1] if nodes else -1):
+            nodes.append(i)
+    probs = None if draft.probs is None else [draft.probs[i] for i in nodes]
+    return Draft([draft.token_ids[i] for i in nodes], probs=probs)
 
 
 @dataclass
@@ -59,7 +61,19 @@ class _Tracked:
     prompt_len: int
     seen: int  # prompt + output tokens handed to the drafter so far
     max_tokens: int | None
-    last_draft: int = 0  # draft tokens proposed at the previous step
+    prompt_key: str | None = None  # the budget's length class
+    last_draft: Draft = field(default_factory=lambda: EMPTY_DRAFT)  # the chain proposed at the previous step
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One propose call, for the next one to learn from: the step between them verified its drafts."""
+
+    started: float  # perf_counter() when vLLM called
+    seconds: float  # spent in the call (observing, proposing, choosing)
+    req_ids: tuple[str, ...]
+    selection: Selection | None  # the budget's choice (None: nothing was drafted)
+    probe: int | None  # the probe's draft length, if the call was the probe's
 
 
 @dataclass
@@ -99,6 +113,11 @@ class SpecRolloutProposer:
         self.counters = ProposerCounters()
         self._warned = False
         self.speculating = True  # the frontend's mode (off: its plain-decoding twin runs)
+        # Every row's draft length: fixed at k until the frontend hands over the budget it chose (auto: measured).
+        self.budget: Budget = FixedBudget(self.k)
+        self.probe: int | None = None  # set while the frontend's cost probe runs: junk drafts of this length
+        self.probe_seconds: dict[tuple[int, int], list[float]] = {}  # (rows, new tokens per row) -> step seconds
+        self._last: _Call | None = None
 
     # ------------------------------------------------------------------ vLLM's side
 
@@ -129,6 +148,19 @@ class SpecRolloutProposer:
         req_ids = list(self.runner.input_batch.req_ids)[: len(sampled_token_ids)]
         return self.propose_rows(req_ids, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
 
+    def _time_step(self, started: float, req_ids: Sequence[str], sampled_token_ids: Sequence[Sequence[int]]) -> None:
+        """The step since the last call verified that call's drafts: its seconds go to the budget (or the probe),
+        when the step decoded the same rows and nothing else (a prefill chunk would make it another step)."""
+        last, self._last = self._last, None
+        if last is None or tuple(req_ids) != last.req_ids or not all(sampled_token_ids):
+            return
+        seconds = started - last.started  # that call, then vLLM's forward and sampling
+        if last.probe is not None:
+            key = (len(req_ids), last.probe + 1)
+            self.probe_seconds.setdefault(key, []).append(seconds - last.seconds)
+        elif last.selection is not None:
+            self.budget.observe_step(last.selection, seconds, last.seconds)
+
     # ------------------------------------------------------------------ our side
 
     def propose_rows(
@@ -140,6 +172,8 @@ class SpecRolloutProposer:
     ) -> list[list[int]]:
         """The step, with the rows named: end the departed, observe what each row booked, propose its next chain."""
         assert self.drafter is not None
+        started = time.perf_counter()
+        self._time_step(started, req_ids, sampled_token_ids)
         self.counters.steps += 1
         live = set(req_ids)
         known = getattr(self.runner, "requests", None)
@@ -165,6 +199,8 @@ class SpecRolloutProposer:
                 accepted = max(0, min(len(booked) - 1, drafted))
                 self._stats[rid].record(drafted, accepted, drafted)
                 self._count(drafted, accepted)
+                if drafted and self.probe is None:
+                    self.budget.feedback(rid, t.last_draft.truncated(drafted, drafted), list(range(accepted)))
             if n < t.seen:  # vLLM rewound the row (should not happen); resynchronise rather than repeat tokens
                 t.seen = n
             new = [int(x) for x in token_ids_cpu[row, t.seen : n]]
@@ -176,8 +212,10 @@ class SpecRolloutProposer:
         # One call each for the whole batch: every row's new tokens, then every row's draft.
         if observed_ids:
             self.drafter.observe_batch(observed_ids, observed_tokens)
-        for row, chain in self._draft(rows).items():
+        chains, selection = self._draft(rows) if self.probe is None else (self._junk(rows), None)
+        for row, chain in chains.items():
             drafts[row] = chain
+        self._last = _Call(started, time.perf_counter() - started, tuple(req_ids), selection, self.probe)
         return drafts
 
     def _request_info(self, rid: str, row: int, token_ids_cpu: Any) -> tuple[list[int], str | None, int | None]:
@@ -196,9 +234,11 @@ class SpecRolloutProposer:
         )
 
     def _begin(self, rid: str, row: int, token_ids_cpu: Any) -> _Tracked:
+        from rollout.history import prompt_key
+
         prompt, group, max_tokens = self._request_info(rid, row, token_ids_cpu)
         speculate = self.speculating
-        t = _Tracked(speculate, len(prompt), len(prompt), max_tokens)
+        t = _Tracked(speculate, len(prompt), len(prompt), max_tokens, prompt_key(prompt))
         self._tracked[rid] = t
         self._stats[rid] = SpecStats()
         self.counters.begun += 1
@@ -212,7 +252,7 @@ class SpecRolloutProposer:
         scheduled = getattr(getattr(self.runner, "input_batch", None), "spec_token_ids", None)
         if scheduled is not None and row < len(scheduled):
             return len(scheduled[row])
-        return t.last_draft
+        return len(t.last_draft)
 
     def _count(self, drafted: int, accepted: int) -> None:
         c = self.counters
@@ -221,43 +261,62 @@ class SpecRolloutProposer:
         count_positions(c.drafted_per_position, c.accepted_per_position, drafted, accepted)
 
     def _room(self, t: _Tracked, n: int) -> int:
-        """Draft tokens worth asking for: no more than the step can still emit after them (as our engine's _room)."""
+        """Draft tokens that fit: no more than the step can still emit after them (as our engine's _room)."""
         room = self.k
         if self.max_model_len is not None:
             room = min(room, self.max_model_len - n - 1)
         if t.max_tokens is not None:
             room = min(room, t.max_tokens - (n - t.prompt_len) - 1)
-        return room if t.speculate else 0
+        return room
 
-    def _draft(self, rows: list[tuple[int, str, _Tracked, int]]) -> dict[int, list[int]]:
-        """The next chain of each row that has room (row -> chain), from one propose call for all of them."""
+    def _draft(self, rows: list[tuple[int, str, _Tracked, int]]) -> tuple[dict[int, list[int]], Selection | None]:
+        """The next chain of each row that has room (row -> chain), from one propose call for all of them, each cut
+        to the length the budget chooses."""
         assert self.drafter is not None
-        wanted = [(row, rid, t, room) for row, rid, t, n in rows if (room := self._room(t, n)) > 0]
-        for _, _, t, _ in rows:
-            t.last_draft = 0
-        chains: dict[int, list[int]] = {}
+        ask = min(self.k, self.budget.max_draft(len(rows)))
+        rooms = [min(ask, self._room(t, n)) if t.speculate else 0 for _, _, t, n in rows]
+        wanted = [i for i, room in enumerate(rooms) if room > 0]
         if not wanted:
-            return chains
-        proposed = propose_all(self.drafter, [rid for _, rid, _, _ in wanted], [room for *_, room in wanted])
-        for (row, _, t, room), draft in zip(wanted, proposed):
-            chain = best_path(draft)[:room]
-            if self.vocab_size is not None:
-                for i, token in enumerate(chain):
-                    if not 0 <= token < self.vocab_size:
-                        # An out-of-vocabulary id would crash vLLM's kernels and every request with them.
-                        log.warning("drafter %s proposed token %d outside the vocabulary", type(self.drafter), token)
-                        self.counters.invalid += 1
-                        chain = chain[:i]
-                        break
-            t.last_draft = len(chain)
-            self.counters.proposed += len(chain)
-            chains[row] = chain
-        return chains
+            for _, _, t, _ in rows:
+                t.last_draft = EMPTY_DRAFT
+            return {}, None
+        chains = [EMPTY_DRAFT] * len(rows)  # [rows] what each row may verify, for the budget to cut
+        proposed = propose_all(self.drafter, [rows[i][1] for i in wanted], [rooms[i] for i in wanted])
+        for i, d in zip(wanted, proposed):
+            chains[i] = self._in_vocabulary(best_chain(d).truncated(rooms[i], rooms[i]))
+        items = [BudgetItem(rid, c, 1, t.prompt_key, n - t.prompt_len) for (_, rid, t, n), c in zip(rows, chains)]
+        selection = self.budget.select(items)  # vLLM's queue is not visible here: the tail's weights always apply
+        out: dict[int, list[int]] = {}
+        for (row, _, t, _), chain, count in zip(rows, chains, selection.counts):
+            t.last_draft = chain.truncated(count, count)
+            self.counters.proposed += len(t.last_draft)
+            out[row] = list(t.last_draft.token_ids)
+        return out, selection
+
+    def _in_vocabulary(self, chain: Draft) -> Draft:
+        """The chain up to its first token outside the vocabulary (that id would crash vLLM's kernels and every
+        request with them)."""
+        for i, token in enumerate(chain.token_ids if self.vocab_size is not None else ()):
+            if not 0 <= token < self.vocab_size:
+                log.warning("drafter %s proposed token %d outside the vocabulary", type(self.drafter), token)
+                self.counters.invalid += 1
+                return chain.truncated(i, i)
+        return chain
+
+    def _junk(self, rows: list[tuple[int, str, _Tracked, int]]) -> dict[int, list[int]]:
+        """The cost probe's drafts: `probe` tokens of id 0 per row, for vLLM to verify (and mostly reject): the
+        step is timed, not what it emits."""
+        out: dict[int, list[int]] = {}
+        for row, _, t, n in rows:
+            t.last_draft = Draft([0] * max(0, min(self.probe or 0, self._room(t, n))))
+            out[row] = list(t.last_draft.token_ids)
+        return out
 
     def _end(self, rid: str) -> None:
         t = self._tracked.pop(rid)
         if t.speculate:
             self.drafter.end(rid)
+            self.budget.finished(rid, t.prompt_key, t.seen - t.prompt_len)
         self.counters.ended += 1
         stats = self._stats.pop(rid, None)
         if stats is not None:
@@ -291,6 +350,7 @@ class SpecRolloutProposer:
             for batch in batches:
                 self.history.append(batch)
         self.drafter.refresh(self.history, policy_version)
+        self.budget.refresh(self.history)
 
 
 # ---------------------------------------------------------------------- tensors over vLLM's RPC
@@ -374,6 +434,28 @@ class SpecRolloutWorkerExtension:
         built = bind_target(make_drafter(drafter, **(drafter_options or {})), target_folder)
         proposer.attach(self.model_runner, built, history)
         return {"top_logprobs": wanted_top_logprobs(built)}
+
+    def specrollout_budget(self, spec: str, cost: dict | None = None) -> bool:
+        """The budget that cuts each row's draft: parse_budget's `spec`, `auto` priced by this cost model (JSON)."""
+        proposer = self._specrollout_proposer()
+        if proposer is None:
+            return False
+        from rollout.budget import parse_budget
+        from rollout.cost_model import CostModel
+
+        model = None if cost is None else CostModel.from_json(cost)
+        proposer.budget = parse_budget(spec, cost=model, max_nodes=proposer.k)
+        return True
+
+    def specrollout_probe(self, k: int | None) -> dict:
+        """Start the cost probe's junk drafts of k tokens (None: stop); returns the step seconds timed so far as
+        {"B,k": [seconds]} (k: new tokens per row) and forgets them."""
+        proposer = self._specrollout_proposer()
+        if proposer is None:
+            return {}
+        proposer.probe = None if k is None else int(k)
+        timed, proposer.probe_seconds = proposer.probe_seconds, {}
+        return {f"{b},{n}": seconds for (b, n), seconds in timed.items()}
 
     def specrollout_speculate(self, on: bool) -> bool:
         """The frontend's mode: off while its plain-decoding twin runs (nothing is in flight when it changes)."""

@@ -117,3 +117,10 @@ class LockstepDrafter(BaseDrafter):
             assert_same_draft(g, w, f"request {rid}, max_tokens {k}, draft #{self.compared}")
             self.compared += 1
         return got
+
+
+def cost_from_function(fn, batches=(1, 4, 16, 64), ks=(1, 2, 4, 8, 16)):
+    """A step-cost model whose grid is fn(M, B) at B sequences bringing k tokens each (M = B k)."""
+    from rollout.cost_model import CostModel
+
+    return CostModel({b: [(b * k, fn(b * k, b)) for k in ks] for b in batches})

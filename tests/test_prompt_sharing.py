@@ -11,7 +11,7 @@ import random
 
 import pytest
 from conftest import make_engine
-from helpers import RandomDrafter
+from helpers import RandomDrafter, cost_from_function
 
 from rollout.budget import parse_budget
 from rollout.engine.engine import Engine
@@ -108,17 +108,15 @@ def test_smollm2_grpo_batch_with_shared_prompts(smol_model, smol_tokenizer):
 
 
 def test_plain_only_batches_leave_the_auto_budget_alone(tiny_model):
-    # A comparison twin (engine.plain()) decodes plainly; were the budget consulted, its gate would file those
-    # plain steps under whichever arm it picked and learn from them what drafting is worth.
-    from rollout.cost_model import CostModel
-
-    budget = parse_budget("auto", cost=CostModel.from_function(lambda m, b: 0.01 + 0.001 * m))
+    # A comparison twin (engine.plain()) decodes plainly; were the budget consulted, its clock would learn from
+    # those plain steps what the run's steps take.
+    budget = parse_budget("auto", cost=cost_from_function(lambda m, b: 0.01 + 0.001 * m))
     engine = make_engine(tiny_model, drafter=RandomDrafter(384), budget=budget)
     with engine.plain():
         engine.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=6, ignore_eos=True))
-    assert not budget.gate._arms
+    assert not budget.clock._sums
     engine.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=6, ignore_eos=True))
-    assert budget.gate._arms
+    assert budget.clock._sums
 
 
 def test_kept_prompts_do_not_outlive_the_weights(tiny_model):

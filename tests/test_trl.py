@@ -210,6 +210,12 @@ def test_specrollout_run_quick(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "GRPO steps" in run.stdout
+    # One line per step on the terminal; TRL's per-step dicts and library warnings go to the log file instead.
+    step_lines = [line for line in run.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in step_lines] == ["1/4", "2/4", "3/4", "4/4"], run.stdout[-3000:]
+    assert all("reward" in line and "rollout" in line for line in step_lines)
+    assert "'loss'" not in run.stdout + run.stderr and "FutureWarning" not in run.stdout + run.stderr
+    assert "'loss'" in (out / "train.log").read_text()
     for name in ("metrics.parquet", "metrics.png", "trace.parquet", "summary.json"):
         assert (out / name).exists(), name
     import pyarrow.parquet as pq

@@ -45,7 +45,7 @@ from rollout.vllm_proposer import (
     SpecRolloutProposer,
     SpecRolloutWorkerExtension,
     batches_to_ipc,
-    best_path,
+    best_chain,
     pack_tensor,
     unpack_tensor,
 )
@@ -158,8 +158,8 @@ def attached(drafter, k=3, runner=None):
         (Draft([4, 5, 6, 7, 8], parents=[-1, -1, -1, 0, 3]), [4, 7, 8]),
     ],
 )
-def test_best_path_follows_first_children(draft, expected):
-    assert best_path(draft) == expected
+def test_best_chain_follows_first_children(draft, expected):
+    assert best_chain(draft).token_ids == expected
 
 
 # ---------------------------------------------------------------------------------------------- the proposer
@@ -256,6 +256,56 @@ def test_proposer_plain_mode_and_trees():
     runner.finish("plain")
     runner.step(proposer, ["tree"], {"tree": [40, 5]})
     assert SpecStats(**proposer.pop_stats(["plain"])["plain"]).target_forwards == 2
+
+
+def test_proposer_cuts_each_row_to_the_budgets_choice():
+    from helpers import cost_from_function
+
+    from rollout.budget import AutoBudget, FixedBudget
+
+    class Confident(BaseDrafter):
+        def propose(self, rid, max_tokens):  # a tree: the chain vLLM gets is 40 60 (first children), p 0.9 each
+            return Draft([40, 50, 60, 70], parents=[-1, -1, 0, 1], probs=[0.9, 0.1, 0.9, 0.9]).truncated(
+                max_tokens, max_tokens
+            )
+
+    proposer, runner, rec = attached(Confident(), k=4)
+    runner.add("a", [1, 2], max_tokens=30)
+    runner.add("b", [1, 3], max_tokens=30)
+    assert runner.step(proposer, ["a", "b"], {"a": [3], "b": [4]}) == {"a": [40, 60], "b": [40, 60]}
+    proposer.budget = FixedBudget(1)  # fixed:1 keeps one node of each chain
+    assert runner.step(proposer, ["a", "b"], {"a": [40, 7], "b": [8]}) == {"a": [40], "b": [40]}
+    # auto where every extra token costs as much as a whole row's step: nothing is worth verifying
+    proposer.budget = AutoBudget(cost_from_function(lambda m, b: 0.001 * m, batches=(2,)))
+    assert runner.step(proposer, ["a", "b"], {"a": [40, 9], "b": [10]}) == {"a": [], "b": []}
+    # auto where verification is free: the whole chain, and the budget learns from the steps it planned
+    free = AutoBudget(cost_from_function(lambda m, b: 0.01))
+    proposer.budget = free
+    assert runner.step(proposer, ["a", "b"], {"a": [11], "b": [12]}) == {"a": [40, 60], "b": [40, 60]}
+    assert runner.step(proposer, ["a", "b"], {"a": [40, 60, 13], "b": [40, 14]})["a"] == [40, 60]
+    assert free.acceptance.seqs["a"][0] == 2 and free.acceptance.seqs["b"][0] == 1  # accepted nodes, per row
+    assert free.clock._sums  # the time between the two calls was the step that verified the first call's chains
+    runner.finish("a")
+    runner.step(proposer, ["b"], {"b": [15]})
+    assert "a" not in free.acceptance.seqs  # an ended request is forgotten
+
+
+def test_proposer_probe_times_steps_with_junk_drafts_of_each_length():
+    proposer, runner, rec = attached(make_drafter("ngram"), k=4)
+    proposer.speculating = False  # the frontend probes in plain mode: nothing reaches the drafter or the budget
+    runner.add("a", [1, 2], max_tokens=40)
+    runner.add("b", [1, 3], max_tokens=40)
+    proposer.probe = 3
+    for step in range(4):
+        drafts = runner.step(proposer, ["a", "b"], {"a": [5 + step], "b": [9]})
+        assert drafts == {"a": [0, 0, 0], "b": [0, 0, 0]}
+    assert rec.take() == []
+    timed = proposer.probe_seconds
+    assert list(timed) == [(2, 4)] and len(timed[(2, 4)]) == 3  # the first call had no step before it to time
+    assert all(t >= 0 for t in timed[(2, 4)])
+    runner.add("c", [1, 4], max_tokens=40)  # a prefill joins: that step is not a decoding step of two rows
+    runner.step(proposer, ["a", "b", "c"], {"a": [1], "b": [2]})
+    assert len(proposer.probe_seconds[(2, 4)]) == 3 and (3, 4) not in proposer.probe_seconds
 
 
 def test_proposer_cuts_a_draft_at_a_token_outside_the_vocabulary():
@@ -534,9 +584,12 @@ def test_frontend_steps_aborts_and_pushes_weights(tiny_folder):
             [output("a", [10, 11, 12], finished=True, reason="length"), output("ghost", [1])],
         ]
     )
-    config = VLLMEngineConfig(model=str(tiny_folder), num_speculative_tokens=2, drafter="suffix")
+    config = VLLMEngineConfig(model=str(tiny_folder), num_speculative_tokens=2, drafter="suffix", budget="fixed:2")
     engine = VLLMEngine(config, llm=llm, platform_is_cpu=False)
-    assert llm.rpcs == [("specrollout_setup", ("suffix", {}, 512 * 2**20, 8, str(tiny_folder)))]
+    assert llm.rpcs == [
+        ("specrollout_setup", ("suffix", {}, 512 * 2**20, 8, str(tiny_folder))),
+        ("specrollout_budget", ("fixed:2", None)),
+    ]
     track(engine, "a", "a-1234", [1, 2, 3], "g")
     track(engine, "b", "b-5678", [4, 5], None)
     llm.replies["specrollout_pop_stats"] = {"a-1234": SpecStats(2, 2, 2, [1, 1], [1, 1]).to_dict()}
@@ -589,7 +642,7 @@ def test_frontend_records_the_top_logprobs_its_drafter_learns_from(tiny_folder):
         ],
         finished=True,
     )
-    config = VLLMEngineConfig(model=str(tiny_folder), num_speculative_tokens=2, drafter="composite")
+    config = VLLMEngineConfig(model=str(tiny_folder), num_speculative_tokens=2, drafter="composite", budget="fixed:2")
     for history, k in ((None, 2), (HistoryConfig(top_logprobs=0), 0), (HistoryConfig(record=False), 0)):
         llm = FakeLLM([[step]])
         llm.replies["specrollout_setup"] = {"top_logprobs": 2}  # what the worker's drafter asked for
@@ -607,6 +660,21 @@ def test_frontend_records_the_top_logprobs_its_drafter_learns_from(tiny_folder):
             assert np.allclose(row["top_logprobs"], [[-0.2, -1.9], [-0.4, -1.2]])
         else:
             assert row["top_token_ids"] is None and row["top_logprobs"] is None
+
+
+def test_frontend_hands_the_auto_budget_a_probed_and_cached_cost(tiny_folder, tmp_path, monkeypatch):
+    from rollout.cost_model import CostModel
+
+    monkeypatch.setenv("SPECROLLOUT_CACHE", str(tmp_path))
+    probed = CostModel({1: [(1, 0.01), (2, 0.011)], 4: [(4, 0.02), (8, 0.03)]})
+    probes = []
+    monkeypatch.setattr(VLLMEngine, "probe_cost", lambda self: probes.append(1) or probed)
+    config = VLLMEngineConfig(model=str(tiny_folder), num_speculative_tokens=2, drafter="suffix")
+    for _ in range(2):
+        llm = FakeLLM([])
+        engine = VLLMEngine(config, llm=llm, platform_is_cpu=True)  # the cache is keyed by this machine's CPU
+        assert llm.rpcs[1] == ("specrollout_budget", ("auto", probed.to_json()))
+    assert len(probes) == 1 and engine.cost_file().exists()  # measured once per machine and model, then cached
 
 
 def test_frontend_warm_start_ships_the_earlier_rollouts_to_the_drafter(tiny_folder, tmp_path):
@@ -631,11 +699,11 @@ def test_frontend_warm_start_ships_the_earlier_rollouts_to_the_drafter(tiny_fold
             )
         )
     trace = earlier.save(tmp_path / "trace.parquet")
-    config = VLLMEngineConfig(model=str(tiny_folder), num_speculative_tokens=2, drafter="suffix")
+    config = VLLMEngineConfig(model=str(tiny_folder), num_speculative_tokens=2, drafter="suffix", budget="fixed:2")
     llm = FakeLLM([])
     engine = VLLMEngine(config, history=HistoryConfig(warm_start=[str(trace)]), llm=llm, platform_is_cpu=False)
-    assert [m for m, _ in llm.rpcs] == ["specrollout_setup", "specrollout_refresh"]
-    blobs, version = llm.rpcs[1][1]
+    assert [m for m, _ in llm.rpcs] == ["specrollout_setup", "specrollout_budget", "specrollout_refresh"]
+    blobs, version = llm.rpcs[2][1]
     shipped = [b for batch in ipc_to_batches(blobs) for b in batch.to_pylist()]
     # Older than the engine's first version, and at that version the drafter refreshes.
     assert version == 0 and [r["policy_version"] for r in shipped] == [-2, -1]
@@ -645,7 +713,7 @@ def test_frontend_warm_start_ships_the_earlier_rollouts_to_the_drafter(tiny_fold
 def test_frontend_refuses_more_top_logprobs_than_vllm_returns(tiny_folder):
     # vLLM's max_logprobs (20 by default) caps `logprobs=k`; a drafter asking for more fails at construction with
     # the setting to change, not at the first speculated request inside vLLM.
-    config = VLLMEngineConfig(model=str(tiny_folder), num_speculative_tokens=2, drafter="composite")
+    config = VLLMEngineConfig(model=str(tiny_folder), num_speculative_tokens=2, drafter="composite", budget="fixed:2")
     for cap, history, ok in (
         (8, None, False),
         (16, None, True),
@@ -679,16 +747,19 @@ def main():
     args = json.loads(sys.argv[1])
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     out = {}
-    for name, k in (("plain", 0), ("spec", 4)):
+    for name, k, budget in (("plain", 0, "auto"), ("spec", 4, "fixed:4"), ("auto", 4, "auto")):
         engine = VLLMEngine(VLLMEngineConfig(
             model=args["model"], max_num_seqs=8, max_model_len=512, num_speculative_tokens=k,
-            drafter="suffix" if k else "none", llm_kwargs={"kv_cache_memory_bytes": 2**28}))
+            drafter="suffix" if k else "none", budget=budget, llm_kwargs={"kv_cache_memory_bytes": 2**28}))
         res = engine.generate(args["prompts"], greedy)
         run = {"tokens": [r.token_ids for r in res], "logprobs": [r.logprobs for r in res],
                "finish": [r.finish_reason for r in res], "spec": [r.spec.to_dict() for r in res]}
         stop = engine.generate([args["prompts"][2]], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[198]))
         run["stop"] = [stop[0].token_ids, stop[0].finish_reason]
-        if k:
+        if budget == "auto" and k:  # the cost vLLM's steps took, probed at start-up and cached for this machine
+            run["cost"] = json.loads(engine.cost_file().read_text())
+            run["metrics"] = engine.spec_metrics()
+        if budget == "fixed:4":
             rep = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
             first = engine.generate([args["fresh"]], rep, groups=["a"])[0]
             engine.refresh_drafter()  # the finished rollout goes to the drafter's history in vLLM's worker
@@ -788,7 +859,7 @@ def test_vllm_engine_matches_the_embedded_engine(smol_folder, request, tmp_path)
     engine = Engine(smol_model, EngineConfig(max_num_seqs=8, max_model_len=smol_model.max_model_len))
     ours = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     (ours_stop,) = engine.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(198,)))
-    for name in ("plain", "spec"):
+    for name in ("plain", "spec", "auto"):
         run = got[name]
         # Greedy is exact: token for token the embedded engine's output, with or without vLLM's speculation.
         assert run["tokens"] == [r.token_ids for r in ours], name
@@ -810,6 +881,12 @@ def test_vllm_engine_matches_the_embedded_engine(smol_folder, request, tmp_path)
     assert again["target_forwards"] < first["target_forwards"]
     assert spec["metrics"]["proposer"]["accepted"] > 0
     assert spec["refused"] is not None and "temperature > 0" in spec["refused"]
+    # The auto budget priced vLLM's steps by a probe of them: a step time per batch size and tokens per row.
+    cost = got["auto"]["cost"]
+    print(json.dumps({"auto_cost": cost, "auto_engine": got["auto"]["metrics"]}))
+    assert set(cost) == {"1", "4"} and all(
+        len(points) >= 3 and all(t > 0 for _, t in points) for points in cost.values()
+    )
     changed, version, restored, restored_version = spec["weights"]
     assert changed != ours[0].token_ids and version == 5
     assert restored == ours[0].token_ids and restored_version == 5

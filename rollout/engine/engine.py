@@ -21,7 +21,7 @@ from drafters.reference import ReferenceDrafter
 from rollout.budget import Budget, parse_budget
 from rollout.checkpoint import resolve_model
 from rollout.config import EngineConfig, HistoryConfig, SpeculationConfig
-from rollout.cost_model import measure_cost_model
+from rollout.engine.cost_probe import cost_model_file, measure_cost_model
 from rollout.engine.model import TargetModel
 from rollout.engine.runner import Runner
 from rollout.engine.scheduler import Scheduler
@@ -29,19 +29,6 @@ from rollout.engine.sequence import Sequence
 from rollout.engine.speculator import Speculator, StepPlan
 from rollout.frontend import SMALL_BATCH, EngineFrontend, Request
 from rollout.result import RolloutResult
-
-
-def cost_model_file(folder, config: EngineConfig):
-    """Where this machine's cost model for this model (and kernels) is cached."""
-    import hashlib
-    from pathlib import Path
-
-    from rollout.checkpoint import cache_dir
-    from rollout.engine.hardware import fingerprint
-
-    text = (Path(folder) / "config.json").read_text() + f"|{config.dtype}|{config.matmul}|{config.device}"
-    model_id = hashlib.sha1(text.encode()).hexdigest()[:10]
-    return cache_dir() / "cost" / f"{fingerprint(torch.device(config.device))}-{model_id}.json"
 
 
 class Engine(EngineFrontend):

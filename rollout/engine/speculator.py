@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from drafters.base import EMPTY_DRAFT, Draft, Drafter, NoDrafter, propose_all
-from rollout.budget import Budget, BudgetItem
+from rollout.budget import Budget, BudgetItem, Selection
 from rollout.engine.sequence import Sequence
 
 
@@ -25,10 +25,11 @@ class StepPlan:
     # about a fifth of its nodes).
     shadows: list[Draft]
     draft_seconds: float  # host time spent proposing
+    selection: Selection | None  # the budget's choice, handed back to it with the step's timing (None: plain)
 
     @classmethod
     def plain(cls, batch: int) -> "StepPlan":
-        return cls([EMPTY_DRAFT] * batch, [EMPTY_DRAFT] * batch, 0.0)
+        return cls([EMPTY_DRAFT] * batch, [EMPTY_DRAFT] * batch, 0.0, None)
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,11 @@ class Speculator:
             BudgetItem(s.request_id, d, len(s.tokens) - s.cache_len, s.prompt_key, len(s.output))
             for s, d in zip(seqs, drafts)
         ]
-        counts = self.budget.select(items, waiting=waiting)
+        selection = self.budget.select(items, waiting=waiting)
+        counts = selection.counts
         shadows = [d.truncated(len(d), 1) if n == 0 else EMPTY_DRAFT for d, n in zip(drafts, counts)]
         chosen = [d if n >= len(d) else d.truncated(n, n) for d, n in zip(drafts, counts)]
-        return StepPlan(chosen, shadows, draft_seconds)
+        return StepPlan(chosen, shadows, draft_seconds, selection)
 
     def learn(self, seqs: list[Sequence], plan: StepPlan, outcome: StepOutcome, seconds: float) -> None:
         """Feed the step's outcome back: to the budget per draft, to the drafter the committed tokens."""
@@ -103,4 +105,5 @@ class Speculator:
         started = time.perf_counter()
         self.drafter.observe_batch([s.request_id for s in seqs], outcome.committed, outcome.committed_logprobs)
         observed = time.perf_counter() - started  # drafting's host cost includes observing
-        self.budget.observe_step(seconds + observed, outcome.tokens, plan.draft_seconds + observed)
+        if plan.selection is not None:
+            self.budget.observe_step(plan.selection, seconds + observed, plan.draft_seconds + observed)

@@ -1,0 +1,71 @@
+"""The embedded engine's step-cost probe: time forwards of B sequences bringing k new tokens each, once per machine
+and model (cached), for the budget's cost model (rollout/cost_model.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rollout.config import EngineConfig
+from rollout.cost_model import CostModel
+
+
+def cached(cache_file: Path | None, measure: Callable[[], CostModel], log: Callable[[str], None] = print) -> CostModel:
+    """The cost model cached in `cache_file` (per machine and model), else `measure()`d once and cached there."""
+    if cache_file is not None and cache_file.exists():
+        return CostModel.from_json(json.loads(cache_file.read_text()))
+    log("measuring the step cost model on this machine (once; cached)")
+    cost = measure()
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cost.to_json(), indent=1))
+    return cost
+
+
+def cost_model_file(folder, config: EngineConfig) -> Path:
+    """Where this machine's cost model for this model (and kernels) is cached."""
+    from rollout.checkpoint import cache_dir
+    from rollout.engine.hardware import fingerprint
+
+    text = (Path(folder) / "config.json").read_text() + f"|{config.dtype}|{config.matmul}|{config.device}"
+    model_id = hashlib.sha1(text.encode()).hexdigest()[:10]
+    return cache_dir() / "cost" / f"{fingerprint(torch.device(config.device))}-{model_id}.json"
+
+
+def measure_cost_model(
+    model, max_batch: int, cache_file: Path | None = None, context: int = 128, log: Callable[[str], None] = print
+) -> CostModel:
+    """Time forwards on this machine: B sequences with a `context`-token cache, each bringing k new tokens."""
+    return cached(cache_file, lambda: _probe(model, max_batch, context), log)
+
+
+def _probe(model, max_batch: int, context: int) -> CostModel:
+    from rollout.engine.batch import SeqInput, build_batch
+    from rollout.engine.hardware import synchronize
+
+    batches = [b for b in (1, 4, 16, 64, 256) if b <= max_batch] or [1]
+    ks = (1, 2, 4, 8, 16)
+    # A short max_model_len must still hold the probe's context plus its largest draft.
+    context = max(1, min(context, model.max_model_len - max(ks) - 1))
+    ks = tuple(k for k in ks if context + k <= model.max_model_len) or (1,)
+    cache = model.new_cache(max(batches))
+    filler = [1] * context
+    model.forward(build_batch([SeqInput(0, filler, None, context - 1)] * max(batches), 0, model.device), cache)
+    shapes = [(b, k) for b in batches for k in ks if b * k <= 2048]
+    forwards = {(b, k): build_batch([SeqInput(context, filler[:k], None, 0)] * b, 0, model.device) for b, k in shapes}
+    best = {shape: float("inf") for shape in shapes}
+    # Rounds over the whole grid, keeping each point's fastest: a burst of load elsewhere on the machine then
+    # spoils one round of a point, not the point.
+    for _ in range(3):
+        for shape in shapes:
+            synchronize(model.device)
+            t0 = time.perf_counter()
+            model.forward(forwards[shape], cache)
+            synchronize(model.device)  # a GPU forward returns at launch; time its work
+            best[shape] = min(best[shape], time.perf_counter() - t0)
+    return CostModel.from_timings(best)
