@@ -390,12 +390,13 @@ class VLLMEngine(EngineFrontend):
         ks = [k for k in (1, 2, 4, 8, 16) if k <= self.config.num_speculative_tokens + 1]
         # Room for every step's full draft: a draft never runs past max_tokens.
         params = SamplingParams(temperature=0.0, max_tokens=PROBE_STEPS + max(ks) + 1, ignore_eos=True)
+        timed: dict[str, list[float]] = {}
         with self.plain():
             for k in ks:
-                self._rpc("specrollout_probe", k - 1)
+                timed.update(self._rpc("specrollout_probe", k - 1)[0])  # each call hands back the previous k's steps
                 for b in batches:
                     self.generate([[1 + i] + [1] * 31 for i in range(b)], params)
-            timed = self._rpc("specrollout_probe", None)[0]
+            timed.update(self._rpc("specrollout_probe", None)[0])
         seconds = {tuple(int(x) for x in key.split(",")): min(v) for key, v in timed.items()}
         # Rows that ran ahead (an accepted junk token) leave steps of smaller batches: only the probed shapes count.
         return CostModel.from_timings({(b, k): t for (b, k), t in seconds.items() if b in batches and k in ks})

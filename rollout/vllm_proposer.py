@@ -198,8 +198,9 @@ class SpecRolloutProposer:
                 drafted = self._verified(row, t)
                 accepted = max(0, min(len(booked) - 1, drafted))
                 self._stats[rid].record(drafted, accepted, drafted)
-                self._count(drafted, accepted)
-                if drafted and self.probe is None:
+                if t.speculate:  # not the plain twin's rows, nor the cost probe's junk drafts
+                    self._count(drafted, accepted)
+                if drafted and t.speculate:
                     self.budget.feedback(rid, t.last_draft.truncated(drafted, drafted), list(range(accepted)))
             if n < t.seen:  # vLLM rewound the row (should not happen); resynchronise rather than repeat tokens
                 t.seen = n
