@@ -8,9 +8,11 @@ refusal is a ValueError naming the field and its value: a run never samples sile
 than the one it asked for.
 
 vLLM's conventions, handled here once: None means "unset"; top_k -1 and 0 both mean off; logprobs=N asks for the
-sampled token's logprob and the N most likely alternatives, of which only the sampled one is computed. What each
-adapter keeps is how the fields arrive and what its caller means by them: the default max_tokens and seed, how
-large a logprobs it may ask for and still be served, how many samples (n) one call may ask for.
+sampled token's logprob and the N most likely alternatives. A caller that returns the alternatives (the HTTP server)
+says so (top_logprobs=True) and N becomes SamplingParams.top_logprobs; for the others only the sampled token's
+logprob is computed. What each adapter keeps is how the fields arrive and what its caller means by them: the default
+max_tokens and seed, how large a logprobs it may ask for and still be served, how many samples (n) one call may ask
+for.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numbers
 from collections.abc import Collection, Mapping, Sized
 from typing import Any, NamedTuple
 
-from rollout.sampling import SamplingParams
+from rollout.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 # Honoured, and what an absent or None value stands for. max_tokens and seed default to the caller's (vLLM's HTTP
 # API says 16 tokens, OpenRLHF the rest of the context, verl the response budget).
@@ -78,13 +80,15 @@ def translate(
     default_max_tokens: int,
     default_seed: int | None = None,
     max_logprobs: int = 0,
+    top_logprobs: bool = False,
     passthrough: Collection[str] = (),
 ) -> Translated:
     """vLLM-style sampling fields -> (SamplingParams, n, logprobs). A ValueError names every field refused.
 
     max_logprobs: the largest logprobs=N the caller may ask for and be served with the sampled token's logprob
-    only, because it reads nothing else. passthrough: fields the caller reads itself (text detokenisation, say),
-    accepted and not read here.
+    only, because it reads nothing else. top_logprobs: the caller returns the N alternatives too; logprobs=N, up to
+    MAX_TOP_LOGPROBS, becomes the params' top_logprobs (max_logprobs is then moot). passthrough: fields the caller
+    reads itself (text detokenisation, say), accepted and not read here.
     """
     defaults = {**SUPPORTED, "max_tokens": default_max_tokens, "seed": default_seed}
 
@@ -111,7 +115,10 @@ def translate(
             problems.append(f"{name}={value!r} is not supported by specrollout (only {only})")
     logprobs = fields.get("logprobs")
     # range() membership takes bools and integral floats as the integers they equal, as the old checks did.
-    if logprobs is not None and logprobs not in range(max_logprobs + 1):
+    if top_logprobs:
+        if logprobs is not None and logprobs not in range(MAX_TOP_LOGPROBS + 1):
+            problems.append(f"logprobs={logprobs!r} is not supported: at most {MAX_TOP_LOGPROBS} top logprobs a token")
+    elif logprobs is not None and logprobs not in range(max_logprobs + 1):
         allowed = " or ".join(map(str, range(max_logprobs + 1)))
         problems.append(
             f"logprobs={logprobs!r} is not supported: only the sampled token's logprob is returned (logprobs {allowed})"
@@ -134,5 +141,6 @@ def translate(
         stop_token_ids=get("stop_token_ids"),
         ignore_eos=get("ignore_eos"),
         seed=get("seed"),
+        top_logprobs=int(logprobs or 0) if top_logprobs else 0,
     )
     return Translated(params, int(n), logprobs)

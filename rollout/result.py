@@ -60,12 +60,25 @@ class RolloutResult:
     group: str | None = None
     policy_version: int = 0
     worker: int | None = None  # which engine replica generated it (set by the Ray service)
-    # The target's k most likely tokens at each generated position and their logprobs (processed distribution), as
-    # [len(token_ids)][k]: what the engine records into its history when the drafter learns from them
-    # (Drafter.top_logprobs > 0). Results handed back to callers carry None: 16 tokens per token would multiply
-    # what travels to the trainer, which reads only the sampled token's logprob.
+    # The target's k most likely tokens at each generated position and their logprobs (processed distribution),
+    # likeliest first, as [len(token_ids)][k]. Two readers with their own k: the history, for a drafter that learns
+    # from them (Drafter.top_logprobs), and the caller, for a request that asks (SamplingParams.top_logprobs). Each
+    # gets its own columns (with_top); a caller that did not ask gets None, since k tokens per token would multiply
+    # what travels to the trainer.
     top_token_ids: list[list[int]] | None = field(default=None, repr=False)
     top_logprobs: list[list[float]] | None = field(default=None, repr=False)
+
+    def with_top(self, k: int) -> "RolloutResult":
+        """This result with only the first k top logprobs per position (none when k is 0)."""
+        if not k or self.top_token_ids is None:
+            return self.without_top()
+        if all(len(row) <= k for row in self.top_token_ids):
+            return self
+        return replace(
+            self,
+            top_token_ids=[row[:k] for row in self.top_token_ids],
+            top_logprobs=[row[:k] for row in self.top_logprobs],
+        )
 
     def without_top(self) -> "RolloutResult":
         if self.top_token_ids is None and self.top_logprobs is None:

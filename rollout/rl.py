@@ -133,6 +133,7 @@ def library_output_to(log_file: Path) -> None:
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         logger.propagate = False
+    logging.getLogger("trl").setLevel(logging.INFO)  # the per-step dicts are logged at INFO
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.add_handler(handler)
 

@@ -5,6 +5,9 @@ logits / temperature, then top-k (keep the k largest, ties at the k-th value kep
 set of most likely tokens whose mass reaches top_p), renormalised. Temperature 0 means greedy: the sample is the
 argmax of the raw logits, and logprobs are reported under temperature 1 with the same top-k/top-p, since a point
 mass would make every logprob 0 and tell a trainer nothing.
+
+A request may also ask for the top_logprobs most likely tokens of p at each generated position: the same rows the
+sampled token's logprob is read from, so the sampled token, when among them, carries the same logprob.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from rollout.verify import sample_inverse_cdf
+
+# The most top logprobs per token a request may ask for: vLLM's default max_logprobs, which trainers are written for.
+MAX_TOP_LOGPROBS = 20
 
 
 def _check_int(name: str, value, minimum: int | None = None) -> int:
@@ -44,6 +50,9 @@ class SamplingParams:
     # Stop tokens (EOS included) are masked out of the processed distribution at the first min_tokens output
     # positions, as vLLM does: the rollout samples, and its logprobs report, that masked distribution.
     min_tokens: int = 0
+    # The N most likely tokens of the processed distribution at each generated position and their logprobs, returned
+    # in RolloutResult.top_token_ids / top_logprobs (0: none, and nothing is computed for them).
+    top_logprobs: int = 0
 
     def __post_init__(self):
         # Validate here so that a bad request fails when it is built, naming the field, before it reaches an engine.
@@ -67,6 +76,10 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None:
             _check_int("seed", self.seed)
+        top = _check_int("top_logprobs", self.top_logprobs, 0)
+        if top > MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {top}")
+        object.__setattr__(self, "top_logprobs", top)
 
     @property
     def greedy(self) -> bool:

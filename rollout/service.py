@@ -20,6 +20,7 @@ from rollout.worker import RolloutRequest
 
 class RolloutService(Protocol):
     policy_version: int
+    max_model_len: int  # prompt and completion together, in tokens (an HTTP chat request's default max_tokens)
 
     def generate(
         self, requests: list[RolloutRequest], plain: bool = False, oracle: dict[str, list[int]] | None = None
@@ -52,6 +53,10 @@ class LocalService:
     @property
     def policy_version(self) -> int:
         return self.engine.policy_version
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
 
     def generate(
         self, requests: list[RolloutRequest], plain: bool = False, oracle: dict[str, list[int]] | None = None

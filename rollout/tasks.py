@@ -145,10 +145,16 @@ TASK_FAMILIES = {
 TASKS = {name: family.build for name, family in TASK_FAMILIES.items()}
 
 
-def chat_prompt_ids(tokenizer, content: str) -> list[int]:
-    """Token ids of a one-turn chat prompt, ready for the assistant's reply.
+def chat_ids(tokenizer, messages: list[dict], **template_kwargs) -> list[int]:
+    """Token ids of a conversation rendered with the tokenizer's chat template (add_generation_prompt and the
+    like in template_kwargs).
 
     (transformers 5 returns a BatchEncoding from apply_chat_template, 4.x a plain list.)
     """
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, **template_kwargs)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def chat_prompt_ids(tokenizer, content: str) -> list[int]:
+    """Token ids of a one-turn chat prompt, ready for the assistant's reply."""
+    return chat_ids(tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True)

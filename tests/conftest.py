@@ -93,13 +93,14 @@ TINY_CONFIGS = {
 }
 
 
-def build_tiny(tmp_path_factory, name: str, scale_head: float = 1.0):
-    """Save a 2-layer random model of the named architecture; returns its folder."""
+def build_tiny(tmp_path_factory, name: str, scale_head: float = 1.0, vocab_size: int = 384):
+    """Save a 2-layer random model of the named architecture; returns its folder. (vocab_size: a real tokenizer's,
+    for a tiny model that serves text.)"""
     import transformers
 
     config_cls, extra = TINY_CONFIGS[name]
     config = getattr(transformers, config_cls)(
-        vocab_size=384,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

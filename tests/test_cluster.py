@@ -173,6 +173,43 @@ def test_pushed_weights_change_outputs_and_version(cluster, tiny_model):
     assert all(r.policy_version == 7 for r in after)
 
 
+def test_requested_top_logprobs_come_back_over_ray(cluster):
+    """A request's top-N logprobs travel back from its worker in its result, likeliest first, the sampled token's
+    logprob among them when it is; asking changes no token and no sampled logprob, and a request that does not ask
+    gets none. (That the numbers are the processed distribution's: test_engine.py, against a full forward.)"""
+    reqs = [
+        RolloutRequest(
+            f"top{i}",
+            [7, 8, 9, i],
+            SamplingParams(temperature=0.8, max_tokens=6, seed=i, ignore_eos=True, top_logprobs=3 * (i % 2)),
+            group=f"top{i}",
+        )
+        for i in range(4)
+    ]
+    asked = cluster.generate(reqs)
+    bare = cluster.generate(
+        [
+            dataclasses.replace(
+                r, request_id=f"bare-{r.request_id}", params=dataclasses.replace(r.params, top_logprobs=0)
+            )
+            for r in reqs
+        ]
+    )
+    assert [r.token_ids for r in asked] == [r.token_ids for r in bare]
+    for r, plain, request in zip(asked, bare, reqs):
+        assert plain.top_token_ids is None and plain.top_logprobs is None
+        assert r.logprobs == pytest.approx(plain.logprobs, abs=1e-5)
+        if not request.params.top_logprobs:
+            assert r.top_token_ids is None and r.top_logprobs is None
+            continue
+        assert len(r.top_token_ids) == len(r.top_logprobs) == len(r.token_ids)
+        for token, logprob, ids, values in zip(r.token_ids, r.logprobs, r.top_token_ids, r.top_logprobs):
+            assert len(ids) == len(values) == 3 and values == sorted(values, reverse=True) and values[0] >= logprob
+            if token in ids:
+                assert values[ids.index(token)] == logprob
+    assert cluster.max_model_len == 256
+
+
 def test_history_is_shared_at_weight_sync(cluster):
     cluster.generate(requests(groups=4, samples=2, tag="h"))
     cluster.update_weights([], version=cluster.policy_version + 1)

@@ -6,6 +6,7 @@ and logits are compared on CPU copies.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -303,6 +304,74 @@ def test_top_logprobs_are_recorded_only_for_a_drafter_that_asks_tiny(tiny_model,
     plain = silent.generate(prompts, params)
     assert all(ids is None and lps is None for ids, lps in recorded_top(silent).values())
     assert [r.token_ids for r in plain] == [r.token_ids for r in results]  # recording never changes a rollout
+
+
+def check_requested_top(results, prompts, params, hf) -> None:
+    """Each result carries the top-N its request asked for, equal to one full forward's processed distribution,
+    likeliest first; the sampled token, when among them, with its own logprob (the same row). None when not asked."""
+    worst = 0.0
+    for p, r, sp in zip(prompts, results, params):
+        if not sp.top_logprobs:
+            assert r.top_token_ids is None and r.top_logprobs is None, "a request that does not ask gets none"
+            continue
+        full = reference_distributions(hf, p, r.token_ids, sp)
+        worst = max(worst, top_logprobs_error(r.top_token_ids, r.top_logprobs, r, full, sp.top_logprobs))
+        for token, lp, ids, lps in zip(r.token_ids, r.logprobs, r.top_token_ids, r.top_logprobs):
+            assert lps == sorted(lps, reverse=True)
+            if token in ids:
+                assert lps[ids.index(token)] == lp
+    assert worst <= 1e-4, worst
+
+
+@pytest.mark.exactness
+def test_requested_top_logprobs_equal_a_full_forward_tiny(tiny_model, tiny_folder):
+    """SamplingParams.top_logprobs = N: the result carries the N likeliest tokens of the processed distribution at
+    every generated position (drafted or plain, beside the history's own k), equal to one full forward's. Asking
+    changes no token and no sampled logprob; an aborted request keeps the top-N of what it generated."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).to(on_device([0]).device).eval()
+    prompts = [[1, 2, 3, 4], [5, 6, 7], [9, 8, 7, 6, 5], [3, 1, 4]]
+    params = [
+        SamplingParams(temperature=1.0, max_tokens=17, seed=1, top_logprobs=8),  # more than the history's 5
+        SamplingParams(temperature=0.6, top_k=3, max_tokens=12, seed=2, top_logprobs=5),  # past top_k: -inf
+        SamplingParams(temperature=0.0, max_tokens=9, top_logprobs=2),  # fewer than the history's; greedy
+        SamplingParams(temperature=0.8, top_p=0.9, max_tokens=10, seed=3),  # asks for none
+    ]
+    greedy = make_engine(tiny_model).generate(prompts, SamplingParams(temperature=0, max_tokens=20))
+    drafter = ReferenceDrafter({tuple(p): r.token_ids for p, r in zip(prompts, greedy)})
+    drafter.top_logprobs = 5
+    engine = make_engine(tiny_model, drafter=drafter, budget=parse_budget("fixed:4"))
+    drafted = engine.generate(prompts, params)
+    assert sum(r.spec.accepted for r in drafted) > 5, "drafts must be accepted for the test to cover them"
+    check_requested_top(drafted, prompts, params, hf)
+    recorded = recorded_top(engine)
+    assert {len(row) for ids, _ in recorded.values() for row in ids} == {5}, "the history keeps its own k"
+
+    plain_engine = make_engine(tiny_model)
+    with plain_engine.plain():  # no drafts and no history: only the requests' own top-N are computed
+        plain = plain_engine.generate(prompts, params)
+    check_requested_top(plain, prompts, params, hf)
+    bare = make_engine(tiny_model).generate(prompts, [dataclasses.replace(sp, top_logprobs=0) for sp in params])
+    assert [r.token_ids for r in bare] == [r.token_ids for r in plain] == [r.token_ids for r in drafted]
+    assert [r.logprobs for r in bare] == [r.logprobs for r in plain], "the same rows, the same sampled logprobs"
+
+    rid = engine.add_request(prompts[0], params[0])
+    engine.step(), engine.step()
+    partial = engine.abort(rid)
+    assert len(partial.top_token_ids) == len(partial.token_ids) > 0
+    assert {len(row) for row in partial.top_logprobs} == {8}
+
+
+def test_a_backend_refuses_more_top_logprobs_than_it_returns(tiny_model, monkeypatch):
+    engine = make_engine(tiny_model)
+    monkeypatch.setattr(engine, "max_top_logprobs", 0)  # as the vLLM backend: the sampled token's logprob only
+    with pytest.raises(ValueError, match="top_logprobs=3 is not supported by Engine"):
+        engine.add_request([1, 2, 3], SamplingParams(top_logprobs=3))
+    with pytest.raises(ValueError, match="top_logprobs=1 is not supported"):
+        engine.generate([[1, 2], [3, 4]], [SamplingParams(), SamplingParams(top_logprobs=1)])
+    assert not engine.has_unfinished(), "refused before anything was queued"
+    assert engine.generate([[1, 2]], SamplingParams(max_tokens=3))[0].top_token_ids is None
 
 
 # ---------------------------------------------------------------------------------------------- batching

@@ -77,6 +77,9 @@ def test_rows_keep_their_own_parameters():
         ("seed", 1.5, "seed must be an integer"),
         ("stop_token_ids", 5, "stop_token_ids must be a list of integers"),
         ("ignore_eos", "yes", "ignore_eos must be a bool"),
+        ("top_logprobs", -1, "top_logprobs must be >= 0"),
+        ("top_logprobs", 21, "top_logprobs must be <= 20"),
+        ("top_logprobs", 2.0, "top_logprobs must be an integer"),
     ],
 )
 def test_bad_sampling_params_name_the_field(field, value, message):

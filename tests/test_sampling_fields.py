@@ -124,6 +124,8 @@ REFUSED = [
     ({"logprobs": 1}, {}, "logprobs=1 is not supported"),
     ({"logprobs": 2}, {"max_logprobs": 1}, "logprobs=2 is not supported"),
     ({"logprobs": 5}, {"max_logprobs": 1}, "(logprobs 0 or 1)"),
+    # a caller that returns the alternatives serves up to 20 of them, as vLLM's default max_logprobs
+    ({"logprobs": 21}, {"top_logprobs": True}, "logprobs=21 is not supported: at most 20 top logprobs a token"),
     # values are SamplingParams' to check, and its errors name the field
     ({"temperature": -1.0}, {}, "temperature must be >= 0"),
     ({"top_p": 0.0}, {}, "top_p must be in (0, 1]"),
@@ -153,6 +155,15 @@ def test_logprobs_up_to_max_logprobs_are_accepted_including_verls_flag():
     # OpenRLHF sends logprobs=1 and verl True/False; both read only the sampled token's logprob.
     for value in (0, 1, True, False):
         assert run({"logprobs": value}, max_logprobs=1).logprobs is value
+
+
+def test_logprobs_n_become_top_logprobs_only_for_a_caller_that_returns_them():
+    # The HTTP server returns the N alternatives: N is asked of the engine. Elsewhere nothing is computed for them.
+    assert run({"logprobs": 5}, top_logprobs=True).params.top_logprobs == 5
+    assert run({"logprobs": 20}, top_logprobs=True).params.top_logprobs == 20
+    for value in (None, 0):
+        assert run({"logprobs": value}, top_logprobs=True).params.top_logprobs == 0
+    assert run({"logprobs": 1}, max_logprobs=1).params.top_logprobs == 0
 
 
 def test_passthrough_fields_are_accepted_and_not_read():

@@ -1,4 +1,5 @@
-"""The vLLM-compatible server, driven by TRL's real VLLMClient over HTTP on loopback, on SmolLM2.
+"""The vLLM-compatible server, driven over HTTP on loopback by TRL's real VLLMClient (on SmolLM2) and by the real
+`openai` client (chat completions, top-N logprobs, token ids; on a tiny random model with SmolLM2's tokenizer).
 
 TRL's client refuses to start unless the `vllm` package is importable; vLLM cannot be installed beside the CPU torch
 here, so that one availability check is patched to True. Everything else is the real client: its requests, its
@@ -9,6 +10,7 @@ server's gloo path instead, with the test process as rank 0 (WeightSender) or, f
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -16,17 +18,18 @@ import sys
 
 import pytest
 import torch
+from conftest import build_tiny
 
 requests = pytest.importorskip("requests")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from adapters.vllm_server import BackgroundServer, CompletionServer, ServerConfig, WeightSender
+from adapters.vllm_server import LOGPROB_FLOOR, BackgroundServer, CompletionServer, ServerConfig, WeightSender
 from adapters.weight_transfer import broadcast, gloo_group
 from rollout.config import load_config
-from rollout.sampling import SamplingParams
+from rollout.sampling import SamplingParams, process_logits
 from rollout.service import LocalService
-from rollout.tasks import chat_prompt_ids
+from rollout.tasks import chat_ids, chat_prompt_ids
 from rollout.worker import RolloutRequest
 
 WEIGHT = "model.layers.3.mlp.down_proj.weight"
@@ -152,8 +155,9 @@ def test_weights_over_gloo_change_the_output(server, service, smol_folder, smol_
         ({"prompt": [1, 2], "model": "gpt-9"}, 404, "model 'gpt-9' is not served"),
         ({"prompt": [1, 2], "repetition_penalty": 1.2}, 400, "repetition_penalty=1.2 is not supported"),
         ({"prompt": [1, 2], "min_p": 0.1}, 400, "min_p=0.1 is not supported"),
-        ({"prompt": [1, 2], "logprobs": 5}, 400, "logprobs=5"),
-        ({"prompt": [1, 2], "frequency_penalty": 0.5}, 400, "frequency_penalty: Extra inputs are not permitted"),
+        ({"prompt": [1, 2], "logprobs": 21}, 400, "logprobs=21 is not supported: at most 20"),
+        ({"prompt": [1, 2], "frequency_penalty": 0.5}, 400, "frequency_penalty=0.5 is not supported"),
+        ({"prompt": [1, 2], "guided_json": "{}"}, 400, "guided_json: Extra inputs are not permitted"),
         ({"prompt": [1, 2], "top_p": 0}, 400, "top_p"),
         ({"prompt": []}, 400, "prompt"),
         ({"prompt": [1, 10**9]}, 400, "outside the vocabulary"),
@@ -304,3 +308,190 @@ print(json.dumps(out))
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["prompt_ids"] == [ids] and len(out["completion_ids"]) == 2
     assert all(len(lp) == len(c) for lp, c in zip(out["logprobs"], out["completion_ids"]))
+
+
+# ------------------------------------------------------------------------------------ chat completions, top-N logprobs
+# The openai client against a tiny random model over SmolLM2's vocabulary: the real tokenizer and chat template, at
+# a fraction of a second per request.
+
+CONVERSATION = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+IMAGE = {"type": "image_url", "image_url": {"url": "http://127.0.0.1/a.png"}}
+
+
+@pytest.fixture(scope="module")
+def tiny_text_folder(tmp_path_factory, smol_tokenizer):
+    return build_tiny(tmp_path_factory, "llama", vocab_size=len(smol_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_text_folder, smol_tokenizer):
+    overrides = [f"engine.model={tiny_text_folder}", "engine.max_model_len=256", "engine.tune_matmul=false"]
+    service = LocalService(load_config(None, [*overrides, "speculation.budget=fixed:4"]))
+    core = CompletionServer(service, smol_tokenizer, ServerConfig(port=free_port()), model_name="tiny")
+    with BackgroundServer(core) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def openai_client(tiny_server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def hf_tiny_text(tiny_text_folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_text_folder, dtype=torch.float32).eval()
+
+
+def processed_logprobs_of(hf, prompt: list[int], tokens: list[int], params: SamplingParams) -> torch.Tensor:
+    """[len(tokens), V]: the processed distribution at each generated position, from one transformers forward."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()  # [n, V]
+    n = len(tokens)
+    rows = (torch.full((n,), params.temperature), torch.full((n,), params.top_k), torch.full((n,), params.top_p))
+    return process_logits(logits, *rows)[1]
+
+
+def test_chat_n_samples_are_seeded_with_the_templates_prompt_ids(openai_client, smol_tokenizer):
+    def ask(seed: int):
+        return openai_client.chat.completions.create(
+            model="tiny",
+            messages=CONVERSATION,
+            n=3,
+            seed=seed,
+            temperature=1.0,
+            max_completion_tokens=8,
+            extra_body={"return_token_ids": True},
+        )
+
+    first, again, other = ask(7), ask(7), ask(8)
+    prompt = chat_ids(smol_tokenizer, CONVERSATION, add_generation_prompt=True)
+    assert first.prompt_token_ids == prompt
+    completions = [c.token_ids for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert completions == [c.token_ids for c in again.choices], "a seeded request is reproducible"
+    assert completions != [c.token_ids for c in other.choices] and len({tuple(c) for c in completions}) == 3
+    for choice in first.choices:
+        assert choice.message.role == "assistant" and choice.logprobs is None  # not asked for
+        assert choice.message.content == smol_tokenizer.decode(choice.token_ids, skip_special_tokens=True)
+        assert 1 <= len(choice.token_ids) <= 8 and choice.finish_reason in ("stop", "length")
+    usage = first.usage
+    assert usage.prompt_tokens == len(prompt) and usage.completion_tokens == sum(map(len, completions))
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_chat_top_logprobs_are_the_processed_distributions(openai_client, hf_tiny_text):
+    response = openai_client.chat.completions.create(
+        model="tiny",
+        messages=CONVERSATION,
+        n=2,
+        seed=3,
+        temperature=0.7,
+        top_p=0.9,
+        max_completion_tokens=6,
+        logprobs=True,
+        top_logprobs=4,
+        extra_body={"return_token_ids": True, "return_tokens_as_token_ids": True},
+    )
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    for choice in response.choices:
+        tokens, content = choice.token_ids, choice.logprobs.content
+        assert [entry.token for entry in content] == [f"token_id:{t}" for t in tokens]
+        reference = processed_logprobs_of(hf_tiny_text, response.prompt_token_ids, tokens, params)
+        for token, entry, row in zip(tokens, content, reference):
+            assert entry.bytes == list(entry.token.encode())
+            assert entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
+            values = [top.logprob for top in entry.top_logprobs]
+            ids = [int(top.token.removeprefix("token_id:")) for top in entry.top_logprobs]
+            assert len(values) == 4 and values == sorted(values, reverse=True)
+            assert values == pytest.approx(row.topk(4).values.tolist(), abs=1e-4)
+            assert values == pytest.approx(row[ids].tolist(), abs=1e-4)  # the ids too, whatever order near-ties took
+            if token in ids:
+                assert values[ids.index(token)] == entry.logprob, "the sampled token's row, the same number"
+
+
+def test_completions_logprobs_n(openai_client, smol_tokenizer):
+    prompt = chat_prompt_ids(smol_tokenizer, "Count to three.")
+    response = openai_client.completions.create(
+        model="tiny",
+        prompt=prompt,
+        max_tokens=5,
+        seed=1,
+        logprobs=3,
+        extra_body={"top_k": 2, "return_token_ids": True, "return_tokens_as_token_ids": True},
+    )
+    choice = response.choices[0]
+    names = [f"token_id:{t}" for t in choice.token_ids]
+    assert choice.prompt_token_ids == prompt and choice.logprobs.tokens == names
+    assert choice.text == smol_tokenizer.decode(choice.token_ids, skip_special_tokens=True)
+    for name, logprob, top in zip(names, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs):
+        # vLLM's layout: the sampled token first, then the top 3. Under top_k=2 the sampled token is one of the two
+        # that carry all the mass, and the third likeliest is impossible: JSON has no -inf, so vLLM's floor.
+        assert list(top.items())[0] == (name, logprob) and len(top) == 3
+        possible = [v for v in top.values() if v > LOGPROB_FLOOR]
+        assert len(possible) == 2 and math.fsum(math.exp(v) for v in possible) == pytest.approx(1.0, abs=1e-5)
+        assert sorted(top.values())[0] == LOGPROB_FLOOR
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"messages": []}, "messages: at least one message is required"),
+        ({"messages": [{"role": "wizard", "content": "Hi"}]}, "messages[0].role='wizard' is not supported"),
+        ({"messages": [{"role": "user", "content": [IMAGE]}]}, "messages[0].content[0]: content type 'image_url' is"),
+        ({"logprobs": True, "top_logprobs": 21}, "logprobs=21 is not supported: at most 20"),
+        ({"top_logprobs": 2}, "top_logprobs=2 needs logprobs: true"),
+        ({"min_p": 0.1}, "min_p=0.1 is not supported"),
+        ({"stop": ["."]}, "stop=['.'] is not supported"),
+        ({"stream": True}, "stream is not supported"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice=None is not supported"),
+        ({"chat_template_kwargs": {"tokenize": False}}, "chat_template_kwargs: tokenize"),
+        ({"response_format": {"type": "json_object"}}, "response_format: Extra inputs are not permitted"),
+    ],
+)
+def test_chat_refusals_are_400s_naming_the_field(tiny_server, body, message):
+    full = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **body}
+    response = requests.post(f"{tiny_server.url}/v1/chat/completions", json=full, timeout=60)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_chat_takes_text_parts_and_neutral_fields(openai_client, smol_tokenizer):
+    parts = [{"type": "text", "text": "Name"}, {"type": "text", "text": "a colour."}]
+    response = openai_client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": parts}],
+        max_tokens=4,
+        frequency_penalty=0,
+        presence_penalty=0,
+        extra_body={"return_token_ids": True},
+    )
+    joined = [{"role": "user", "content": "Name\na colour."}]  # text parts joined by newlines, as vLLM does
+    assert response.prompt_token_ids == chat_ids(smol_tokenizer, joined, add_generation_prompt=True)
+    assert len(response.choices) == 1 and 1 <= len(response.choices[0].token_ids) <= 4
+
+
+@pytest.mark.slow
+def test_trl_client_chat_and_the_openai_client_on_smollm2(client, server, smol_tokenizer):
+    openai = pytest.importorskip("openai")
+    conversations = [[{"role": "user", "content": "Name three colours."}], [{"role": "user", "content": "Count."}]]
+    out = client.chat(conversations, n=2, temperature=1.0, max_tokens=10, logprobs=2, generation_kwargs={"seed": 5})
+    assert out["prompt_ids"] == [chat_prompt_ids(smol_tokenizer, c[0]["content"]) for c in conversations]
+    assert len(out["completion_ids"]) == 4
+    for completion, lps, lp_ids in zip(out["completion_ids"], out["logprobs"], out["logprob_token_ids"]):
+        assert len(lps) == len(lp_ids) == len(completion) >= 1
+        for token, values, ids in zip(completion, lps, lp_ids):
+            # TRL merges the sampled token into the top 2 and sorts: 2 entries, or 3 when it lies outside them.
+            assert token in ids and len(ids) in (2, 3) and values == sorted(values, reverse=True)
+    chat = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    greedy_chat = chat.chat.completions.create(
+        model="smollm2-135m",
+        messages=conversations[0],
+        temperature=0,
+        max_tokens=10,
+        extra_body={"return_token_ids": True},
+    ).choices[0]
+    assert greedy_chat.token_ids == greedy(server, out["prompt_ids"][0], max_tokens=10), "the two routes agree"
+    assert greedy_chat.message.content == smol_tokenizer.decode(greedy_chat.token_ids, skip_special_tokens=True)

@@ -29,9 +29,12 @@ from rollout.engine.sequence import Sequence
 from rollout.engine.speculator import Speculator, StepPlan
 from rollout.frontend import SMALL_BATCH, EngineFrontend, Request
 from rollout.result import RolloutResult
+from rollout.sampling import MAX_TOP_LOGPROBS
 
 
 class Engine(EngineFrontend):
+    max_top_logprobs = MAX_TOP_LOGPROBS  # the runner keeps any request's top-N of the rows it samples from
+
     def __init__(
         self,
         model: TargetModel,

@@ -67,11 +67,18 @@ class Runner:
         self.model = model
         self.cache = cache
         self.vocab_size = model.shape.vocab_size
-        self.top_logprobs = top_logprobs  # the target's top-k to keep per emitted token (0: none)
+        self.top_logprobs = top_logprobs  # the target's top-k to keep per emitted token for the history (0: none)
+
+    def top_width(self, s: Sequence, keep_top: bool) -> int:
+        """How many of the target's top logprobs to keep per token of `s`: the history's k (when keep_top), or what
+        its request asks for, whichever is more. Constant over a request's life (keep_top changes only when idle),
+        so its rows stack."""
+        return max(self.top_logprobs if keep_top else 0, s.params.top_logprobs)
 
     def run(self, seqs: list[Sequence], slot_lo: int, drafts: list[Draft], keep_top: bool) -> StepOutcome:
         """Verify `drafts` for the sequences in slots [slot_lo, slot_lo + len(seqs)) and commit the result.
-        keep_top: record the target's top-k of each committed token on the sequence (for the history)."""
+        keep_top: record the target's top-k of each committed token on the sequence (for the history); a request
+        that asks for top logprobs gets them recorded whatever keep_top says."""
         cache_lens = np.fromiter((s.cache_len for s in seqs), dtype=np.int64, count=len(seqs))  # [B]
         pending = [len(s.tokens) - c for s, c in zip(seqs, cache_lens.tolist())]  # tokens each feeds besides its draft
         sizes = [len(d) for d in drafts]  # [B] draft nodes
@@ -114,18 +121,21 @@ class Runner:
         lp_emitted = draws.logprobs_of(lp_rows)  # [E, V]
         emitted_flat = torch.tensor([t for e in emitted_all for t in e], device=device)
         token_logprobs = lp_emitted.gather(1, emitted_flat[:, None]).squeeze(1).tolist()
+        # The top-k of the same rows the emitted tokens' logprobs were read from; only when someone reads them.
+        widths = [self.top_width(s, keep_top) for s in seqs]
         top = None
-        if keep_top and self.top_logprobs:
-            values, ids = lp_emitted.topk(min(self.top_logprobs, lp_emitted.shape[-1]), dim=-1)  # [E, k] each
+        if max(widths):
+            values, ids = lp_emitted.topk(min(max(widths), lp_emitted.shape[-1]), dim=-1)  # [E, k] each
             top = (ids.to(torch.int32).cpu(), values.cpu())
 
         committed, committed_lps, finished = [], [], []
         offset = 0
-        for s, emitted in zip(seqs, emitted_all):
+        for s, emitted, width in zip(seqs, emitted_all, widths):
             lps = token_logprobs[offset : offset + len(emitted)]
             kept = s.commit(emitted, lps)
-            if top is not None:  # copies: a view would keep the whole step's rows alive
-                s.top.append((top[0][offset : offset + kept].clone(), top[1][offset : offset + kept].clone()))
+            if top is not None and width:  # copies: a view would keep the whole step's rows alive
+                rows = slice(offset, offset + kept)
+                s.top.append((top[0][rows, :width].clone(), top[1][rows, :width].clone()))
             offset += len(emitted)
             committed.append(emitted if kept == len(emitted) else emitted[:kept])
             committed_lps.append(lps if kept == len(lps) else lps[:kept])
