@@ -288,14 +288,7 @@ class CompletionServer:
             if body.return_token_ids:
                 choice |= {"prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids}
             choices.append(choice)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.model_name,
-            "choices": choices,
-            "usage": _usage(results, body.n),
-        }
+        return self._response("cmpl", "text_completion", choices, results, body.n)
 
     def chat_completions(self, body: ChatBody) -> dict:
         self._check_model(body.model)
@@ -325,14 +318,19 @@ class CompletionServer:
             if body.return_token_ids:
                 choice["token_ids"] = r.token_ids
             choices.append(choice)
+        response = self._response("chatcmpl", "chat.completion", choices, results, body.n)
+        # vLLM's place for the prompt's ids in a chat response: the response's, not a choice's
+        return response | {"prompt_token_ids": prompt if body.return_token_ids else None}
+
+    def _response(self, prefix: str, kind: str, choices: list[dict], results: list[RolloutResult], n: int) -> dict:
+        """The envelope both OpenAI routes answer in: id, object, created, model, choices, usage."""
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "object": kind,
             "created": int(time.time()),
             "model": self.model_name,
             "choices": choices,
-            "usage": _usage(results, body.n),
-            "prompt_token_ids": prompt if body.return_token_ids else None,  # vLLM's place for them: the response's
+            "usage": _usage(results, n),
         }
 
     def legacy_generate(self, body: LegacyGenerateBody) -> dict:
