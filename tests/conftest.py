@@ -22,6 +22,7 @@ from rollout.checkpoint import resolve_model
 from rollout.config import EngineConfig
 from rollout.engine.engine import Engine
 from rollout.engine.model import TargetModel
+from rollout.sampling import SamplingParams, process_logits
 
 SMOL_MAX_LEN = 1024
 
@@ -143,3 +144,23 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield
     ray.shutdown()
+
+
+def reference_distributions(hf, prompt, output, params: SamplingParams) -> torch.Tensor:
+    """Processed logprobs [len(output), V] at each generated position from one full transformers forward over the
+    final sequence, under the same processing.
+
+    (process_logits itself is checked against transformers' logits warpers and a numpy reference in
+    test_sampling.py and test_verify.py; here the question is whether the engine's incremental, drafted, cached
+    computation returns what one plain forward would.)
+    """
+    with torch.no_grad():
+        logits = hf(on_device(prompt + output)).logits[0, len(prompt) - 1 : -1].float().cpu()  # [n, V]
+    n = len(output)
+    _, logprobs = process_logits(
+        logits,
+        torch.full((n,), params.temperature),
+        torch.full((n,), params.top_k),
+        torch.full((n,), params.top_p),
+    )
+    return logprobs

@@ -12,7 +12,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import make_engine, on_device
+from conftest import make_engine, on_device, reference_distributions
 from helpers import RandomDrafter, WrongDrafter, WrongFirstTreeDrafter
 
 import rollout.engine.runner as runner_module
@@ -195,26 +195,6 @@ def test_seeded_requests_are_reproducible(tiny_model):
 
 
 # ---------------------------------------------------------------------------------------------- logprobs
-
-
-def reference_distributions(hf, prompt, output, params: SamplingParams) -> torch.Tensor:
-    """Processed logprobs [len(output), V] at each generated position from one full transformers forward over the
-    final sequence, under the same processing.
-
-    (process_logits itself is checked against transformers' logits warpers and a numpy reference in
-    test_sampling.py and test_verify.py; here the question is whether the engine's incremental, drafted, cached
-    computation returns what one plain forward would.)
-    """
-    with torch.no_grad():
-        logits = hf(on_device(prompt + output)).logits[0, len(prompt) - 1 : -1].float().cpu()  # [n, V]
-    n = len(output)
-    _, logprobs = process_logits(
-        logits,
-        torch.full((n,), params.temperature),
-        torch.full((n,), params.top_k),
-        torch.full((n,), params.top_p),
-    )
-    return logprobs
 
 
 def reference_logprobs(hf, prompt, output, params: SamplingParams) -> torch.Tensor:

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, reference_distributions
 
 requests = pytest.importorskip("requests")
 pytest.importorskip("fastapi")
@@ -27,7 +27,7 @@ pytest.importorskip("uvicorn")
 from adapters.vllm_server import LOGPROB_FLOOR, BackgroundServer, CompletionServer, ServerConfig, WeightSender
 from adapters.weight_transfer import broadcast, gloo_group
 from rollout.config import load_config
-from rollout.sampling import SamplingParams, process_logits
+from rollout.sampling import SamplingParams
 from rollout.service import LocalService
 from rollout.tasks import chat_ids, chat_prompt_ids
 from rollout.worker import RolloutRequest
@@ -345,15 +345,6 @@ def hf_tiny_text(tiny_text_folder):
     return AutoModelForCausalLM.from_pretrained(tiny_text_folder, dtype=torch.float32).eval()
 
 
-def processed_logprobs_of(hf, prompt: list[int], tokens: list[int], params: SamplingParams) -> torch.Tensor:
-    """[len(tokens), V]: the processed distribution at each generated position, from one transformers forward."""
-    with torch.no_grad():
-        logits = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()  # [n, V]
-    n = len(tokens)
-    rows = (torch.full((n,), params.temperature), torch.full((n,), params.top_k), torch.full((n,), params.top_p))
-    return process_logits(logits, *rows)[1]
-
-
 def test_chat_n_samples_are_seeded_with_the_templates_prompt_ids(openai_client, smol_tokenizer):
     def ask(seed: int):
         return openai_client.chat.completions.create(
@@ -399,7 +390,7 @@ def test_chat_top_logprobs_are_the_processed_distributions(openai_client, hf_tin
     for choice in response.choices:
         tokens, content = choice.token_ids, choice.logprobs.content
         assert [entry.token for entry in content] == [f"token_id:{t}" for t in tokens]
-        reference = processed_logprobs_of(hf_tiny_text, response.prompt_token_ids, tokens, params)
+        reference = reference_distributions(hf_tiny_text, response.prompt_token_ids, tokens, params)
         for token, entry, row in zip(tokens, content, reference):
             assert entry.bytes == list(entry.token.encode())
             assert entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
