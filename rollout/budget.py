@@ -1,18 +1,16 @@
-"""How many drafted tokens each running sequence verifies, step by step.
-
-Modes: `auto` (default) chooses per step from the measured step cost and measured acceptance; `fixed:K` verifies up
-to K nodes of every draft; `off` verifies none (plain decoding through the same engine).
+"""How many drafted tokens each running sequence verifies, step by step: `auto` (default) from the measured step
+cost and acceptance, `fixed:K` up to K nodes of every draft, `off` none (plain decoding through the same engine).
 
 `auto`, in ten lines:
-1. A step of B sequences bringing M new tokens costs f x t(B, B) + a x (t(M, B) - t(B, B)): t the step-cost curve
-   probed at start-up (per machine and model, cached), f and a fitted to this run's steps (rollout/cost_model.py).
-2. A draft node is accepted with chance ratio x p: p its path probability by the drafter, ratio the sequence's
-   recent accepted / claimed nodes, shrunk towards the ratio over all sequences.
-3. When no request waits for a slot, the longest rollouts set the makespan, so they come first: each sequence's
-   nodes are ranked by chance x its expected remaining length (from its prompt's recorded rollouts) over the
-   batch's mean, within [1/4, 4]; while requests queue, by chance alone.
-4. Nodes are taken in that order (each draft as a prefix), and the step keeps the prefix that maximises expected
-   tokens / step seconds. Where verifying costs more than it brings, nothing is verified.
+1. A step of B sequences bringing M new tokens costs t(B, B) x (f + a x (t(M, B) / t(B, B) - 1) + g x R / B): t the
+   step-cost curve probed at start-up (cached), R the drafted sequences when drafts differ in length, f, a, g fitted
+   to this run's steps (rollout/cost_model.py).
+2. A draft node is accepted with chance p x r x s: p its path probability by the drafter, r the accepted / claimed
+   ratio at its depth (overconfidence grows with depth), s its sequence's recent accepted / predicted, shrunk to 1.
+3. When no request waits for a slot, the longest rollouts set the makespan: nodes rank by chance x their sequence's
+   expected remaining length (its prompt's past rollouts) / the batch mean, within [1/4, 4]; else by chance alone.
+4. Nodes are taken in that order, each draft as a prefix. The step keeps the prefix, or (if g > 0) the equal length
+   for all, that maximises expected tokens / step seconds: none, where verifying costs more than it brings.
 5. The drafter is asked for twice what the bucket's last step kept (at least 4); prefill steps draft nothing.
 The budget's state per step is an explicit `Selection`, handed back with the step's timing (`observe_step`).
 """
@@ -72,7 +70,7 @@ def _selection(items: list[BudgetItem], counts: list[int]) -> Selection:
 
 
 @dataclass
-class FixedBudget:
+class FixedBudget(Budget):  # learns nothing: the protocol's empty feedback, observe_step, finished and refresh
     k: int
 
     def max_draft(self, batch: int, prefill: bool = False) -> int:
@@ -81,47 +79,47 @@ class FixedBudget:
     def select(self, items: list[BudgetItem], waiting: int = 0) -> Selection:
         return _selection(items, [min(self.k, len(it.draft)) for it in items])
 
-    def feedback(self, request_id: str, draft: Draft, accepted: list[int]) -> None: ...
-
-    def observe_step(self, selection: Selection, seconds: float, draft_seconds: float = 0.0) -> None: ...
-
-    def finished(self, request_id: str, prompt_key: str | None, length: int) -> None: ...
-
-    def refresh(self, history) -> None: ...  # a fixed budget learns nothing
-
 
 @dataclass
 class Acceptance:
-    """Accepted / claimed draft nodes (claimed: the drafter's path probabilities), per sequence and overall."""
+    """Accepted / claimed draft nodes per draft depth (claimed: the drafter's path probabilities), and per sequence
+    accepted / predicted (predicted: claimed x its depth's ratio). Drafters are overconfident, more so deep down."""
 
     prior_ratio: float = 0.5  # drafters are overconfident until shown otherwise
-    prior_claims: float = 8.0  # claimed nodes' worth of evidence behind the prior
-    shrink: float = 2.0  # claimed nodes of a sequence's own evidence at which it counts half
+    prior_claims: float = 4.0  # claimed nodes' worth of evidence behind the prior, per depth
+    shrink: float = 2.0  # predicted nodes of a sequence's own evidence at which it counts half
     seq_decay: float = 0.7  # each verified draft scales a sequence's earlier evidence by this
-    decay: float = 0.999  # and the overall evidence (a few thousand drafts' memory: acceptance drifts)
-    total: list[float] = field(default_factory=lambda: [0.0, 0.0])  # [accepted, claimed], decayed
-    seqs: dict[str, list[float]] = field(default_factory=dict)  # request -> [accepted, claimed], decayed
+    decay: float = 0.999  # and the depths' evidence (a few thousand drafts' memory: acceptance drifts)
+    depths: np.ndarray = field(default_factory=lambda: np.zeros((2, 65)))  # [accepted; claimed] at depth d, decayed
+    seqs: dict[str, list[float]] = field(default_factory=dict)  # request -> [accepted, predicted], decayed
 
-    def overall(self) -> float:
-        accepted, claimed = self.total
-        return (accepted + self.prior_claims * self.prior_ratio) / (claimed + self.prior_claims)
+    def predicted(self, draft: Draft, nodes: int) -> np.ndarray:
+        """[nodes] each node's chance by its path probability and its depth's ratio."""
+        depth = np.minimum(np.asarray(draft.node_depths[:nodes], dtype=np.intp), self.depths.shape[1] - 1)
+        accepted, claimed = self.depths[:, depth]
+        ratio = (accepted + self.prior_claims * self.prior_ratio) / (claimed + self.prior_claims)
+        return ratio * np.asarray(draft.path_probs()[:nodes], dtype=np.float64)
 
-    def ratio(self, request_id: str) -> float:
-        accepted, claimed = self.seqs.get(request_id, (0.0, 0.0))
-        return (accepted + self.shrink * self.overall()) / (claimed + self.shrink)
+    def chances(self, request_id: str, draft: Draft, nodes: int) -> np.ndarray:
+        """[nodes] each node's chance of acceptance: its prediction scaled by how its sequence beat predictions."""
+        accepted, predicted = self.seqs.get(request_id, (0.0, 0.0))
+        return np.clip(self.predicted(draft, nodes) * (accepted + self.shrink) / (predicted + self.shrink), 0.0, 1.0)
 
-    def observe(self, request_id: str, claimed: float, accepted: int) -> None:
+    def observe(self, request_id: str, draft: Draft, accepted: int) -> None:
+        """`draft` was verified and its first `accepted` depths were accepted."""
         seq = self.seqs.setdefault(request_id, [0.0, 0.0])
-        for evidence, decay in ((seq, self.seq_decay), (self.total, self.decay)):
-            evidence[0] = decay * evidence[0] + accepted
-            evidence[1] = decay * evidence[1] + claimed
+        seq[:] = self.seq_decay * seq[0] + accepted, self.seq_decay * seq[1] + self.predicted(draft, len(draft)).sum()
+        depth = np.minimum(np.asarray(draft.node_depths, dtype=np.intp), self.depths.shape[1] - 1)
+        self.depths *= self.decay
+        self.depths[0, 1 : accepted + 1] += 1.0
+        np.add.at(self.depths[1], depth, draft.path_probs())
 
 
 @dataclass
 class AutoBudget:
     cost: CostModel
     max_nodes: int = 16  # per sequence and step
-    length_aware: bool = True
+    length_aware: bool = True  # rank by length class (3. above)
     acceptance: Acceptance = field(default_factory=Acceptance)
     lengths: LengthClasses = field(default_factory=LengthClasses)
     clock: StepClock = field(init=False)
@@ -131,18 +129,12 @@ class AutoBudget:
         self.clock = StepClock(self.cost)
 
     def max_draft(self, batch: int, prefill: bool = False) -> int:
-        # A prefill step is not drafted: a draft beside a prompt saves its sequence at most one decode step, while
-        # the step it rides on is its batch's dearest (measured on the RL workload: +47% on the prefill step for
-        # about two tokens per sequence).
+        # A draft beside a prompt saves its sequence at most one decode step, on its batch's dearest step (measured on
+        # the RL workload: +47% on the prefill step for about two tokens per sequence).
         if prefill:
             return 0
         # Proposing costs time per node asked: twice what was last kept lets the selection grow, doubling per step.
         return min(self.max_nodes, max(4, 2 * self._kept.get(batch_bucket(batch), self.max_nodes // 2)))
-
-    def node_chances(self, it: BudgetItem) -> np.ndarray:
-        """Each node's chance of acceptance, in draft order."""
-        claimed = np.asarray(it.draft.path_probs()[: self.max_nodes], dtype=np.float64)
-        return np.clip(self.acceptance.ratio(it.request_id) * claimed, 0.0, 1.0)
 
     def select(self, items: list[BudgetItem], waiting: int = 0) -> Selection:
         b = len(items)
@@ -153,25 +145,38 @@ class AutoBudget:
             weights = np.clip(remaining / remaining.mean(), 0.25, 4.0)
         else:  # requests queue: a sequence that ends hands its slot on, and every token counts the same
             weights = np.ones(b)
-        chances = [self.node_chances(it) for it in items]
+        chances = [self.acceptance.chances(it.request_id, it.draft, self.max_nodes) for it in items]
         owner = np.concatenate([np.full(len(c), i) for i, c in enumerate(chances)])
         position = np.concatenate([np.arange(len(c)) for c in chances])
         # Best first by weighted chance; each draft's are capped by a running minimum so that it is taken as a prefix.
         priority = np.concatenate([np.minimum.accumulate(w * c) for w, c in zip(weights, chances)])
         order = np.lexsort((position, -priority))
-        taken_gain = b + np.concatenate([[0.0], np.cumsum(np.concatenate(chances)[order])])
-        base_tokens = sum(it.pending for it in items)
-        best = int(np.argmax(taken_gain / self.clock.seconds(base_tokens + np.arange(len(order) + 1), b)))
-        return _selection(items, np.bincount(owner[order[:best]], minlength=b).tolist())
+        base = sum(it.pending for it in items)
+        gain = b + np.concatenate([[0.0], np.cumsum(np.concatenate(chances)[order])])  # [P + 1] per prefix
+        drafted = np.concatenate([[0], np.cumsum(position[order] == 0)])  # [P + 1] sequences with a node
+        rate = gain / self.clock.seconds(base + np.arange(len(order) + 1), b, drafted)
+        # Where unequal lengths cost (g > 0), equal lengths for all, K = 1, 2, ..., may beat every prefix above.
+        if self.clock.fit(b)[2] > 0:
+            lengths = np.array([len(c) for c in chances])
+            table = np.zeros((b, lengths.max()))  # [B, N] chances, 0 past a draft's end
+            table[owner, position] = np.concatenate(chances)
+            k = np.arange(1, table.shape[1] + 1)  # [N] candidate lengths
+            even_tokens = base + np.minimum(lengths[:, None], k).sum(axis=0)  # [N]
+            even_ragged = np.where((lengths[:, None] < k).any(axis=0) & (lengths > 0).any(), (lengths > 0).sum(), 0)
+            even_rate = (b + table.cumsum(axis=1).sum(axis=0)) / self.clock.seconds(even_tokens, b, even_ragged)
+            if even_rate.max() > rate.max():
+                return _selection(items, np.minimum(lengths, int(np.argmax(even_rate)) + 1).tolist())
+        return _selection(items, np.bincount(owner[order[: int(np.argmax(rate))]], minlength=b).tolist())
 
     def feedback(self, request_id: str, draft: Draft, accepted: list[int]) -> None:
-        self.acceptance.observe(request_id, float(np.sum(draft.path_probs())), len(accepted))
+        self.acceptance.observe(request_id, draft, len(accepted))
 
     def observe_step(self, selection: Selection, seconds: float, draft_seconds: float = 0.0) -> None:
         if selection.prefill or seconds <= 0:  # a prompt's step is neither a decoding step's cost nor its drafts'
             return
-        batch = len(selection.counts)
-        self.clock.observe(selection.new_tokens, batch, max(seconds - draft_seconds, 1e-6))
+        batch, counts = len(selection.counts), selection.counts
+        ragged = sum(n > 0 for n in counts) if min(counts) != max(counts) else 0
+        self.clock.observe(selection.new_tokens, batch, max(seconds - draft_seconds, 1e-6), ragged)
         self._kept[batch_bucket(batch)] = max(selection.counts, default=0)
 
     def finished(self, request_id: str, prompt_key: str | None, length: int) -> None:

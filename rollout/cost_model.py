@@ -1,8 +1,5 @@
-"""What a step costs on this machine: a curve probed once at start-up, fitted to what the run's steps take.
-
-`CostModel` is t(M, B), the seconds of a forward with M new tokens from B sequences, interpolated from the probe's
-grid (rollout/engine/cost_probe.py; the vLLM backend's `probe_cost`). `StepClock` corrects it online.
-"""
+"""What a step costs on this machine: `CostModel`, the curve probed once at start-up (rollout/engine/cost_probe.py;
+the vLLM backend's `probe_cost`), and `StepClock`, which fits it to what the run's steps take."""
 
 from __future__ import annotations
 
@@ -24,9 +21,7 @@ class CostModel:
 
     def _curve(self, b: int, m: np.ndarray) -> np.ndarray:
         pts = self.grid[b]
-        ms = np.array([p[0] for p in pts], dtype=np.float64)
-        ts = np.array([p[1] for p in pts], dtype=np.float64)
-        m = np.asarray(m, dtype=np.float64)
+        ms, ts = np.array(pts, dtype=np.float64).T  # [P] tokens, [P] seconds
         if len(pts) == 1:
             return ts[0] * np.maximum(m, 1) / max(ms[0], 1)
         slope = (ts[-1] - ts[-2]) / max(ms[-1] - ms[-2], 1)
@@ -34,7 +29,7 @@ class CostModel:
         return np.where(m > ms[-1], ts[-1] + slope * (m - ms[-1]), np.interp(m, ms, ts))
 
     def times(self, m: np.ndarray, b: int) -> np.ndarray:
-        """t(M, B) for many M at once: between measured batch sizes, interpolated in log B."""
+        """t(M, B) for an array of M: between measured batch sizes, interpolated in log B."""
         lo = max([x for x in self._bs if x <= b] or self._bs[:1])
         hi = min([x for x in self._bs if x >= b] or self._bs[-1:])
         w = (math.log(b) - math.log(lo)) / (math.log(hi) - math.log(lo)) if hi > lo else 0.0
@@ -67,39 +62,39 @@ def batch_bucket(batch: int) -> int:
 
 @dataclass
 class StepClock:
-    """Seconds of a real step: f x (the probe's plain step) + a x (what the probe says the extra tokens add).
+    """Seconds of a real step: the probe's plain step x (f + a x the extra tokens' price by the probe, in plain steps
+    + g x the share of sequences drafted when drafts differ in length), per batch bucket by decayed least squares.
 
-    The probe times uniform chains at one context length on an idle machine; a run's steps verify trees at other
-    contexts, sample, keep books and share the machine. A factor on the whole curve would not change any decision
-    (the budget maximises tokens per second), so per batch bucket (f, a) are fitted separately: by least squares,
-    decayed, on every decoding step observed, in units of the probe's plain step, with a prior of (1, 1).
-    """
+    The probe times equal chains on an idle machine; a run's steps verify other shapes and share the machine. One
+    factor on the curve would change no decision (the budget maximises a ratio), so f and a are fitted apart. g prices
+    unequal lengths: the embedded engine then splits attention and copies drafted sequences' caches (batch 64: 212
+    tokens cost what 256 do in equal chains); vLLM's varlen attention leaves it at its prior, 0."""
 
     model: CostModel
     decay: float = 0.95  # weight of a step's evidence after each later step of its bucket
     prior: float = 2.0  # steps' worth of evidence behind the prior
-    _sums: dict[int, np.ndarray] = field(default_factory=dict)  # bucket -> [x0 x0, x0 x1, x1 x1, x0 y, x1 y]
-    PRIOR = np.array([1.0, 0.0, 1.0, 1.0, 1.0])  # (f, a) = (1, 1), as those sums
+    _sums: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # bucket -> (X'X [3, 3], X'y [3])
 
-    def fit(self, batch: int) -> tuple[float, float]:
-        """(f, a) for a step of `batch` sequences, each within [0.5, 8] (a probe and a run differ, not by 10x)."""
-        g00, g01, g11, m0, m1 = self._sums.get(batch_bucket(batch), np.zeros(5)) + self.prior * self.PRIOR
-        f, a = np.linalg.solve([[g00, g01], [g01, g11]], [m0, m1])
-        return float(np.clip(f, 0.5, 8.0)), float(np.clip(a, 0.5, 8.0))
+    def fit(self, batch: int) -> np.ndarray:
+        """[3] (f, a, g) for a step of `batch` sequences, f and a within [0.5, 8], g within [0, 8]."""
+        gram, moment = self._sums.get(batch_bucket(batch), (np.zeros((3, 3)), np.zeros(3)))
+        coef = np.linalg.solve(gram + self.prior * np.eye(3), moment + self.prior * np.array([1.0, 1.0, 0.0]))
+        return np.clip(coef, [0.5, 0.5, 0.0], 8.0)
 
-    def seconds(self, tokens, batch: int):
-        """Seconds of steps of `batch` sequences bringing `tokens` new tokens in all (a number or an array)."""
-        f, a = self.fit(batch)
+    def features(self, tokens, batch: int, ragged=0.0) -> np.ndarray:
+        """[3, T] a step's features in units of the probe's plain step; `ragged`: sequences drafted unequally."""
         plain = self.model(batch, batch)
         curve = self.model.times(np.atleast_1d(np.asarray(tokens, dtype=np.float64)), batch)
-        out = f * plain + a * np.maximum(curve - plain, 0.0)
+        extra, share = np.maximum(curve - plain, 0.0) / plain, np.broadcast_to(np.asarray(ragged) / batch, curve.shape)
+        return np.stack([np.ones_like(curve), extra, share])
+
+    def seconds(self, tokens, batch: int, ragged=0.0):
+        """Seconds of steps of `batch` sequences bringing `tokens` new tokens in all (numbers or arrays)."""
+        out = self.model(batch, batch) * (self.fit(batch) @ self.features(tokens, batch, ragged))
         return out if np.ndim(tokens) else float(out[0])
 
-    def observe(self, tokens: int, batch: int, seconds: float) -> None:
+    def observe(self, tokens: int, batch: int, seconds: float, ragged: int = 0) -> None:
         """A decoding step of `batch` sequences that brought `tokens` new tokens and took `seconds`."""
-        plain = self.model(batch, batch)
-        extra = max(self.model(tokens, batch) - plain, 0.0) / plain
-        y = seconds / plain
-        sums = self._sums.setdefault(batch_bucket(batch), np.zeros(5))
-        sums *= self.decay
-        sums += np.array([1.0, extra, extra * extra, y, extra * y])
+        x, y = self.features(tokens, batch, ragged)[:, 0], seconds / self.model(batch, batch)
+        gram, moment = self._sums.get(batch_bucket(batch), (np.zeros((3, 3)), np.zeros(3)))
+        self._sums[batch_bucket(batch)] = (self.decay * gram + np.outer(x, x), self.decay * moment + x * y)
