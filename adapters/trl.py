@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from adapters.sampling_fields import translate
+from rollout.drafter_health import merged
 from rollout.sampling import SamplingParams
 from rollout.worker import RolloutRequest
 
@@ -50,6 +51,11 @@ class RolloutStats:
     # share of each call's engine time spent with at most SMALL_BATCH sequences running (where the service says)
     small_batch_share: float | None = None
     nospec_small_batch_share: float | None = None
+    # Drafter health (rollout/drafter_health.py), where the service reports it: this policy version's acceptance so
+    # far, the earlier version's it is compared with, and whether it collapsed (a stale drafter; also logged)
+    drafter_acceptance: float | None = None
+    drafter_previous_acceptance: float | None = None
+    drafter_collapsed: bool = False
 
     @property
     def tokens_per_forward(self) -> float:
@@ -108,7 +114,7 @@ class SpecRolloutFunc:
         results = self.service.generate(requests, **mode)
         seconds = time.perf_counter() - t0
         after = _engine_totals(self.service)
-        return seconds, results, {k: after[k] - before[k] for k in after}
+        return seconds, results, {k: after[k] - before[k] for k in TOTALS} | {"health": after["health"]}
 
     def _twins(self, requests: list[RolloutRequest]) -> tuple[float, list, dict, float]:
         """The plain twin (seconds, results, counters), then the oracle twin's seconds."""
@@ -160,6 +166,7 @@ class SpecRolloutFunc:
             engine_forwards=moved.get("target_forwards"),
             small_batch_share=_small_batch_share(moved),
             nospec_small_batch_share=_small_batch_share(nospec_moved),
+            **moved["health"],
         )
         self.history.append(stats)
         if self.on_rollouts is not None:
@@ -180,7 +187,7 @@ TOTALS = ("step_seconds", "small_batch_seconds", "target_forwards")
 def _engine_totals(service) -> dict:
     """The counters in TOTALS summed over the service's replicas (RolloutService.stats)."""
     rows = service.stats()
-    return {k: sum(r[k] for r in rows) for k in TOTALS}
+    return {k: sum(r[k] for r in rows) for k in TOTALS} | {"health": merged(rows)}
 
 
 def _small_batch_share(moved: dict) -> float | None:

@@ -5,11 +5,16 @@ entry point of the group `verl.plugins`. This package declares one (pyproject.to
 importing it registers:
 
 - "specrollout" in `RolloutReplicaRegistry` -> `SpecRolloutReplica`, which verl's `LLMServerManager` builds for each
-  replica. Instead of vLLM's HTTP server it starts one Ray actor, `SpecRolloutServer`, that hosts our engine.
+  replica. It starts one Ray actor, `SpecRolloutServer`, that hosts our engine and serves it twice over: to verl's
+  `LLMServerClient` through the actor handle (`generate`), and as vLLM's OpenAI-compatible HTTP API
+  (adapters/vllm_server.py) on a free port of the actor's node, whose "ip:port" is the replica's `server_address`,
+  as with verl's vLLM replica (for agent loops, reward loops and user code that talk HTTP).
 - ("specrollout", "async") in verl's rollout-class table -> `SpecRolloutServerAdapter`, the trainer-side object that
   verl's hybrid workers build to push new weights to the rollout (here: to the server actor, over Ray).
 
 `SpecRolloutServer.generate` has the signature verl's `LLMServerClient` calls (token ids in, `TokenOutput` out).
+The HTTP routes (/v1/completions, /v1/chat/completions, /v1/models, /health, ...) reach the same engine, so requests
+from both paths batch together, share the policy version, and pause together while verl syncs weights.
 Tokens are sampled exactly from the policy (rollout/verify.py) and every token comes back with its logprob under
 the processed distribution; the speculation counters go into `extra_fields` under the names verl's trainer reads
 for `rollout/spec_accept_rate` and `rollout/spec_accept_length`.
@@ -37,6 +42,7 @@ from verl.workers.rollout.base import _ROLLOUT_REGISTRY, BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, RolloutReplicaRegistry, TokenOutput
 
 from adapters.sampling_fields import translate
+from adapters.vllm_server import BackgroundServer, CompletionServer, HTTPError, ServerConfig
 from rollout.config import ServiceConfig, load_config
 from rollout.frontend import validate_prompt
 from rollout.history import prompt_key
@@ -115,23 +121,6 @@ def to_token_output(result: RolloutResult, logprobs: bool, global_steps: int | N
 # ---------------------------------------------------------------------------------------------------- server actor
 
 
-class _Worker(RolloutWorker):
-    """RolloutWorker (continuous batching across concurrent calls) plus aborting requests in flight."""
-
-    def abort(self, request_ids: list[str] | None = None) -> int:
-        """Abort the given requests (default: all in flight); their callers get the partial rollout with
-        finish_reason "abort", which verl's partial rollout resumes from. Returns how many were aborted."""
-        aborted = 0
-        for rid in list(self._futures) if request_ids is None else request_ids:
-            future = self._futures.pop(rid, None)
-            result = self.engine.abort(rid)
-            if future is not None and result is not None and not future.done():
-                result.worker = self.index
-                future.set_result(result)
-                aborted += 1
-        return aborted
-
-
 class SpecRolloutServer:
     """One engine replica serving verl's token-in-token-out calls. Wrapped with `ray.remote` by the replica.
 
@@ -142,14 +131,26 @@ class SpecRolloutServer:
     def __init__(self, service_config: ServiceConfig, rollout_config, replica_rank: int = 0):
         self.config = rollout_config
         self.replica_rank = replica_rank
-        self.worker = _Worker(service_config, index=replica_rank)
+        self.model = service_config.engine.model
+        self.worker = RolloutWorker(service_config, index=replica_rank)
         self.global_steps: int | None = None
         self._open = asyncio.Event()
         self._open.set()
         self._reject = False
+        self._http: BackgroundServer | None = None
+        self._http_address: str | None = None
 
     async def health(self) -> dict:
         return self.worker.health()
+
+    async def _admit(self) -> bool:
+        """Wait while a weight sync holds admission closed (both the Ray and the HTTP path); False when verl asked
+        for new requests to be rejected rather than parked."""
+        if not self._open.is_set():
+            if self._reject:
+                return False
+            await self._open.wait()
+        return True
 
     async def generate(
         self,
@@ -164,12 +165,8 @@ class SpecRolloutServer:
     ) -> TokenOutput:
         if image_data is not None or video_data is not None or audio_data is not None or mm_processor_kwargs:
             raise ValueError("specrollout serves text-only models: image, video and audio inputs are not supported")
-        if not self._open.is_set():  # paused for a weight update
-            if self._reject:
-                return TokenOutput(
-                    token_ids=[], stop_reason="aborted", extra_fields={"global_steps": self.global_steps}
-                )
-            await self._open.wait()
+        if not await self._admit():  # paused for a weight update, and told to turn requests away
+            return TokenOutput(token_ids=[], stop_reason="aborted", extra_fields={"global_steps": self.global_steps})
         engine = self.worker.engine
         # The engine's own check (integer ids inside the vocabulary, room to generate), before anything else reads them.
         prompt_ids = validate_prompt(prompt_ids, engine.vocab_size, engine.max_model_len)
@@ -184,6 +181,46 @@ class SpecRolloutServer:
         request = RolloutRequest(str(request_id), prompt_ids, params, group=group_of(prompt_ids))
         (result,) = await self.worker.generate([request])
         return to_token_output(result, logprobs, self.global_steps)
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def start_http(self, tokenizer_path: str | None = None) -> str:
+        """Serve vLLM's OpenAI-compatible API over this actor's engine; returns its "ip:port" (verl's format).
+
+        uvicorn runs in a thread of this actor and binds a port the OS picks on the node's IP, as verl's vLLM server
+        does. Its handlers hand their requests to the engine on this actor's event loop (`_OnActorLoop`), where
+        verl's calls run too: one engine, one batch, one policy version.
+        """
+        if self._http is not None:
+            return self._http_address
+        from transformers import AutoTokenizer
+
+        from rollout.checkpoint import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or resolve_model(self.model))
+        host = ray.util.get_node_ip_address().strip("[]")
+        service = _OnActorLoop(self, asyncio.get_running_loop())
+        # port 0: the OS picks a free port at bind time, so nothing can take it between choosing and binding. The
+        # model's id is the path verl gave (as vLLM, which verl starts with `serve <local_path>`, names it).
+        core = _ReplicaCompletionServer(service, tokenizer, ServerConfig(host=host, port=0), model_name=self.model)
+        # __enter__ waits (blocking) for uvicorn to bind; verl's calls wait meanwhile, and there are none yet.
+        self._http = BackgroundServer(core).__enter__()
+        port = self._http.uvicorn.servers[0].sockets[0].getsockname()[1]
+        self._http_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        logger.info("replica %d: OpenAI-compatible API on http://%s", self.replica_rank, self._http_address)
+        return self._http_address
+
+    async def _generate_http(self, requests: list[RolloutRequest]) -> list[RolloutResult]:
+        """An HTTP call's requests, on this actor's loop: through the same admission gate as verl's `generate`,
+        and grouped by prompt as verl's are, so HTTP samples of a prompt draft from each other and from verl's."""
+        if not await self._admit():
+            raise HTTPError(503, "the replica is paused for a weight update and turns new requests away")
+        engine = self.worker.engine
+        # Checked before the prompt is hashed into its group name (a bad id is a 400 there, not a crash here).
+        for r in requests:
+            validate_prompt(r.prompt_token_ids, engine.vocab_size, engine.max_model_len)
+        requests = [replace(r, group=group_of(r.prompt_token_ids)) for r in requests]
+        return await self.worker.generate(requests)
 
     # ------------------------------------------------------------------ weights
 
@@ -241,6 +278,59 @@ class SpecRolloutServer:
     async def stop_profile(self) -> None: ...
 
 
+class _OnActorLoop:
+    """The server actor's worker as the blocking service `CompletionServer` expects.
+
+    The HTTP handlers run in uvicorn's thread pool; the worker's engine belongs to the actor's event loop (its step
+    loop runs there, between verl's calls). Each call is therefore handed to that loop and waited for, so the engine
+    is only ever touched from one thread.
+    """
+
+    def __init__(self, server: SpecRolloutServer, loop: asyncio.AbstractEventLoop):
+        self.server, self.loop = server, loop
+
+    @property
+    def max_model_len(self) -> int:
+        return self.server.worker.engine.max_model_len
+
+    @property
+    def policy_version(self) -> int:
+        return self.server.worker.engine.policy_version
+
+    def generate(self, requests: list[RolloutRequest]) -> list[RolloutResult]:
+        return asyncio.run_coroutine_threadsafe(self.server._generate_http(requests), self.loop).result()
+
+    def abort(self, request_ids: list[str]) -> int:
+        """End these requests early (their HTTP client left); they finish with what they have, as verl's aborts.
+        Having `abort` also tells the HTTP server that this service batches concurrent calls itself."""
+
+        async def on_loop() -> int:
+            return self.server.worker.abort(list(request_ids))
+
+        return asyncio.run_coroutine_threadsafe(on_loop(), self.loop).result()
+
+    def update_weights(self, named_tensors, version: int | None = None) -> int:
+        raise ValueError(WEIGHTS_FROM_VERL)
+
+
+WEIGHTS_FROM_VERL = (
+    "a verl replica's weights come from verl's weight sync (one policy version per global step); "
+    "the HTTP weight routes are not served here"
+)
+
+
+class _ReplicaCompletionServer(CompletionServer):
+    """`CompletionServer` as a verl replica serves it: the weight routes are refused, since verl owns the weights
+    and pauses both paths around each sync. Calls run concurrently (the service has `abort`), and the actor's worker
+    batches them continuously: an agent loop sends many n=1 requests at once."""
+
+    def init_weight_transfer(self, info) -> dict:
+        raise HTTPError(501, WEIGHTS_FROM_VERL)
+
+    def legacy_init_communicator(self, body) -> dict:
+        raise HTTPError(501, WEIGHTS_FROM_VERL)
+
+
 # ---------------------------------------------------------------------------------------------------- replica
 
 
@@ -268,7 +358,8 @@ def _get(config, key: str):
 
 
 class SpecRolloutReplica(RolloutReplica):
-    """One specrollout engine per replica, in its own Ray actor on CPUs (no GPU resource pool, no HTTP server).
+    """One specrollout engine per replica, in its own Ray actor on CPUs (no GPU resource pool), serving verl's Ray
+    calls and, at `server_address`, the OpenAI-compatible HTTP API.
 
     verl sizes replicas by GPUs: the number of replicas is n_gpus_per_node * nnodes / (tp * dp * pp), so on a CPU
     machine set tensor_model_parallel_size=1 and n_gpus_per_node to the number of engines wanted.
@@ -328,8 +419,11 @@ class SpecRolloutReplica(RolloutReplica):
         await server.health.remote()  # the engine is loaded: errors surface here, not at the first request
         self.servers = [server]
         self._server_handle = server
-        # No HTTP endpoint: the address only names this server in verl's load balancer.
-        self._server_address = f"{NAME}://{server_name(self.replica_rank, self.name_suffix)}"
+        # "ip:port" of the OpenAI-compatible API over the same engine, as verl's vLLM replica sets it; verl's load
+        # balancer also keys the replica's handle by it.
+        mc = self.model_config
+        tokenizer = _get(mc, "local_tokenizer_path") or _get(mc, "tokenizer_path")
+        self._server_address = await server.start_http.remote(os.path.expanduser(str(tokenizer)) if tokenizer else None)
 
 
 def server_name(replica_rank: int, name_suffix: str = "") -> str:

@@ -30,8 +30,12 @@ a 400 naming it, never silently ignored. It binds 127.0.0.1 unless told otherwis
 """
 
 # No `from __future__ import annotations`: FastAPI reads the body models from the handlers' annotations at runtime.
+import asyncio
 import dataclasses
+import functools
 import inspect
+import ipaddress
+import logging
 import secrets
 import threading
 import time
@@ -44,12 +48,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.sampling_fields import translate
+from adapters.server_runtime import Admission, Call, QueueFull, WeightGate, runner_for
 from adapters.weight_transfer import broadcast, gloo_group, parse_dtype
 from rollout.result import RolloutResult
 from rollout.sampling import SamplingParams, sample_seed
 from rollout.tasks import chat_ids
 from rollout.weights import WeightStager, to_host
 from rollout.worker import RolloutRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,12 +65,31 @@ class ServerConfig:
     port: int = 8000
     model_name: str | None = None  # the id /v1/models reports; default: the engine's model
     group_timeout_s: float = 300.0  # rendezvous and broadcast timeout of the weight group
+    # Every route but /health needs `Authorization: Bearer <api_key>` when set (`vllm serve --api-key`).
+    api_key: str | None = None
+    # Per request: at most max_n completions per prompt (a 400 beyond). vLLM has no such bound; GRPO groups are
+    # rarely above 64, and one request of n=100000 would hold the engine for hours.
+    max_n: int = 64
+    # Across requests: at most this many completions queued or running; a request that would go beyond gets a 429
+    # (one that could never fit, a 400). Room for a large GRPO batch in one request (e.g. 256 prompts x 16).
+    max_queued_seqs: int = 4096
+    # On shutdown (SIGTERM, SIGINT): requests in flight get this long to finish, then are aborted.
+    shutdown_grace_s: float = 5.0
+    # How often a generating request checks whether its client is still connected (and aborts when not).
+    disconnect_poll_s: float = 0.25
+
+    def __post_init__(self):
+        for name in ("max_n", "max_queued_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 # ---------------------------------------------------------------------------------------------------- request bodies
@@ -141,9 +167,9 @@ class ChatBody(_CommonSampling):
 
     def sampling_fields(self, room: int) -> dict:
         """vLLM's sampling fields of this request, mapped as vLLM's ChatCompletionRequest maps them; `room`: the
-        tokens the context leaves after the prompt (the default max_tokens, and a cap on any other)."""
+        tokens the context leaves after the prompt (the default max_tokens; a larger one is refused, as by vLLM)."""
         fields = self.model_dump(include=set(_CommonSampling.model_fields))
-        fields["max_tokens"] = min(self.max_completion_tokens or self.max_tokens or room, room)
+        fields["max_tokens"] = self.max_completion_tokens or self.max_tokens or room
         fields["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
         return fields
 
@@ -210,8 +236,14 @@ class CompletionServer:
         self.tokenizer = tokenizer
         self.config = config or ServerConfig()
         self.model_name = self.config.model_name or model_name
-        # The engine runs one batch at a time, and weights may change only between rollouts: one lock orders both.
-        self._lock = threading.RLock()
+        # Requests generate concurrently (the engine batches them) and can be aborted; weights change only while no
+        # rollout is in flight (the gate); the sequences waiting or running are bounded (admission).
+        self._runner = runner_for(service)
+        self._gate = WeightGate()
+        self._admission = Admission(self.config.max_queued_seqs)
+        self._live: set[Call] = set()  # calls generating now, for shutdown to abort
+        self._live_lock = threading.Lock()
+        self._closing = False
         self._group = None
         self._src_rank = 0  # the trainer's rank in the weight group
         # Received tensors wait here until applied as one policy version. An in-process engine checks each on
@@ -248,32 +280,121 @@ class CompletionServer:
             raise HTTPError(400, str(e)) from e
         return params, n, (secrets.randbits(62) if params.seed is None else params.seed)
 
-    def generate(self, prompts: list[list[int]], fields: dict) -> list[RolloutResult]:
-        """n completions per prompt, prompt-major; a prompt's completions form one group."""
-        params, n, seed = self._sampling(fields)
-        call = uuid.uuid4().hex[:12]
-        requests = []
+    # -------------------------------------------------------------------- limits, admission, aborts
+
+    def admit(self, prompts: int, n: int) -> Call:
+        """Admit a request for `prompts` x `n` completions against the limits, before anything else is done with
+        it: a 400 naming the limit when it is over a per-request one, a 429 when the queue has no room now."""
+        if n > self.config.max_n:
+            raise HTTPError(400, f"n={n} is over this server's limit of {self.config.max_n} completions per prompt")
+        count = prompts * n
+        if count > self.config.max_queued_seqs:
+            raise HTTPError(
+                400,
+                f"this request asks for {count} completions ({prompts} prompts x n={n}); this server queues at most "
+                f"{self.config.max_queued_seqs} (max_queued_seqs)",
+            )
+        if self._closing:
+            raise HTTPError(503, "the server is shutting down")
+        try:
+            self._admission.admit(count)
+        except QueueFull as e:
+            raise HTTPError(429, f"too much work queued: {e}; retry later", {"Retry-After": "1"}) from e
+        return Call(sequences=count)
+
+    def release(self, call: Call) -> None:
+        self._admission.release(call.sequences)
+        call.sequences = 0
+
+    def abort(self, call: Call) -> int:
+        """End a call's generation early (its client left, or the server stops); safe to repeat: a call whose
+        requests have not reached the engine yet is aborted by a later repeat, or before it starts."""
+        call.aborted = True
+        return self._runner.abort(call.request_ids) if call.request_ids else 0
+
+    def close(self, grace_s: float = 0.0) -> None:
+        """Refuse new generations, let those in flight run for `grace_s`, then abort them and wait for them to end
+        (shutdown: nothing keeps generating for a client that is gone)."""
+        self._closing = True
+        deadline = time.monotonic() + grace_s
+        while self._live and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for call in list(self._live):
+            self.abort(call)
+        deadline = time.monotonic() + 30
+        while self._live and time.monotonic() < deadline:
+            time.sleep(0.05)
+            for call in list(self._live):
+                self.abort(call)  # requests still in transit to a worker when first aborted
+        self._runner.close()
+
+    def _check_lengths(self, prompts: list[list[int]], max_tokens: int, name: str) -> None:
+        """max_tokens against the context each prompt leaves: a 400 naming both, as vLLM answers."""
+        limit = self.service.max_model_len
         for i, ids in enumerate(prompts):
-            for j in range(n):
-                index = i * n + j
-                seeded = dataclasses.replace(params, seed=sample_seed(seed, index))
-                requests.append(RolloutRequest(f"http-{call}-{index}", ids, seeded, group=f"http-{call}-{i}"))
-        with self._lock:
+            room = limit - len(ids)
+            if room < 1:
+                raise HTTPError(
+                    400, f"prompt[{i}] has {len(ids)} tokens; max_model_len is {limit}: no room to generate"
+                )
+            if max_tokens > room:
+                raise HTTPError(
+                    400,
+                    f"{name}={max_tokens} is more than the context leaves: prompt[{i}] has {len(ids)} tokens and "
+                    f"max_model_len is {limit}, so {name} can be at most {room}",
+                )
+
+    # -------------------------------------------------------------------- generation
+
+    def generate(
+        self, prompts: list[list[int]], fields: dict, call: Call | None = None, max_tokens_name: str = "max_tokens"
+    ) -> list[RolloutResult]:
+        """n completions per prompt, prompt-major; a prompt's completions form one group. `call`: admitted already
+        (HTTP admits before the body reaches a thread); without one, the request is admitted here."""
+        params, n, seed = self._sampling(fields)
+        own = call is None
+        call = self.admit(len(prompts), n) if own else call
+        try:
+            self._check_lengths(prompts, params.max_tokens, max_tokens_name)
+            requests = []
+            for i, ids in enumerate(prompts):
+                for j in range(n):
+                    index = i * n + j
+                    seeded = dataclasses.replace(params, seed=sample_seed(seed, index))
+                    requests.append(RolloutRequest(f"http-{call.id}-{index}", ids, seeded, group=f"http-{call.id}-{i}"))
             self._commit_legacy()
-            try:
-                return self.service.generate(requests)
-            except ValueError as e:  # a prompt over the max length, a bad token id, a backend's refusal, ...
-                raise HTTPError(400, str(e)) from e
+            with self._gate.shared():
+                results = self._run(call, requests)
+        finally:
+            if own:
+                self.release(call)
+        if call.aborted:  # partial rollouts are never answered: the client is gone or the server is stopping
+            raise HTTPError(499, "the request was aborted before it finished")
+        return results
+
+    def _run(self, call: Call, requests: list[RolloutRequest]) -> list[RolloutResult]:
+        if call.aborted or self._closing:
+            raise HTTPError(503 if self._closing else 499, "the request was aborted before it started")
+        call.request_ids = [r.request_id for r in requests]
+        with self._live_lock:
+            self._live.add(call)
+        try:
+            return self._runner.generate(requests)
+        except ValueError as e:  # a bad token id, a backend's refusal, ...
+            raise HTTPError(400, str(e)) from e
+        finally:
+            with self._live_lock:
+                self._live.discard(call)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise HTTPError(404, f"model {model!r} is not served here; /v1/models lists {self.model_name!r}")
 
-    def completions(self, body: CompletionBody) -> dict:
+    def completions(self, body: CompletionBody, call: Call | None = None) -> dict:
         self._check_model(body.model)
         if body.stream or body.echo:
             raise HTTPError(400, "stream and echo are not supported")
-        results = self.generate(self._prompt_ids(body.prompt), body.sampling_fields())
+        results = self.generate(self._prompt_ids(body.prompt), body.sampling_fields(), call)
         as_ids = body.return_tokens_as_token_ids
         choices = []
         for index, r in enumerate(results):
@@ -290,7 +411,7 @@ class CompletionServer:
             choices.append(choice)
         return self._response("cmpl", "text_completion", choices, results, body.n)
 
-    def chat_completions(self, body: ChatBody) -> dict:
+    def chat_completions(self, body: ChatBody, call: Call | None = None) -> dict:
         self._check_model(body.model)
         if body.stream:
             raise HTTPError(400, "stream is not supported")
@@ -304,7 +425,8 @@ class CompletionServer:
                 f"messages: the rendered prompt has {len(prompt)} tokens; max_model_len is "
                 f"{self.service.max_model_len}, which leaves no room to generate",
             )
-        results = self.generate([prompt], body.sampling_fields(room))
+        name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        results = self.generate([prompt], body.sampling_fields(room), call, name)
         choices = []
         for index, r in enumerate(results):
             choice = {
@@ -333,7 +455,7 @@ class CompletionServer:
             "usage": _usage(results, n),
         }
 
-    def legacy_generate(self, body: LegacyGenerateBody) -> dict:
+    def legacy_generate(self, body: LegacyGenerateBody, call: Call | None = None) -> dict:
         if body.images:
             raise HTTPError(400, "images are not supported")
         if body.structured_outputs_regex is not None:
@@ -345,7 +467,7 @@ class CompletionServer:
         except ValidationError as e:
             raise HTTPError(400, f"generation_kwargs: {_describe(e)}") from e
         prompts = self._prompt_ids(body.prompts)
-        results = self.generate(prompts, merged.sampling_fields())
+        results = self.generate(prompts, merged.sampling_fields(), call)
         # trl vllm-serve's layout: per position the sampled token and the top-N, likeliest first.
         ranked = [_ranked(r) for r in results]
         return {
@@ -455,6 +577,12 @@ class CompletionServer:
                 "weight_transfer_config": {"backend": "gloo" if not torch.cuda.is_available() else "nccl"},
             },
             "policy_version": self.service.policy_version,
+            "limits": {
+                "max_n": self.config.max_n,
+                "max_queued_seqs": self.config.max_queued_seqs,
+                "queued_seqs": self._admission.queued,
+                "max_model_len": self.service.max_model_len,
+            },
         }
 
     # -------------------------------------------------------------------- weights
@@ -543,21 +671,27 @@ class CompletionServer:
 
     def _commit_legacy(self) -> None:
         if len(self._staged) and not self._updating:
-            self._apply(self._staged.commit())
+            with self._gate.exclusive():
+                if len(self._staged) and not self._updating:  # not committed by a concurrent request meanwhile
+                    self._load(self._staged.commit())
 
     def _apply(self, staged: list[tuple[str, torch.Tensor]]) -> int:
-        with self._lock:
-            if not staged:
-                return self.service.policy_version
-            try:
-                return self.service.update_weights([(n, t.float()) for n, t in staged])
-            except (ValueError, TypeError) as e:  # wrong names or shapes: checked before anything is written
-                raise HTTPError(400, str(e)) from e
+        with self._gate.exclusive():  # after the rollouts in flight, before any that waits
+            return self._load(staged)
+
+    def _load(self, staged: list[tuple[str, torch.Tensor]]) -> int:
+        """Apply staged tensors as one policy version; the caller holds the gate exclusively."""
+        if not staged:
+            return self.service.policy_version
+        named = [(n, t.float()) for n, t in staged]
+        try:
+            return self._runner.exclusive(lambda: self.service.update_weights(named))
+        except (ValueError, TypeError) as e:  # wrong names or shapes: checked before anything is written
+            raise HTTPError(400, str(e)) from e
 
     def reset_prefix_cache(self) -> dict:
         # No cross-request prefix cache to drop; pending legacy weights are applied here, as TRL resets after a sync.
-        with self._lock:
-            self._commit_legacy()
+        self._commit_legacy()
         return {"success": True}
 
 
@@ -648,21 +782,97 @@ def _template_arguments(tokenizer) -> set[str]:
 # ------------------------------------------------------------------------------------------------------------ HTTP
 
 
+# Routes open without the API key: a load balancer's or a client's liveness probe (vLLM's and trl <= 1.10's).
+PUBLIC_ROUTES = ("/health", "/health/")
+# What an open server lets anyone replace: the policy's weights.
+WEIGHT_ROUTES = (
+    "/init_weight_transfer_engine",
+    "/start_weight_update",
+    "/update_weights",
+    "/finish_weight_update",
+    "/init_communicator/",
+    "/update_named_param/",
+)
+
+
+def open_bind_warning(config: ServerConfig) -> str | None:
+    """The warning for a server that listens beyond loopback without a key; None when it does not."""
+    if config.api_key:
+        return None
+    try:
+        loopback = config.host == "localhost" or ipaddress.ip_address(config.host).is_loopback
+    except ValueError:  # a host name other than localhost: assume reachable from elsewhere
+        loopback = False
+    if loopback:
+        return None
+    return (
+        f"serving on {config.host}:{config.port} without an API key: anyone who can reach this address can replace "
+        f"the policy's weights ({', '.join(WEIGHT_ROUTES)}) and generate; set --api-key or SPECROLLOUT_API_KEY"
+    )
+
+
+class RequireAPIKey:
+    """ASGI middleware: every route but PUBLIC_ROUTES needs `Authorization: Bearer <key>`, checked before the body
+    is read or anything runs (a middleware, not a route dependency: FastAPI parses bodies before dependencies, and
+    unknown paths are covered too)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        from fastapi.responses import JSONResponse
+        from fastapi.security.utils import get_authorization_scheme_param
+        from starlette.datastructures import Headers
+
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_ROUTES:
+            scheme, token = get_authorization_scheme_param(Headers(scope=scope).get("authorization"))
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), self.key):
+                message = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
+                response = JSONResponse(
+                    {"error": {"message": message, "code": 401}},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _asked(body) -> tuple[int, int]:
+    """(prompts, n) a generation body asks for, read before any tokenizing: what admission counts."""
+    if isinstance(body, ChatBody):
+        return 1, body.n
+    if isinstance(body, LegacyGenerateBody):
+        prompts, n = len(body.prompts), body.generation_kwargs.get("n", body.n)
+    else:
+        p = body.prompt
+        prompts, n = (1 if isinstance(p, str) or (p and isinstance(p[0], int)) else len(p)), body.n
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        n = 1  # a bad generation_kwargs n: refused with its message once the fields are validated
+    return max(prompts, 1), n
+
+
 def build_app(server: CompletionServer):
     """The FastAPI app; every body is validated against the models above."""
+    import anyio
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
+    cfg = server.config
     app = FastAPI(title="specrollout", docs_url=None, redoc_url=None)
+    if cfg.api_key:
+        app.add_middleware(RequireAPIKey, key=cfg.api_key)
+    warning = open_bind_warning(cfg)
+    if warning:
+        log.warning(warning)
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "code": status}}, status_code=status)
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "code": status}}, status_code=status, headers=headers)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError):
-        return error(exc.status, exc.message)
+        return error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -671,9 +881,35 @@ def build_app(server: CompletionServer):
         )
         return error(400, f"invalid request: {details}")
 
-    def route(method: str, path: str, handler, body_model=None):
-        # Handlers block (generation, collective receives): they run in the thread pool, not on the event loop.
-        if body_model is None:
+    # Each admitted generation waits in a thread of its own (the engine batches them): as many threads as the queue
+    # bound admits, not the 40 of the shared pool, which would make the 41st request wait behind long ones.
+    generation_threads = anyio.CapacityLimiter(cfg.max_queued_seqs)
+
+    async def generate(request: Request, handler, body):
+        call = server.admit(*_asked(body))  # 400 / 429 at once, before the body reaches a thread
+        try:
+            work = functools.partial(handler, body, call)
+            task = asyncio.ensure_future(anyio.to_thread.run_sync(work, limiter=generation_threads))
+            while not task.done():
+                await asyncio.wait({task}, timeout=cfg.disconnect_poll_s)
+                if not task.done() and await request.is_disconnected():
+                    server.abort(call)  # repeated each poll until the generation returns (see abort)
+            return task.result()
+        except asyncio.CancelledError:
+            # uvicorn's shutdown, past its grace period: stop generating for this request and tell its client so
+            # (re-raised, the cancellation would reach the client as a 500 and the log as a traceback).
+            server.abort(call)
+            return error(503, "the server is shutting down: this request was aborted after the grace period")
+        finally:
+            server.release(call)
+
+    def route(method: str, path: str, handler, body_model=None, generation: bool = False):
+        # Handlers block (generation, collective receives): they run in threads, not on the event loop.
+        if generation:
+
+            async def endpoint(request: Request, body: body_model):  # type: ignore[valid-type]
+                return await generate(request, handler, body)
+        elif body_model is None:
 
             async def endpoint():
                 return await run_in_threadpool(handler)
@@ -691,8 +927,8 @@ def build_app(server: CompletionServer):
     route("GET", "/v1/models", server.models)
     route("GET", "/server_info", server.server_info)
     route("GET", "/get_world_size", world)
-    route("POST", "/v1/completions", server.completions, CompletionBody)
-    route("POST", "/v1/chat/completions", server.chat_completions, ChatBody)
+    route("POST", "/v1/completions", server.completions, CompletionBody, generation=True)
+    route("POST", "/v1/chat/completions", server.chat_completions, ChatBody, generation=True)
     route("POST", "/reset_prefix_cache", server.reset_prefix_cache)
     route("POST", "/init_weight_transfer_engine", lambda b: server.init_weight_transfer(b.init_info), InitBody)
     route("POST", "/start_weight_update", server.start_weight_update)
@@ -701,12 +937,28 @@ def build_app(server: CompletionServer):
     # trl <= 1.10 (`trl vllm-serve`)
     route("GET", "/health/", ok)
     route("GET", "/get_world_size/", world)
-    route("POST", "/generate/", server.legacy_generate, LegacyGenerateBody)
+    route("POST", "/generate/", server.legacy_generate, LegacyGenerateBody, generation=True)
     route("POST", "/init_communicator/", server.legacy_init_communicator, LegacyInitBody)
     route("POST", "/update_named_param/", server.legacy_update_named_param, LegacyParamBody)
     route("POST", "/reset_prefix_cache/", server.reset_prefix_cache)
     route("POST", "/close_communicator/", server.close_group)
     return app
+
+
+def _uvicorn_config(server: CompletionServer, log_level: str, **kwargs):
+    import uvicorn
+
+    cfg = server.config
+    # On shutdown uvicorn stops accepting at once, waits this long for the requests in flight, then cancels them
+    # (each cancelled generation aborts its rollouts).
+    return uvicorn.Config(
+        build_app(server),
+        host=cfg.host,
+        port=cfg.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=cfg.shutdown_grace_s,
+        **kwargs,
+    )
 
 
 class BackgroundServer:
@@ -715,12 +967,10 @@ class BackgroundServer:
     def __init__(self, server: CompletionServer):
         import uvicorn
 
-        cfg = server.config
-        self.uvicorn = uvicorn.Server(
-            uvicorn.Config(build_app(server), host=cfg.host, port=cfg.port, log_level="warning", lifespan="off")
-        )
+        self.server = server
+        self.uvicorn = uvicorn.Server(_uvicorn_config(server, "warning", lifespan="off"))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-        self.url = f"http://{cfg.host}:{cfg.port}"
+        self.url = f"http://{server.config.host}:{server.config.port}"
 
     def __enter__(self) -> "BackgroundServer":
         self.thread.start()
@@ -733,13 +983,19 @@ class BackgroundServer:
 
     def __exit__(self, *exc) -> None:
         self.uvicorn.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=self.server.config.shutdown_grace_s + 10)
+        self.server.close()
 
 
 def serve(server: CompletionServer) -> None:
+    """Serve until SIGINT or SIGTERM (uvicorn handles both alike): stop accepting, give the requests in flight
+    `shutdown_grace_s`, abort what is left, return."""
     import uvicorn
 
-    uvicorn.run(build_app(server), host=server.config.host, port=server.config.port, log_level="info")
+    try:
+        uvicorn.Server(_uvicorn_config(server, "info")).run()
+    finally:
+        server.close()  # anything uvicorn left generating is aborted before the service goes away
 
 
 # ------------------------------------------------------------------------------------------------- trainer side
@@ -750,12 +1006,23 @@ class WeightSender:
 
     with WeightSender("http://127.0.0.1:8000", port=51216) as sender:
         sender.send(model.named_parameters())       # one policy version per call
+
+    `api_key`: the server's key (sent as `Authorization: Bearer <key>`), when it has one.
     """
 
-    def __init__(self, base_url: str, port: int = 51216, address: str = "127.0.0.1", timeout_s: float = 300.0):
+    def __init__(
+        self,
+        base_url: str,
+        port: int = 51216,
+        address: str = "127.0.0.1",
+        timeout_s: float = 300.0,
+        api_key: str | None = None,
+    ):
         import requests
 
         self.base_url, self.session = base_url.rstrip("/"), requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
         self.port, self.address, self.timeout_s = port, address, timeout_s
         self.group = None
 

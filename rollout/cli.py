@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -197,27 +198,53 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (kill, docker stop, systemd) stops `serve` as Ctrl-C does. Without this, Ray's driver handler turns it
+    into an exit with status 15; uvicorn, which catches both while it serves, raises the signal again once it has
+    shut down, and this handler then ends the command the way SIGINT does."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Bring the rollout cluster up and keep it serving until interrupted (over HTTP with --http)."""
+    """Bring the rollout cluster up and keep it serving until interrupted (over HTTP with --http); SIGTERM and SIGINT
+    both stop it: new requests refused, those in flight aborted after --shutdown-grace seconds, exit status 0."""
     from rollout.cluster import RolloutCluster
     from rollout.config import load_config
 
     config = load_config(args.config, args.overrides)
-    cluster = RolloutCluster(config)
-    for h in cluster.health():
-        print(f"worker {h['worker']}: pid {h['pid']}, policy version {h['policy_version']}")
+    server_config = None
+    if args.http:  # checked before the cluster starts: a bad limit fails in a second, not after the model loads
+        from adapters.vllm_server import ServerConfig
+
+        server_config = ServerConfig(
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key or None,
+            max_n=args.max_n,
+            max_queued_seqs=args.max_queued_seqs,
+            shutdown_grace_s=args.shutdown_grace,
+        )
+    _sigterm_as_interrupt()
+    cluster = None
     try:
-        if args.http:
+        cluster = RolloutCluster(config)
+        _sigterm_as_interrupt()  # ray.init installed its own
+        for h in cluster.health():
+            print(f"worker {h['worker']}: pid {h['pid']}, policy version {h['policy_version']}")
+        if server_config is not None:
             from transformers import AutoTokenizer
 
-            from adapters.vllm_server import CompletionServer, ServerConfig, serve
+            from adapters.vllm_server import CompletionServer, serve
             from rollout.checkpoint import resolve_model
 
             tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.engine.model))
-            server = CompletionServer(
-                cluster, tokenizer, ServerConfig(host=args.host, port=args.port), model_name=config.engine.model
-            )
-            print(f"vLLM-compatible API on http://{args.host}:{args.port} (model {server.model_name!r})")
+            server = CompletionServer(cluster, tokenizer, server_config, model_name=config.engine.model)
+            key = "an API key" if server_config.api_key else "no API key"
+            print(f"vLLM-compatible API on http://{args.host}:{args.port} (model {server.model_name!r}, {key})")
             serve(server)
         else:
             print("serving; Ctrl-C to stop")
@@ -226,7 +253,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        cluster.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
     return 0
 
 
@@ -294,6 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--http", action="store_true", help="serve vLLM's HTTP API (TRL's VLLMClient) on --host:--port")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you open it up)")
     srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument(
+        "--api-key",
+        default=os.environ.get("SPECROLLOUT_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: $SPECROLLOUT_API_KEY)",
+    )
+    srv.add_argument("--max-n", type=int, default=64, help="most completions per prompt in one request (else a 400)")
+    srv.add_argument(
+        "--max-queued-seqs",
+        type=int,
+        default=4096,
+        help="most completions queued or running across requests (beyond: a 429; one request over it: a 400)",
+    )
+    srv.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=5.0,
+        help="seconds requests in flight get to finish on SIGTERM/SIGINT before they are aborted",
+    )
     srv.add_argument("overrides", nargs="*", help="config overrides, e.g. cluster.num_workers=2")
     srv.set_defaults(func=cmd_serve)
     return parser

@@ -16,7 +16,9 @@ Ray is imported lazily, so the engine and drafters work without it.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -29,6 +31,8 @@ from rollout.history import RolloutHistory, prompt_key
 from rollout.result import RolloutResult
 from rollout.weights import buckets, to_host
 from rollout.worker import RolloutRequest
+
+log = logging.getLogger(__name__)
 
 # The environment every engine actor gets from the process that starts it (this cluster, verl's replicas, OpenRLHF's
 # create_engines): Ray's workers start from the raylet's environment, which is not the driver's when Ray was
@@ -80,6 +84,10 @@ class RolloutCluster:
         self.workers = [self._spawn(i) for i in range(c.num_workers)]
         self.restarts = [0] * c.num_workers
         self._outstanding = [0] * c.num_workers
+        # generate() may run in several threads at once (the HTTP server's concurrent requests): one replacement per
+        # dead worker, whichever thread sees it die first.
+        self._restart_lock = threading.Lock()
+        self._alarms: set[tuple[int, str]] = set()  # drafter alarms already relayed
         self._weights = _Weights()
         self.history = RolloutHistory(config.history.max_bytes, config.history.window_versions)
         self.info = ray.get(self.workers[0].info.remote())
@@ -160,8 +168,9 @@ class RolloutCluster:
             try:
                 out = self._ray.get(ref)
             except (RayActorError, ActorUnavailableError):
-                if self.workers[w] is actor:  # first failure seen from this incarnation: replace it
-                    self._restart(w)
+                with self._restart_lock:
+                    if self.workers[w] is actor:  # first failure seen from this incarnation: replace it
+                        self._restart(w)
                 submit(reqs)
                 continue
             except RayTaskError as exc:
@@ -172,6 +181,12 @@ class RolloutCluster:
                 results[r.request_id] = r
         return [results[r.request_id] for r in requests]
 
+    def abort(self, request_ids: list[str]) -> int:
+        """End these requests early wherever they run: their `generate` call gets the partial rollouts (finish_reason
+        "abort"), which no history keeps. Ids not in flight are skipped; returns how many were aborted."""
+        ids = list(request_ids)
+        return sum(self._ray.get([w.abort.remote(ids) for w in self.workers]))
+
     # ------------------------------------------------------------------ weights and history
 
     def update_weights(self, named_tensors: Iterable[tuple[str, object]], version: int | None = None) -> int:
@@ -179,6 +194,7 @@ class RolloutCluster:
         from ray.exceptions import RayTaskError
 
         version = self._weights.version + 1 if version is None else int(version)
+        self.stats()  # the version ending now: relay a drafter alarm raised during it
         self.sync_history()
         refs = []
         try:
@@ -255,7 +271,18 @@ class RolloutCluster:
         return self._ray.get([w.health.remote() for w in self.workers])
 
     def stats(self) -> list[dict]:
-        return self._ray.get([w.stats.remote() for w in self.workers])
+        rows = self._ray.get([w.stats.remote() for w in self.workers])
+        self._relay_alarms(rows)
+        return rows
+
+    def _relay_alarms(self, rows: list[dict]) -> None:
+        """A worker's drafter alarm (rollout/drafter_health.py) is logged in its own process, which Ray does not
+        forward here: log each one again in the driver, once."""
+        for row in rows:
+            alarm = row.get("drafter_alarm")
+            if alarm and (row["worker"], alarm) not in self._alarms:
+                self._alarms.add((row["worker"], alarm))
+                log.warning("worker %s: %s", row["worker"], alarm)
 
     def shutdown(self) -> None:
         """Kill the workers and free their placement group; calling it again does nothing."""

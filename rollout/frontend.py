@@ -37,6 +37,7 @@ from typing import Sequence as Seq
 import torch
 
 from rollout.config import HistoryConfig
+from rollout.drafter_health import DrafterHealth
 from rollout.history import RolloutHistory, warm_start
 from rollout.result import RolloutResult
 from rollout.sampling import SamplingParams
@@ -115,6 +116,8 @@ class EngineFrontend(ABC):
         self._seeds = torch.Generator().manual_seed(seed)
         self._unrecorded: list[RolloutResult] = []  # finished since the last flush into the history
         self._warm_start = list(history.warm_start) if history.record else []
+        # Acceptance per policy version, with an alarm when it collapses (a stale drafter); backends name the drafter.
+        self.drafter_health = DrafterHealth()
 
     def _new_history(self, config: HistoryConfig) -> RolloutHistory:
         return RolloutHistory(config.max_bytes, config.window_versions)
@@ -205,8 +208,10 @@ class EngineFrontend(ABC):
         out = []
         for r in results:
             request = self.in_flight.pop(r.request_id)
-            if request.speculate and self.recording and self.history is not None and r.finish_reason != "abort":
-                self._unrecorded.append(r.with_top(self.top_logprobs))  # the history's k, whatever the request asked
+            if request.speculate and self.recording and r.finish_reason != "abort":
+                self.drafter_health.record(r.policy_version, r.spec.drafted, r.spec.accepted)
+                if self.history is not None:
+                    self._unrecorded.append(r.with_top(self.top_logprobs))  # the history's k, whatever was asked
             out.append(r.with_top(request.params.top_logprobs))  # the caller's N: none unless it asked
         return out
 
@@ -265,6 +270,7 @@ class EngineFrontend(ABC):
             "history_rows": 0 if self.history is None else self.history.num_rows,
             "step_seconds": self.step_seconds,
             "small_batch_seconds": self.small_batch_seconds,
+            **self.drafter_health.figures(),
         }
 
     def _set_speculating(self, on: bool) -> None:

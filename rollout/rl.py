@@ -75,6 +75,8 @@ class StepMetrics:
     acceptance_length: float = 0.0  # tokens per sequence-forward, bonus included
     tokens_per_forward: float = 0.0  # tokens per batched engine forward
     draft_volume: float = 0.0  # drafted nodes per sequence-forward
+    drafter_acceptance: float | None = None  # accepted / drafted tokens of this policy version so far
+    drafter_collapsed: bool = False  # below half the previous version's (a stale drafter; rollout/drafter_health.py)
     train_s: float = 0.0
 
     def line(self, steps: int) -> str:
@@ -196,6 +198,7 @@ def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResu
         m.acceptance_length = stats.tokens_per_forward
         m.tokens_per_forward = stats.tokens / max(stats.engine_forwards or 1, 1)
         m.draft_volume = stats.drafted / max(stats.target_forwards, 1)
+        m.drafter_acceptance, m.drafter_collapsed = stats.drafter_acceptance, stats.drafter_collapsed
 
     class Collect(TrainerCallback):
         def __init__(self):

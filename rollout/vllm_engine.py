@@ -349,6 +349,7 @@ class VLLMEngine(EngineFrontend):
             wanted = max(int(reply["top_logprobs"]) for reply in attached)
         vocab, max_len = int(model_config.get_vocab_size()), int(model_config.max_model_len)
         super().__init__(self.model.architecture, vocab, max_len, config.seed, history, wanted)
+        self.drafter_health.drafter = config.drafter
         # vLLM refuses a request asking for more logprobs than max_logprobs (20 unless raised; -1: the vocabulary),
         # and would do so at the first speculated request; say so here, with the two ways out.
         cap = getattr(model_config, "max_logprobs", None)

@@ -3,10 +3,11 @@
 The actor is asynchronous: `generate` queues its requests into the engine and awaits them while one background
 task steps the engine, so requests from concurrent calls share each step (continuous batching across calls).
 `generate(requests, plain=True)` decodes a call without speculation (a benchmark's twin): it waits until the engine
-is idle, runs alone in the engine's plain mode, and speculative calls that arrive meanwhile wait for it. Weights
-arrive in buckets (`stage_weights`, one call per bucket) and take effect atomically at `commit_weights(version)`,
-which also refreshes the drafter; a bucket with a wrong name, shape or dtype is refused when staged, before anything
-changes.
+is idle, runs alone in the engine's plain mode, and speculative calls that arrive meanwhile wait for it.
+`abort(ids)` ends requests in flight early: their calls get the partial rollouts (finish_reason "abort"), which stay
+out of the history. Weights arrive in buckets (`stage_weights`, one call per bucket) and take effect atomically at
+`commit_weights(version)`, which also refreshes the drafter; a bucket with a wrong name, shape or dtype is refused
+when staged, before anything changes.
 
 The class is plain Python; rollout/cluster.py wraps it with `ray.remote`, so importing this module needs no Ray.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -25,6 +27,9 @@ from rollout.history import SCHEMA, results_to_batch
 from rollout.result import RolloutResult
 from rollout.sampling import SamplingParams
 from rollout.weights import WeightStager
+
+if TYPE_CHECKING:
+    from rollout.frontend import EngineFrontend
 
 
 @dataclass
@@ -36,9 +41,11 @@ class RolloutRequest:
 
 
 class RolloutWorker:
-    def __init__(self, config: ServiceConfig, index: int = 0):
+    def __init__(self, config: ServiceConfig | None, index: int = 0, engine: EngineFrontend | None = None):
+        """`engine`: an engine built already (the HTTP server drives a LocalService's engine through this class, for
+        its batching across calls and its aborts); otherwise one is built from `config`."""
         self.index = index
-        self.engine = make_engine(config.engine, config.speculation, config.history)
+        self.engine = engine if engine is not None else make_engine(config.engine, config.speculation, config.history)
         self._futures: dict[str, asyncio.Future] = {}
         self._stream_queues: dict[str, asyncio.Queue] = {}
         self._stepper: asyncio.Task | None = None
@@ -102,6 +109,20 @@ class RolloutWorker:
             with self.engine.plain() if plain else self.engine.oracle(oracle):
                 futures = self._queue(requests)
                 return list(await asyncio.gather(*futures))
+
+    def abort(self, request_ids: list[str] | None = None) -> int:
+        """Abort the given requests (default: all in flight): their callers get the partial rollout with
+        finish_reason "abort", which never enters the history. Ids not in flight are skipped. Returns how many were
+        aborted."""
+        aborted = 0
+        for rid in list(self._futures) if request_ids is None else request_ids:
+            future = self._futures.pop(rid, None)
+            result = self.engine.abort(rid)
+            if future is not None and result is not None and not future.done():
+                result.worker = self.index
+                future.set_result(result)
+                aborted += 1
+        return aborted
 
     def _queue(self, requests: list[RolloutRequest]) -> list[asyncio.Future]:
         loop = asyncio.get_running_loop()

@@ -101,7 +101,13 @@ def test_ray_job_submission_example(tmp_path):
         text=True,
         timeout=900,
         cwd=ROOT,
-        env=dict(os.environ, HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled"),
+        # The `ray` CLI of this interpreter's environment, whether or not that environment is activated.
+        env=dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            RAY_AUTH_MODE="disabled",
+            PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+        ),
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     import pyarrow.parquet as pq

@@ -8,19 +8,27 @@ dependencies (it pins CUDA builds and vLLM); only its import-time ones are added
 
 The entry point is tested in a subprocess that sees a throwaway dist-info declaring it, since this process has
 imported verl already and verl reads `verl.plugins` once, when it is imported.
+
+The replica's OpenAI-compatible HTTP API at `server_address` is driven by the real `openai` client over real HTTP, on
+a replica verl starts the same way, over a tiny random model with SmolLM2's tokenizer (seconds, not minutes), and
+checked against verl's own `generate` path on the same engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from importlib.metadata import entry_points
 
 import numpy as np
 import pytest
+from conftest import build_tiny
 
 pytest.importorskip("verl")
 ray = pytest.importorskip("ray")
@@ -120,8 +128,8 @@ def test_sampling_options_map_or_are_refused():
 # ------------------------------------------------------------------------------------------------ on Ray, SmolLM2
 
 
-def verl_config(smol_folder, **rollout):
-    """verl's full PPO trainer config (the YAML it ships), pointed at SmolLM2 and our backend."""
+def verl_config(smol_folder, overrides=("engine.max_model_len=256",), **rollout):
+    """verl's full PPO trainer config (the YAML it ships), pointed at a model folder (SmolLM2) and our backend."""
     from omegaconf import OmegaConf
     from verl.trainer import config as verl_configs
 
@@ -140,7 +148,7 @@ def verl_config(smol_folder, **rollout):
     dotlist = [f"actor_rollout_ref.rollout.{k}={v}" for k, v in settings.items()]
     dotlist += [f"actor_rollout_ref.model.path={smol_folder}", "trainer.n_gpus_per_node=1"]
     config = OmegaConf.merge(base, OmegaConf.from_dotlist(dotlist))
-    engine = {"specrollout": {"overrides": ["engine.max_model_len=256", "speculation.budget=fixed:4"]}}
+    engine = {"specrollout": {"overrides": [*overrides, "speculation.budget=fixed:4"]}}
     OmegaConf.update(config, "actor_rollout_ref.rollout.engine_kwargs", engine, merge=True)
     return config
 
@@ -296,3 +304,224 @@ def test_weight_sync_and_abort(manager, client, config, smol_folder, smol_tokeni
     assert greedy().token_ids == after.token_ids, "a refused update changes nothing"
     run(adapter.update_weights(iter([(WEIGHT, original)]), global_steps=7))
     assert greedy().token_ids == before.token_ids
+
+
+# ----------------------------------------------------------------------------------------------- HTTP at server_address
+# verl's agent loops, reward loops and users' multi-turn code call the OpenAI-compatible server at a replica's
+# `server_address`. Here on a tiny random model over SmolLM2's vocabulary (its tokenizer and chat template saved
+# beside the weights, where verl and the replica both read them): seconds per test, and no near-ties in greedy
+# choices (sharp lm_head). Its replica is rank 1, beside the SmolLM2 one (rank 0) in this module's Ray.
+
+TINY_RANK, TINY_LEN = 1, 512
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture(scope="module")
+def tiny_verl_folder(tmp_path_factory, smol_tokenizer):
+    folder = build_tiny(tmp_path_factory, "llama", scale_head=40.0, vocab_size=len(smol_tokenizer))
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_verl_folder):
+    return verl_config(tiny_verl_folder, overrides=[f"engine.max_model_len={TINY_LEN}", "engine.tune_matmul=false"])
+
+
+@pytest.fixture(scope="module")
+def tiny_manager(ray_local, tiny_config):
+    from verl.workers.rollout.llm_server import LLMServerManager
+
+    return LLMServerManager.create(tiny_config, start_rank=TINY_RANK)  # as verl starts it: registry, replica, balancer
+
+
+@pytest.fixture(scope="module")
+def tiny_client(tiny_manager):
+    return tiny_manager.get_client()
+
+
+@pytest.fixture(scope="module")
+def url(tiny_manager):
+    (address,) = tiny_manager.get_addresses()
+    return f"http://{address}"
+
+
+@pytest.fixture(scope="module")
+def openai_client(url):
+    openai = pytest.importorskip("openai")
+    # Generous timeout: the whole machine (this process and the Ray workers) may be paused for a while under load.
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+def verl_greedy(client, prompt_ids: list[int], max_tokens: int):
+    """The same prompt through verl's own path: LLMServerClient -> load balancer -> the server actor's `generate`."""
+    params = {"temperature": 0, "max_tokens": max_tokens, "logprobs": True}
+    return run(client.generate("g", prompt_ids=list(prompt_ids), sampling_params=params))
+
+
+def test_server_address_is_verls_ip_port_and_answers_health(tiny_manager, url, openai_client, tiny_verl_folder):
+    requests = pytest.importorskip("requests")
+    replica = tiny_manager.get_replicas()[0]
+    assert isinstance(replica, SpecRolloutReplica)
+    # verl's vLLM replica's format: "ip:port" ("[ip]:port" for IPv6), which callers prefix with http://
+    assert re.fullmatch(r"(\d+\.\d+\.\d+\.\d+|\[[0-9a-fA-F:]+\]):\d+", replica._server_address), replica._server_address
+    assert requests.get(f"{url}/health", timeout=600).status_code == 200
+    # The model's id is the path verl gave, as vLLM names a model it was started on.
+    assert [m.id for m in openai_client.models.list().data] == [str(tiny_verl_folder)]
+
+
+def test_http_greedy_equals_verls_generate(tiny_client, openai_client, smol_tokenizer, tiny_verl_folder):
+    model = str(tiny_verl_folder)
+    chat = openai_client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        temperature=0,
+        max_completion_tokens=24,
+        logprobs=True,
+        extra_body={"return_token_ids": True},
+    )
+    (choice,) = chat.choices
+    # The template's rendering, as verl's agent loop tokenizes a conversation.
+    prompt = smol_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert chat.prompt_token_ids == prompt
+    direct = verl_greedy(tiny_client, prompt, 24)
+    assert 1 <= len(choice.token_ids) <= 24
+    assert choice.token_ids == direct.token_ids, "greedy over HTTP equals greedy through verl's generate"
+    assert choice.message.content == smol_tokenizer.decode(direct.token_ids, skip_special_tokens=True)
+    # The same numbers, not merely the same argmax (rounding of differently batched forwards aside).
+    assert [c.logprob for c in choice.logprobs.content] == pytest.approx(direct.log_probs, abs=1e-4)
+
+    ids = chat_ids(smol_tokenizer, "Count to five.")
+    completion = openai_client.completions.create(
+        model=model, prompt=ids, temperature=0, max_tokens=16, logprobs=0, extra_body={"return_token_ids": True}
+    )
+    (choice,) = completion.choices
+    direct = verl_greedy(tiny_client, ids, 16)
+    assert choice.prompt_token_ids == ids
+    assert choice.token_ids == direct.token_ids and len(choice.token_ids) >= 1
+    assert choice.logprobs.token_logprobs == pytest.approx(direct.log_probs, abs=1e-4)
+
+
+def test_http_and_verl_share_one_engine(tiny_client, tiny_config, openai_client, url, tiny_verl_folder):
+    """New weights through verl's weight sync reach the HTTP API: one engine, not two that happen to agree."""
+    requests = pytest.importorskip("requests")
+    from safetensors.torch import load_file
+
+    original = load_file(str(next(tiny_verl_folder.glob("*.safetensors"))))["lm_head.weight"]
+    ids = list(range(100, 120))
+
+    def http_greedy():
+        body = {"model": str(tiny_verl_folder), "prompt": ids, "temperature": 0, "max_tokens": 12}
+        response = requests.post(f"{url}/v1/completions", json={**body, "return_token_ids": True}, timeout=600)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["token_ids"]
+
+    before = http_greedy()
+    rollout, model = tiny_config.actor_rollout_ref.rollout, tiny_config.actor_rollout_ref.model
+    adapter = SpecRolloutServerAdapter(rollout, model, replica_rank=TINY_RANK)
+    try:
+        run(adapter.update_weights(iter([("lm_head.weight", -original)]), global_steps=3))
+        after = http_greedy()
+        assert after != before, "a negated lm_head changes the greedy continuation over HTTP"
+        assert after == verl_greedy(tiny_client, ids, 12).token_ids
+        assert requests.get(f"{url}/server_info", timeout=600).json()["policy_version"] == 3
+    finally:
+        run(adapter.update_weights(iter([("lm_head.weight", original)]), global_steps=4))
+    assert http_greedy() == before
+
+    # HTTP rollouts land in the engine's history, grouped by prompt as verl's calls are.
+    def groups(server):
+        server.worker.engine.flush_history()
+        table = server.worker.engine.history.table()
+        return list(zip(table["prompt_key"].to_pylist(), table["group"].to_pylist()))
+
+    seen = ray.get(ray.get_actor(server_name(TINY_RANK)).__ray_call__.remote(groups))
+    key = group_of(ids).removeprefix("verl-")
+    assert sum(k == key for k, _ in seen) >= 4 and all(g == f"verl-{k}" for k, g in seen)
+
+
+def test_http_calls_batch_together_and_pause_for_weight_sync(tiny_manager, url, smol_tokenizer, tiny_verl_folder):
+    """Concurrent HTTP calls run in the engine together (not one at a time), and they obey verl's pause: aborted in
+    flight, parked or turned away while a weight sync holds admission, resumed with verl's `resume_generation`."""
+    requests = pytest.importorskip("requests")
+    replica = tiny_manager.get_replicas()[0]
+    server = ray.get_actor(server_name(TINY_RANK))
+    ids = chat_ids(smol_tokenizer, "Tell me a long story.")
+    answers: dict[str, requests.Response] = {}
+
+    def post(name: str, max_tokens: int, **extra):
+        body = {"model": str(tiny_verl_folder), "prompt": ids, "max_tokens": max_tokens, "temperature": 1.0, **extra}
+        answers[name] = requests.post(f"{url}/v1/completions", json={**body, "return_token_ids": True}, timeout=600)
+
+    def in_flight() -> int:
+        return ray.get(server.health.remote())["unfinished"]
+
+    def wait_for(condition, what: str, timeout_s: float = 600):
+        deadline = time.time() + timeout_s
+        while not condition():
+            assert time.time() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.02)
+
+    long = threading.Thread(target=post, args=("long", TINY_LEN - len(ids)), kwargs={"ignore_eos": True})
+    long.start()
+    wait_for(lambda: in_flight() >= 1, "the long request to reach the engine")
+    post("short", 2)  # blocks until answered: with calls serialised, only after the long one had finished
+    assert answers["short"].status_code == 200, answers["short"].text
+    assert long.is_alive(), "the short call waited for the long one to finish: HTTP calls were serialised"
+    run(replica.abort_all_requests())
+    long.join(timeout=600)
+    choice = answers["long"].json()["choices"][0]
+    assert choice["finish_reason"] == "abort" and len(choice["token_ids"]) < TINY_LEN - len(ids)
+
+    # Admission stays closed until verl resumes: an HTTP call arriving meanwhile waits, then runs.
+    parked = threading.Thread(target=post, args=("parked", 3))
+    parked.start()
+    time.sleep(0.5)
+    assert parked.is_alive() and in_flight() == 0
+    run(replica.resume_generation())
+    parked.join(timeout=600)
+    assert answers["parked"].status_code == 200 and len(answers["parked"].json()["choices"][0]["token_ids"]) >= 1
+
+    # Told to turn requests away (the replica is leaving): a 503, and serving again after the resume.
+    run(replica.abort_all_requests(reject_request=True))
+    post("rejected", 3)
+    assert answers["rejected"].status_code == 503, answers["rejected"].text
+    run(replica.resume_generation())
+    post("again", 3)
+    assert answers["again"].status_code == 200
+
+
+def test_http_refusals_on_the_replica(url, tiny_verl_folder):
+    requests = pytest.importorskip("requests")
+    # verl's weight sync owns the weights: the HTTP weight routes are refused before any group is joined.
+    info = {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1, "world_size": 2, "backend": "gloo"}
+    response = requests.post(f"{url}/init_weight_transfer_engine", json={"init_info": info}, timeout=600)
+    assert response.status_code == 501 and "weight sync" in response.text
+    legacy = {"host": "127.0.0.1", "port": 1, "world_size": 2}
+    assert requests.post(f"{url}/init_communicator/", json=legacy, timeout=600).status_code == 501
+    # Bad requests get a 4xx naming the problem; the server keeps serving.
+    for body, message in [
+        ({"prompt": [10**12], "max_tokens": 2}, "vocab"),
+        ({"prompt": [1, 2], "max_tokens": 2, "min_p": 0.1}, "min_p"),
+        ({"prompt": [1, 2], "max_tokens": 2, "model": "other"}, "not served"),
+    ]:
+        response = requests.post(f"{url}/v1/completions", json=body, timeout=600)
+        assert 400 <= response.status_code < 500 and message in response.text, (body, response.text)
+    ok = requests.post(f"{url}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2}, timeout=600)
+    assert ok.status_code == 200 and ok.json()["model"] == str(tiny_verl_folder)
+
+
+@pytest.mark.slow
+def test_http_on_smollm2(manager, smol_tokenizer, reference):
+    """The SmolLM2 replica that verl's agent loop drives above serves chat at its server_address too."""
+    openai = pytest.importorskip("openai")
+    (address,) = manager.get_addresses()
+    client = openai.OpenAI(base_url=f"http://{address}/v1", api_key="unused", max_retries=0, timeout=600)
+    response = client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_completion_tokens=12,
+        extra_body={"return_token_ids": True},
+    )
+    assert response.choices[0].token_ids == local_greedy(reference, [response.prompt_token_ids], 12)[0]

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -162,6 +163,8 @@ def test_weights_over_gloo_change_the_output(server, service, smol_folder, smol_
         ({"prompt": []}, 400, "prompt"),
         ({"prompt": [1, 10**9]}, 400, "outside the vocabulary"),
         ({"prompt": [1, 2], "temperature": "hot"}, 400, "temperature"),
+        ({"prompt": [1, 2], "n": 65}, 400, "n=65 is over this server's limit of 64 completions per prompt"),
+        ({"prompt": [1, 2], "max_tokens": 300}, 400, "max_tokens=300 is more than the context leaves"),
     ],
 )
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, smol_tokenizer, body, status, message):
@@ -261,8 +264,6 @@ def test_legacy_routes_and_weight_push(server, service, smol_folder, smol_tokeni
                 group = _legacy_group(port)
                 break
             except Exception:  # the server's store may not be listening yet
-                import time
-
                 time.sleep(0.1)
         assert joined.result().status_code == 200 and group is not None
         for tensor in (weight * -3.0, weight):
@@ -486,3 +487,28 @@ def test_trl_client_chat_and_the_openai_client_on_smollm2(client, server, smol_t
     ).choices[0]
     assert greedy_chat.token_ids == greedy(server, out["prompt_ids"][0], max_tokens=10), "the two routes agree"
     assert greedy_chat.message.content == smol_tokenizer.decode(greedy_chat.token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_smollm2_answers_beside_a_long_request_and_drops_it_when_its_client_leaves(server, service, smol_tokenizer):
+    """On the real model with the suffix drafter: a short greedy request is answered while a long group generates;
+    the group's client disconnects and the engine stops it, keeping none of its rollouts."""
+    from test_server_limits import Held, wait_for
+
+    long_prompt = prompt(smol_tokenizer, "Write a very long story about the sea.")
+    engine = service.engine
+    room = service.max_model_len - len(long_prompt)  # the whole context: ~10 s for the group here
+    long = Held(server.url, {"prompt": long_prompt, "n": 4, "max_tokens": room, "ignore_eos": True, "seed": 1})
+    try:
+        wait_for(lambda: engine.num_unfinished() == 4, 60, "the long group is generating")
+        short = greedy(server, prompt(smol_tokenizer, "Hi"), max_tokens=4)
+        assert len(short) >= 1
+        assert engine.num_unfinished() == 4, "answered while the long group still runs"
+    finally:
+        long.close()
+    wait_for(lambda: engine.num_unfinished() == 0, 30, "the engine drops the group of a client that left")
+    forwards = engine.total_forwards
+    time.sleep(0.5)
+    assert engine.total_forwards == forwards
+    rollouts = service.rollouts().table().column("prompt_ids").to_pylist()
+    assert long_prompt not in rollouts, "no half-done rollout of it in the history"

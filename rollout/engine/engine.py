@@ -21,6 +21,7 @@ from drafters.reference import ReferenceDrafter
 from rollout.budget import Budget, parse_budget
 from rollout.checkpoint import resolve_model
 from rollout.config import EngineConfig, HistoryConfig, SpeculationConfig
+from rollout.drafter_health import drafter_name
 from rollout.engine.cost_probe import cost_model_file, measure_cost_model
 from rollout.engine.model import TargetModel
 from rollout.engine.runner import Runner
@@ -57,6 +58,7 @@ class Engine(EngineFrontend):
         self.scheduler = Scheduler(cache, self.config.max_num_seqs, self.config.share_prompts)
         self.speculator = Speculator(self.drafter, self.budget, max_draft_tokens, self.vocab_size)
         self.runner = Runner(model, cache, self.top_logprobs)
+        self.drafter_health.drafter = drafter_name(self.drafter)
         self._start()
 
     @classmethod
