@@ -100,8 +100,13 @@ def group_of(prompt_ids: list[int]) -> str:
     return f"verl-{prompt_key(prompt_ids)}"
 
 
-def to_token_output(result: RolloutResult, logprobs: bool, global_steps: int | None) -> TokenOutput:
-    """Our RolloutResult -> verl's TokenOutput, with the speculation counters under verl's metric names."""
+def to_token_output(
+    result: RolloutResult, logprobs: bool, global_steps: int | None, drafter: dict | None = None
+) -> TokenOutput:
+    """Our RolloutResult -> verl's TokenOutput, with the speculation counters under verl's metric names, and the
+    engine's drafter health (rollout/drafter_health.py) beside them: this policy version's acceptance so far and
+    whether it collapsed against the previous version's (a stale drafter)."""
+    drafter = drafter or {}
     stop = {"stop": "completed", "length": "completed", "abort": "aborted"}.get(result.finish_reason)
     return TokenOutput(
         token_ids=list(result.token_ids),
@@ -114,6 +119,8 @@ def to_token_output(result: RolloutResult, logprobs: bool, global_steps: int | N
             SPEC_DRAFT: result.spec.drafted,
             SPEC_ACCEPTED: result.spec.accepted,
             SPEC_VERIFY: result.spec.target_forwards,
+            "spec_drafter_acceptance": drafter.get("drafter_acceptance"),
+            "spec_drafter_collapsed": bool(drafter.get("drafter_collapsed", False)),
         },
     )
 
@@ -180,7 +187,7 @@ class SpecRolloutServer:
         params, logprobs = to_sampling_params(sampling_params, len(prompt_ids), engine.max_model_len, default, seed)
         request = RolloutRequest(str(request_id), prompt_ids, params, group=group_of(prompt_ids))
         (result,) = await self.worker.generate([request])
-        return to_token_output(result, logprobs, self.global_steps)
+        return to_token_output(result, logprobs, self.global_steps, engine.drafter_health.figures())
 
     # ------------------------------------------------------------------ HTTP
 

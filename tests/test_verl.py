@@ -42,6 +42,7 @@ from adapters.verl import (  # noqa: E402
     group_of,
     server_name,
     to_sampling_params,
+    to_token_output,
 )
 from rollout.config import load_config  # noqa: E402
 from rollout.sampling import SamplingParams  # noqa: E402
@@ -299,6 +300,10 @@ def test_weight_sync_and_abort(manager, client, config, smol_folder, smol_tokeni
     after = greedy()
     assert after.token_ids != before.token_ids, "a sign-flipped, scaled MLP weight changes the greedy continuation"
     assert after.extra_fields["policy_version"] == 5 and after.extra_fields["global_steps"] == 5
+    assert after.extra_fields["spec_drafter_collapsed"] in (False, True)  # the drafter-health alarm rides along
+    assert (
+        after.extra_fields["spec_drafter_acceptance"] is None or 0 <= after.extra_fields["spec_drafter_acceptance"] <= 1
+    )
     with pytest.raises(ValueError, match="does not match the model"):
         run(adapter.update_weights(iter([(WEIGHT, original[:3])]), global_steps=6))
     assert greedy().token_ids == after.token_ids, "a refused update changes nothing"
@@ -525,3 +530,13 @@ def test_http_on_smollm2(manager, smol_tokenizer, reference):
         extra_body={"return_token_ids": True},
     )
     assert response.choices[0].token_ids == local_greedy(reference, [response.prompt_token_ids], 12)[0]
+
+
+def test_token_output_carries_the_drafter_health_alarm():
+    from rollout.result import RolloutResult, SpecStats
+
+    result = RolloutResult("r", [1], [5, 6], [-0.1, -0.2], "stop", SpecStats(drafted=4, accepted=1, target_forwards=2))
+    stale = to_token_output(result, True, 3, {"drafter_acceptance": 0.05, "drafter_collapsed": True})
+    assert stale.extra_fields["spec_drafter_acceptance"] == 0.05 and stale.extra_fields["spec_drafter_collapsed"]
+    fresh = to_token_output(result, True, 3)
+    assert fresh.extra_fields["spec_drafter_acceptance"] is None and not fresh.extra_fields["spec_drafter_collapsed"]
