@@ -94,23 +94,30 @@ TINY_CONFIGS = {
 }
 
 
-def build_tiny(tmp_path_factory, name: str, scale_head: float = 1.0, vocab_size: int = 384):
-    """Save a 2-layer random model of the named architecture; returns its folder. (vocab_size: a real tokenizer's,
-    for a tiny model that serves text.)"""
+def tiny_config(name: str = "llama", vocab_size: int = 384, max_len: int = 512):
+    """The transformers config of a 2-layer model of the named architecture (vocab_size: a real tokenizer's, for a
+    tiny model that serves text; max_len: its longest context)."""
     import transformers
 
     config_cls, extra = TINY_CONFIGS[name]
-    config = getattr(transformers, config_cls)(
+    return getattr(transformers, config_cls)(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_len,
         tie_word_embeddings=False,
         **extra,
     )
+
+
+def build_tiny(tmp_path_factory, name: str, scale_head: float = 1.0, vocab_size: int = 384):
+    """Save a 2-layer random model of the named architecture; returns its folder."""
+    import transformers
+
+    config = tiny_config(name, vocab_size)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

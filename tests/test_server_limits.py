@@ -23,6 +23,8 @@ requests = pytest.importorskip("requests")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from conftest import tiny_config  # noqa: E402
+
 from adapters.vllm_server import (
     WEIGHT_ROUTES,
     BackgroundServer,
@@ -52,18 +54,10 @@ def free_port() -> int:
 def build_long_context_tiny(folder) -> None:
     import transformers
 
-    config = transformers.LlamaConfig(
-        vocab_size=384,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_LEN,
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    transformers.AutoModelForCausalLM.from_config(tiny_config(max_len=MAX_LEN), dtype=torch.float32).save_pretrained(
+        folder
+    )
 
 
 @pytest.fixture(scope="module")
