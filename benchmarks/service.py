@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,6 +38,7 @@ from drafters.base import make_drafter  # noqa: E402
 from rollout.budget import parse_budget  # noqa: E402
 from rollout.checkpoint import resolve_model  # noqa: E402
 from rollout.config import EngineConfig  # noqa: E402
+from rollout.cost_model import CostModel  # noqa: E402
 from rollout.engine.cost_probe import cost_model_file, measure_cost_model  # noqa: E402
 from rollout.engine.engine import Engine  # noqa: E402
 from rollout.engine.model import TargetModel  # noqa: E402
@@ -54,6 +56,72 @@ def json_key(mode: str) -> str:
     return mode.replace(":", "")
 
 
+@dataclass
+class Workload:
+    """One GRPO-shaped batch on a loaded model, with the previous round every mode's drafter starts from."""
+
+    model: TargetModel
+    config: EngineConfig
+    cost: CostModel
+    batch: list[list[int]]  # prompt ids, each prompt `samples` times
+    groups: list[str]
+    temperature: float
+    max_tokens: int
+    previous: list = field(default_factory=list)  # the previous round's rollouts (RolloutResult)
+
+    def params(self, round_: int) -> list[SamplingParams]:
+        return [
+            SamplingParams(temperature=self.temperature, max_tokens=self.max_tokens, seed=1000 * round_ + i)
+            for i in range(len(self.batch))
+        ]
+
+    def run(self, mode: str) -> tuple[float, list, dict]:
+        """(seconds, results, figures) of the timed round under a budget mode."""
+        engine = Engine(self.model, self.config, make_drafter("suffix"), parse_budget(mode, cost=self.cost), 16)
+        engine.history.append_results(self.previous)
+        engine.policy_version = 1
+        engine.refresh_drafter()
+        t0 = time.perf_counter()
+        results = engine.generate(self.batch, self.params(1), self.groups)
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(r.token_ids) for r in results)
+        forwards = sum(r.spec.target_forwards for r in results)
+        return (
+            seconds,
+            results,
+            {
+                "tokens": tokens,
+                "engine_steps": engine.total_forwards,
+                "tokens_per_sequence_forward": round(tokens / forwards, 3),
+                "drafted": sum(r.spec.drafted for r in results),
+                "accepted": sum(r.spec.accepted for r in results),
+            },
+        )
+
+
+def prepare(
+    folder: Path, prompt_texts: list[str], temperature: float, device: str, samples: int, max_tokens: int
+) -> Workload:
+    """Load the model, probe its cost model (cached) and generate the previous round by plain decoding."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = EngineConfig(max_num_seqs=SLOTS, max_model_len=512, device=device)
+    model = TargetModel.from_folder(folder, max_model_len=config.max_model_len, device=device)
+    cost = measure_cost_model(model, SLOTS, cost_model_file(folder, config))
+    prompts = [chat_prompt_ids(tokenizer, text) for text in prompt_texts]
+    batch = [p for p in prompts for _ in range(samples)]
+    groups = [f"p{i // samples}" for i in range(len(batch))]
+    workload = Workload(model, config, cost, batch, groups, temperature, max_tokens)
+    # The previous RL step: one round of plain decoding whose rollouts every mode's drafter starts from.
+    t0 = time.perf_counter()
+    workload.previous = Engine(model, config).generate(batch, workload.params(0), groups)
+    print(
+        f"previous round: {sum(len(r.token_ids) for r in workload.previous)} tokens in {time.perf_counter() - t0:.0f}s"
+    )
+    return workload
+
+
 def measure(
     folder: Path,
     prompt_texts: list[str],
@@ -64,49 +132,11 @@ def measure(
     max_tokens: int = MAX_TOKENS,
 ) -> dict:
     """Every mode's makespan on one workload: {makespan_s, speedup_auto_vs_off, fastest_mode, runs, detail}."""
-    from transformers import AutoTokenizer
+    workload = prepare(folder, prompt_texts, temperature, device, samples, max_tokens)
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    config = EngineConfig(max_num_seqs=SLOTS, max_model_len=512, device=device)
-    model = TargetModel.from_folder(folder, max_model_len=config.max_model_len, device=device)
-    cost = measure_cost_model(model, SLOTS, cost_model_file(folder, config))
-    prompts = [chat_prompt_ids(tokenizer, text) for text in prompt_texts]
-    batch = [p for p in prompts for _ in range(samples)]
-    groups = [f"p{i // samples}" for i in range(len(batch))]
-
-    def params(round_: int):
-        return [
-            SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=1000 * round_ + i)
-            for i in range(len(batch))
-        ]
-
-    # The previous RL step: one round of plain decoding whose rollouts every mode's drafter starts from.
-    warm = Engine(model, config)
-    t0 = time.perf_counter()
-    previous = warm.generate(batch, params(0), groups)
-    print(f"previous round: {sum(len(r.token_ids) for r in previous)} tokens in {time.perf_counter() - t0:.0f}s")
-
-    def run(mode: str) -> tuple[float, dict]:
-        engine = Engine(model, config, make_drafter("suffix"), parse_budget(mode, cost=cost), max_draft_tokens=16)
-        engine.history.append_results(previous)
-        engine.policy_version = 1
-        engine.refresh_drafter()
-        t0 = time.perf_counter()
-        results = engine.generate(batch, params(1), groups)
-        seconds = time.perf_counter() - t0
-        tokens = sum(len(r.token_ids) for r in results)
-        forwards = sum(r.spec.target_forwards for r in results)
-        return (
-            seconds,
-            [list(r.token_ids) for r in results],
-            {
-                "tokens": tokens,
-                "engine_steps": engine.total_forwards,
-                "tokens_per_sequence_forward": round(tokens / forwards, 3),
-                "drafted": sum(r.spec.drafted for r in results),
-                "accepted": sum(r.spec.accepted for r in results),
-            },
-        )
+    def run(mode: str) -> tuple[float, list[list[int]], dict]:
+        seconds, results, info = workload.run(mode)
+        return seconds, [list(r.token_ids) for r in results], info
 
     # Each mode runs `passes` times, interleaved. A run's rollouts can differ from plain decoding's where a uniform
     # falls within rounding of a CDF boundary (README, "Lossless"); on a workload whose makespan is one long tail,

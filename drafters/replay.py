@@ -76,16 +76,21 @@ class ReplayStats:
         return out
 
 
+def accepted_path(draft: Draft, actual: list[int], pos: int) -> list[int]:
+    """The draft nodes verification keeps (indices, root first) when the policy's tokens from `pos` on are
+    `actual[pos:]`."""
+    path: list[int] = []
+    cur = -1
+    for i, (t, p) in enumerate(zip(draft.token_ids, draft.node_parents)):
+        if p == cur and pos + len(path) < len(actual) and t == actual[pos + len(path)]:
+            cur = i
+            path.append(i)
+    return path
+
+
 def accepted_length(draft: Draft, actual: list[int], pos: int) -> int:
     """How many draft tokens verification keeps when the policy's tokens from `pos` on are `actual[pos:]`."""
-    if not len(draft):
-        return 0
-    parents = draft.parent_list()
-    cur, n = -1, 0
-    for i, (t, p) in enumerate(zip(draft.token_ids, parents)):
-        if p == cur and pos + n < len(actual) and t == actual[pos + n]:
-            cur, n = i, n + 1
-    return n
+    return len(accepted_path(draft, actual, pos))
 
 
 def _timed(batched: bool, run_batch: Callable[[], list], run_one: Callable[[int], Any], n: int):

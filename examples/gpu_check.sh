@@ -17,6 +17,9 @@
 # benchmarks/results/engine_<device type>[_quick].json, next to, never over, the CPU figures in engine.json),
 # SERVICE_OUT (the service benchmark's: auto / fixed:4 / fixed:8 / off makespans of a GRPO batch; default
 # benchmarks/results/service_<device type>[_quick].json), SERVICE=0 (skip the service benchmark),
+# PROFILE_OUT (the simulator's measured cost profile of this device; default
+# benchmarks/results/profile_<device type>[_quick].json: `specrollout simulate TRACE --cost FILE`, and
+# benchmarks/simulate.py projects onto profile_cuda.json beside the published profiles),
 # PYTEST_ADDOPTS (extra pytest arguments, read by pytest itself).
 # The test log goes next to the JSON (<OUT without .json>_tests.log). Exit status: non-zero when a test failed or
 # a benchmark did not complete; the benchmarks run even after a test failure, so that one run brings back all.
@@ -49,6 +52,7 @@ DEVICE_TYPE="${DEVICE%%:*}"
 SUFFIX="_${DEVICE_TYPE}$([[ $QUICK == 1 ]] && echo _quick || true)"
 OUT="${OUT:-benchmarks/results/engine${SUFFIX}.json}"
 SERVICE_OUT="${SERVICE_OUT:-benchmarks/results/service${SUFFIX}.json}"
+PROFILE_OUT="${PROFILE_OUT:-benchmarks/results/profile${SUFFIX}.json}"
 LOG="${OUT%.json}_tests.log"
 
 # Never reach a hub; the checkout is the package (no pip install needed).
@@ -131,7 +135,10 @@ bench=(benchmarks/engine.py --device "$DEVICE" --out "$OUT" --model "$MODEL")
 [[ $QUICK == 1 ]] && bench+=(--quick)
 "$PYTHON" "${bench[@]}" || status=$?
 
-WROTE="$OUT"
+echo "== cost profile on $DEVICE -> $PROFILE_OUT"
+"$PYTHON" -m rollout.engine_profile --device "$DEVICE" --model "$MODEL" --out "$PROFILE_OUT" || status=$?
+
+WROTE="$OUT and $PROFILE_OUT"
 if [[ "${SERVICE:-1}" != 0 ]]; then
     WROTE+=" and $SERVICE_OUT"
     echo "== service benchmark on $DEVICE -> $SERVICE_OUT"

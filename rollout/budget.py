@@ -25,6 +25,7 @@ import numpy as np
 from drafters.base import Draft
 from rollout.cost_model import CostModel, StepClock, batch_bucket
 from rollout.lengths import LengthClasses
+from rollout.step_cost import ragged_sequences
 
 
 @dataclass
@@ -174,8 +175,7 @@ class AutoBudget:
     def observe_step(self, selection: Selection, seconds: float, draft_seconds: float = 0.0) -> None:
         if selection.prefill or seconds <= 0:  # a prompt's step is neither a decoding step's cost nor its drafts'
             return
-        batch, counts = len(selection.counts), selection.counts
-        ragged = sum(n > 0 for n in counts) if min(counts) != max(counts) else 0
+        batch, ragged = len(selection.counts), ragged_sequences(selection.counts)
         self.clock.observe(selection.new_tokens, batch, max(seconds - draft_seconds, 1e-6), ragged)
         self._kept[batch_bucket(batch)] = max(selection.counts, default=0)
 

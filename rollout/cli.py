@@ -109,6 +109,57 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Makespan of a recorded trace per drafter and budget on the hardware a cost profile describes."""
+    import json
+
+    from rollout.config import EngineConfig
+    from rollout.engine_profile import measure_engine_profile
+    from rollout.history import RolloutHistory, warm_start
+    from rollout.simulator import compare
+    from rollout.step_cost import load_profile
+
+    if args.slots < 1:
+        raise ValueError(f"--slots must be at least 1, got {args.slots}")
+    trace = RolloutHistory.load(args.trace).table()
+    warm = None
+    if args.warm_start:
+        history = RolloutHistory()
+        warm_start(history, args.warm_start, 0)  # renumbered again to end before the trace's first version
+        warm = history.table()
+    engine = EngineConfig(model=args.model, max_num_seqs=args.slots, max_model_len=args.max_model_len)
+    profile = load_profile(args.cost, cpu=lambda: measure_engine_profile(engine, log=print))
+    drafters = tuple(args.drafter or ["suffix"])
+    budgets = tuple(args.budget or ["fixed:2", "fixed:4", "fixed:8", "auto"])
+    options = _parse_options(args.option)
+    report = compare(
+        trace,
+        profile,
+        drafters,
+        budgets,
+        args.slots,
+        warm,
+        args.max_draft_tokens,
+        options,
+        args.max_tokens,
+        args.window_versions,
+    )
+    off = report["off"]
+    print(f"profile {profile.name}: {off['sequences']} rollouts, {off['tokens']} tokens, {args.slots} slots")
+    head = ("drafter", "budget", "makespan s", "speedup", "tok/fwd", "<=8 share", "host us")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (14, 8, 11, 8, 8, 9, 8))))
+    rows = [("-", "off", off)] + [(d, b, r) for d in drafters for b, r in report[d].items()]
+    for drafter, budget, r in rows:
+        print(
+            f"{drafter:>14} {budget:>8} {r['makespan_s']:>11.3f} {r.get('speedup_vs_off', 1.0):>7.2f}x "
+            f"{r['tokens_per_forward']:>8.2f} {r['small_batch_share']:>9.2f} {r['host_us_per_seq_step']:>8.1f}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"profile": profile.to_dict(), "slots": args.slots, "results": report}, f, indent=1)
+    return 0
+
+
 def _read_prompts(path: str) -> list[dict]:
     """JSONL, one prompt per line: {"prompt": text} | {"messages": [...]} | {"prompt_ids": [...]}, plus optional
     "id", "n", "temperature", "top_p", "top_k", "max_tokens", "seed". Errors name the line."""
@@ -303,6 +354,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="earlier trace the history starts with, as history.warm_start loads it (repeatable)",
     )
     rep.set_defaults(func=cmd_replay)
+
+    sim = sub.add_parser(
+        "simulate", help="makespan of a recorded trace per drafter and budget on a cost profile's hardware"
+    )
+    sim.add_argument("trace", help="Parquet rollout history (specrollout run's trace.parquet)")
+    sim.add_argument(
+        "--cost",
+        default="cpu",
+        help="cost profile: 'cpu' (this machine, measured once), a name under configs/profiles/, or a YAML file",
+    )
+    sim.add_argument("--drafter", action="append", help="drafter name (repeatable; default suffix)")
+    sim.add_argument("--budget", action="append", help="budget: fixed:K | auto (repeatable; off always runs)")
+    sim.add_argument("--slots", type=int, default=64, help="KV slots: sequences decoded together (default 64)")
+    sim.add_argument("--max-draft-tokens", type=int, default=16)
+    sim.add_argument(
+        "--max-tokens",
+        type=int,
+        help="the rollouts' completion limit, which bounds drafts (default: each one's length)",
+    )
+    sim.add_argument("--option", action="append", default=[], help="drafter option key=value (repeatable)")
+    sim.add_argument(
+        "--window-versions", type=int, default=8, help="policy versions the drafter's history keeps (default 8)"
+    )
+    sim.add_argument("--model", default="smollm2-135m", help="the model the 'cpu' profile is measured with")
+    sim.add_argument("--max-model-len", type=int, default=512, help="the 'cpu' profile's engine length limit")
+    sim.add_argument("--warm-start", action="append", default=[], help="earlier trace the history starts with")
+    sim.add_argument("--json", help="also write the figures to this JSON file")
+    sim.set_defaults(func=cmd_simulate)
 
     gen = sub.add_parser("generate", help="generate rollouts for a JSONL of prompts on the Ray service (resumable)")
     gen.add_argument("--config", default="configs/default.yaml")

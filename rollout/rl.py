@@ -150,6 +150,7 @@ def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResu
     from adapters.trl import make_rollout_func
     from adapters.trl_length_chunks import length_chunked
     from rollout.checkpoint import resolve_model
+    from rollout.history import RolloutHistory
     from rollout.tasks import TASK_FAMILIES
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -184,8 +185,11 @@ def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResu
         service = LocalService(service_config, log=log)
 
     metrics: dict[int, StepMetrics] = {}
+    # Every step's rollouts, for trace.parquet: the engine's own history keeps only its window of versions.
+    trace = RolloutHistory()
 
     def on_rollouts(results, stats) -> None:
+        trace.append_results(results)
         m = metrics.setdefault(stats.step + 1, StepMetrics(step=stats.step + 1))
         m.rollout_s, m.nospec_s, m.sync_s = stats.seconds, stats.nospec_seconds, stats.sync_seconds
         m.oracle_s = stats.oracle_seconds
@@ -267,8 +271,7 @@ def run_grpo(cfg: RLConfig, service_config: ServiceConfig, log=print) -> RunResu
     try:
         trainer.train()
         result = RunResult(cfg, [metrics[k] for k in sorted(metrics) if k >= 1], out, time.perf_counter() - t0)
-        history = service.rollouts()
-        history.save(out / "trace.parquet")
+        trace.save(out / "trace.parquet")
         if cfg.save_policy:
             model.save_pretrained(out / "policy", safe_serialization=True)
             tokenizer.save_pretrained(out / "policy")

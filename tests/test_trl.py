@@ -222,3 +222,9 @@ def test_specrollout_run_quick(tmp_path):
 
     metrics = pq.read_table(out / "metrics.parquet").to_pylist()
     assert len(metrics) == 4 and all(m["reward"] is not None for m in metrics)
+    # trace.parquet holds every step's rollouts, and the simulator reads it (README: what it would give on a GPU).
+    trace = pq.read_table(out / "trace.parquet")
+    assert len(set(trace["policy_version"].to_pylist())) == 4 and trace.num_rows == len(metrics) * 2 * 4
+    from rollout.cli import main
+
+    assert main(["simulate", str(out / "trace.parquet"), "--cost", "h100_llama3_8b_vllm", "--budget", "fixed:4"]) == 0

@@ -45,27 +45,33 @@ def measure_cost_model(
 
 
 def _probe(model, max_batch: int, context: int) -> CostModel:
-    from rollout.engine.batch import SeqInput, build_batch
-    from rollout.engine.hardware import synchronize
-
     batches = [b for b in (1, 4, 16, 64, 256) if b <= max_batch] or [1]
     ks = (1, 2, 4, 8, 16)
     # A short max_model_len must still hold the probe's context plus its largest draft.
     context = max(1, min(context, model.max_model_len - max(ks) - 1))
     ks = tuple(k for k in ks if context + k <= model.max_model_len) or (1,)
-    cache = model.new_cache(max(batches))
-    filler = [1] * context
-    model.forward(build_batch([SeqInput(0, filler, None, context - 1)] * max(batches), 0, model.device), cache)
-    shapes = [(b, k) for b in batches for k in ks if b * k <= 2048]
+    return CostModel.from_timings(time_forwards(model, [(b, k) for b in batches for k in ks if b * k <= 2048], context))
+
+
+def time_forwards(model, shapes: list[tuple[int, int]], context: int, rounds: int = 3) -> dict[tuple[int, int], float]:
+    """Fastest seconds of a forward of B sequences with a `context`-token cache, each bringing k new tokens, per
+    (B, k) in `shapes`."""
+    from rollout.engine.batch import SeqInput, build_batch
+    from rollout.engine.hardware import synchronize
+
+    widest = max(b for b, _ in shapes)
+    cache = model.new_cache(widest)
+    filler = [1] * (context + max(k for _, k in shapes))
+    model.forward(build_batch([SeqInput(0, filler[:context], None, context - 1)] * widest, 0, model.device), cache)
     forwards = {(b, k): build_batch([SeqInput(context, filler[:k], None, 0)] * b, 0, model.device) for b, k in shapes}
     best = {shape: float("inf") for shape in shapes}
     # Rounds over the whole grid, keeping each point's fastest: a burst of load elsewhere on the machine then
     # spoils one round of a point, not the point.
-    for _ in range(3):
+    for _ in range(rounds):
         for shape in shapes:
             synchronize(model.device)
             t0 = time.perf_counter()
             model.forward(forwards[shape], cache)
             synchronize(model.device)  # a GPU forward returns at launch; time its work
             best[shape] = min(best[shape], time.perf_counter() - t0)
-    return CostModel.from_timings(best)
+    return best
