@@ -17,12 +17,11 @@ class CostModel:
 
     def __post_init__(self):
         self.grid = {int(b): sorted((int(m), float(t)) for m, t in pts) for b, pts in self.grid.items()}
-        self._bs = sorted(self.grid)
+        self._bs, self._arrays = sorted(self.grid), {b: np.array(p, dtype=np.float64).T for b, p in self.grid.items()}
 
     def _curve(self, b: int, m: np.ndarray) -> np.ndarray:
-        pts = self.grid[b]
-        ms, ts = np.array(pts, dtype=np.float64).T  # [P] tokens, [P] seconds
-        if len(pts) == 1:
+        ms, ts = self._arrays[b]  # [P] tokens, [P] seconds (the budget asks several times per step: built once)
+        if len(ms) == 1:
             return ts[0] * np.maximum(m, 1) / max(ms[0], 1)
         slope = (ts[-1] - ts[-2]) / max(ms[-1] - ms[-2], 1)
         # Below the first point: the first point's time; beyond the last: the last segment's slope.
