@@ -1,14 +1,15 @@
 """The makespan simulator checked against the real engine on this machine, then projected onto a GPU.
 
     specrollout run --save-policy --out runs/main      # the main job: its trace, per-step timings and policy
-    python benchmarks/simulate.py --run runs/main      # validation (~15 minutes alone) + projection
+    python benchmarks/simulate.py --run runs/main      # validation (~27 minutes alone) + projection
     python benchmarks/simulate.py --skip-measure       # the projection only; the recorded validation stays
     python benchmarks/simulate.py --quick --out /tmp/sim.json   # a reduced run that only proves the wiring
 
 cpu_validation: the simulator with this machine's `cpu` profile (rollout/engine_profile.py: the engine's start-up
-probe plus a context slope and host cost from calibration runs of their own) against what the real engine took:
-- `proxy` and `headline`: the service benchmark's workloads (benchmarks/service.py), each budget run once on the
-  real engine here, then that run's rollouts simulated under the same budget (its previous round as the history);
+probe with terms fitted to calibration runs of their own) against what the real engine took:
+- `proxy` and `headline`: the service benchmark's workloads (benchmarks/service.py), each budget run --passes times
+  on the real engine here (measured: their mean), then the first run's rollouts simulated under the same budget
+  (its previous round as the history);
 - `rl`: the main job's steps (`--run`): each step's measured rollout seconds against the simulated makespan of that
   step's recorded rollouts, under the run's budget (`auto`), the drafter refreshed step by step as in the run.
 gpu_projection: the main job's long-tail trace (committed as traces/tail_grpo.parquet) priced by each GPU profile
@@ -39,7 +40,7 @@ from rollout.checkpoint import resolve_model  # noqa: E402
 from rollout.config import EngineConfig, HistoryConfig  # noqa: E402
 from rollout.engine_profile import measure_engine_profile  # noqa: E402
 from rollout.history import RolloutHistory  # noqa: E402
-from rollout.simulator import compare, simulate  # noqa: E402
+from rollout.simulator import BUDGETS, compare, simulate  # noqa: E402
 from rollout.step_cost import PROFILES_DIR, Profile, load_profile  # noqa: E402
 from rollout.tasks import list_tasks  # noqa: E402
 
@@ -159,7 +160,7 @@ def project(trace_path: Path, quick: bool) -> dict:
             trace,
             profile,
             ("suffix", "arctic_suffix"),
-            ("fixed:2", "fixed:4", "fixed:8", "auto"),
+            BUDGETS,
             PROJECTION_SLOTS,
             max_tokens=max_tokens,
         )

@@ -116,7 +116,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from rollout.config import EngineConfig
     from rollout.engine_profile import measure_engine_profile
     from rollout.history import RolloutHistory, warm_start
-    from rollout.simulator import compare
+    from rollout.simulator import BUDGETS, compare
     from rollout.step_cost import load_profile
 
     if args.slots < 1:
@@ -130,7 +130,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     engine = EngineConfig(model=args.model, max_num_seqs=args.slots, max_model_len=args.max_model_len)
     profile = load_profile(args.cost, cpu=lambda: measure_engine_profile(engine, log=print))
     drafters = tuple(args.drafter or ["suffix"])
-    budgets = tuple(args.budget or ["fixed:2", "fixed:4", "fixed:8", "auto"])
+    budgets = tuple(args.budget or BUDGETS)
     options = _parse_options(args.option)
     report = compare(
         trace,

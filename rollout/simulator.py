@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from drafters.base import Draft, Drafter
 from drafters.replay import accepted_path
@@ -167,7 +168,6 @@ class SimulatedEngine:
         max_tokens: int | None = None,
     ):
         self.profile = profile
-        self.slots = slots
         self.max_tokens = max_tokens
         self.speculator = Speculator(drafter, budget, max_draft_tokens, vocab_size=2**31 - 1)
         self.scheduler = Scheduler(NullCache(), slots, share_prompts=True)
@@ -259,17 +259,18 @@ def simulate(
     names = budget_name or type(budget).__name__, drafter_name or type(drafter).__name__
     result = SimResult(profile.name, *names, slots)
     history = RolloutHistory(window_versions=window_versions)
-    rows = trace.to_pylist()
-    for i, r in enumerate(rows):
+    by_version: dict[int, list[dict]] = {}
+    for i, r in enumerate(trace.to_pylist()):
         r["logprobs"] = r.get("logprobs")
         r["request_id"] = f"v{r['policy_version']}-{r['request_id'] or i}"
-    versions = sorted({r["policy_version"] for r in rows})
+        by_version.setdefault(r["policy_version"], []).append(r)
+    versions = sorted(by_version)
     if warm is not None and versions:
         history.append(older_than(warm, versions[0]))
     for version in versions:
         engine.speculator.refresh(history, version)
-        result.versions.append(engine.run_version(version, [r for r in rows if r["policy_version"] == version]))
-        history.append(trace.filter(pa.array([v == version for v in trace["policy_version"].to_pylist()])))
+        result.versions.append(engine.run_version(version, by_version[version]))
+        history.append(trace.filter(pc.equal(trace["policy_version"], version)))
     return result
 
 
