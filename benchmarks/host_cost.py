@@ -13,6 +13,8 @@ Figure: (step wall time - time inside the model forward) / running sequences, me
 - "plain": no drafter, budget off.
 - "suffix_fixed4": the suffix drafter with budget fixed:4, its history filled by an earlier round of the same
   prompts (greedy, so the second round's drafts come true and each step commits five tokens per sequence).
+- "suffix_auto": the same with budget auto (its step-cost curve probed on the tiny model): beside suffix_fixed4,
+  what the budget's own selection and learning add per sequence-step.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from drafters.base import make_drafter  # noqa: E402
 from rollout.budget import parse_budget  # noqa: E402
 from rollout.config import EngineConfig  # noqa: E402
+from rollout.engine.cost_probe import measure_cost_model  # noqa: E402
 from rollout.engine.engine import Engine  # noqa: E402
 from rollout.engine.model import TargetModel  # noqa: E402
 from rollout.sampling import SamplingParams  # noqa: E402
 
 BATCHES = (1, 16, 64)
-MODES = {"plain": ("none", "off"), "suffix_fixed4": ("suffix", "fixed:4")}
+MODES = {"plain": ("none", "off"), "suffix_fixed4": ("suffix", "fixed:4"), "suffix_auto": ("suffix", "auto")}
 NEW_TOKENS = 96
 PROMPT_LEN = 16
 
@@ -81,7 +84,8 @@ class ForwardClock:
 def per_seq_step_us(model: TargetModel, clock: ForwardClock, mode: str, batch: int) -> float:
     drafter, budget = MODES[mode]
     config = EngineConfig(max_num_seqs=batch, max_model_len=model.max_model_len)
-    engine = Engine(model, config, make_drafter(drafter), parse_budget(budget))
+    cost = lambda: measure_cost_model(model, batch, log=lambda _: None)  # noqa: E731  (auto only)
+    engine = Engine(model, config, make_drafter(drafter), parse_budget(budget, cost=cost))
     g = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(0, 384, (PROMPT_LEN,), generator=g).tolist() for _ in range(batch)]
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)

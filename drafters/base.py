@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import accumulate
+from operator import mul
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 
@@ -91,6 +93,8 @@ class Draft:
 
     def _path_probs(self, default: float) -> list[float]:
         cond = self.probs if self.probs is not None else [default] * len(self.token_ids)
+        if self.is_chain:  # every step's drafts are new objects: the running product in C, the same floats
+            return list(accumulate(cond, mul, initial=1.0))[1:]
         out: list[float] = []
         for c, p in zip(cond, self.node_parents):
             out.append(c * (out[p] if p >= 0 else 1.0))

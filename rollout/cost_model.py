@@ -73,27 +73,50 @@ class StepClock:
     decay: float = 0.95  # weight of a step's evidence after each later step of its bucket
     prior: float = 2.0  # steps' worth of evidence behind the prior
     _sums: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # bucket -> (X'X [3, 3], X'y [3])
+    # The budget prices every prefix of a step's drafts several times per step, and beside a GPU that host work is
+    # what the tail's few sequences pay for: the fit is kept until its bucket's next step, and the curve as a table.
+    _fits: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # bucket -> (f, a, g)
+    _plains: dict[int, float] = field(default_factory=dict)  # B -> t(B, B)
+    _extras: dict[int, np.ndarray] = field(default_factory=dict)  # B -> [M + 1] (t(M, B) - t(B, B))+ / t(B, B)
 
-    def fit(self, batch: int) -> np.ndarray:
-        """[3] (f, a, g) for a step of `batch` sequences, f and a within [0.5, 8], g within [0, 8]."""
-        gram, moment = self._sums.get(batch_bucket(batch), (np.zeros((3, 3)), np.zeros(3)))
-        coef = np.linalg.solve(gram + self.prior * np.eye(3), moment + self.prior * np.array([1.0, 1.0, 0.0]))
-        return np.clip(coef, [0.5, 0.5, 0.0], 8.0)
+    def fit(self, batch: int) -> tuple[float, float, float]:
+        """(f, a, g) for a step of `batch` sequences, f and a within [0.5, 8], g within [0, 8]."""
+        bucket = batch_bucket(batch)
+        if bucket not in self._fits:
+            gram, moment = self._sums.get(bucket, (np.zeros((3, 3)), np.zeros(3)))
+            coef = np.linalg.solve(gram + self.prior * np.eye(3), moment + self.prior * np.array([1.0, 1.0, 0.0]))
+            self._fits[bucket] = tuple(min(max(c, lo), 8.0) for c, lo in zip(coef.tolist(), (0.5, 0.5, 0.0)))
+        return self._fits[bucket]
 
-    def features(self, tokens, batch: int, ragged=0.0) -> np.ndarray:
-        """[3, T] a step's features in units of the probe's plain step; `ragged`: sequences drafted unequally."""
-        plain = self.model(batch, batch)
-        curve = self.model.times(np.atleast_1d(np.asarray(tokens, dtype=np.float64)), batch)
-        extra, share = np.maximum(curve - plain, 0.0) / plain, np.broadcast_to(np.asarray(ragged) / batch, curve.shape)
-        return np.stack([np.ones_like(curve), extra, share])
+    def plain(self, batch: int) -> float:
+        """The probe's plain step: `batch` sequences bringing a token each."""
+        if batch not in self._plains:
+            self._plains[batch] = self.model(batch, batch)
+        return self._plains[batch]
+
+    def extra(self, tokens: np.ndarray, batch: int) -> np.ndarray:
+        """The probe's price of `tokens` [T] whole numbers of new tokens beyond a plain step, in plain steps."""
+        table = self._extras.get(batch)
+        if table is None or len(table) <= tokens.max(initial=0):
+            size = max(int(tokens.max(initial=0)) + 1, 2 * len(table) if table is not None else 2 * batch + 2)
+            plain = self.plain(batch)
+            curve = self.model.times(np.arange(size, dtype=np.float64), batch)
+            table = self._extras[batch] = np.maximum(curve - plain, 0.0) / plain
+        return table[tokens]
 
     def seconds(self, tokens, batch: int, ragged=0.0):
-        """Seconds of steps of `batch` sequences bringing `tokens` new tokens in all (numbers or arrays)."""
-        out = self.model(batch, batch) * (self.fit(batch) @ self.features(tokens, batch, ragged))
+        """Seconds of steps of `batch` sequences bringing `tokens` new tokens in all (whole numbers or arrays):
+        the plain step x (f + a x the extra tokens' price + g x the share of sequences drafted unequally)."""
+        f, a, g = self.fit(batch)
+        extra = self.extra(np.atleast_1d(np.asarray(tokens, dtype=np.intp)), batch)
+        out = self.plain(batch) * (f + a * extra + (g / batch) * np.asarray(ragged) if g else f + a * extra)
         return out if np.ndim(tokens) else float(out[0])
 
     def observe(self, tokens: int, batch: int, seconds: float, ragged: int = 0) -> None:
         """A decoding step of `batch` sequences that brought `tokens` new tokens and took `seconds`."""
-        x, y = self.features(tokens, batch, ragged)[:, 0], seconds / self.model(batch, batch)
-        gram, moment = self._sums.get(batch_bucket(batch), (np.zeros((3, 3)), np.zeros(3)))
-        self._sums[batch_bucket(batch)] = (self.decay * gram + np.outer(x, x), self.decay * moment + x * y)
+        x = np.array([1.0, float(self.extra(np.array([tokens]), batch)[0]), ragged / batch])  # [3] as seconds()
+        y = seconds / self.plain(batch)
+        bucket = batch_bucket(batch)
+        gram, moment = self._sums.get(bucket, (np.zeros((3, 3)), np.zeros(3)))
+        self._sums[bucket] = (self.decay * gram + np.outer(x, x), self.decay * moment + x * y)
+        self._fits.pop(bucket, None)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 
 @dataclass
 class LengthClasses:
@@ -21,7 +19,7 @@ class LengthClasses:
     def remaining(self, prompt_key: str | None, generated: int) -> float:
         """Tokens a rollout of this prompt that has generated `generated` is expected still to emit (>= 1)."""
         recorded = self.lengths.get(prompt_key or "", [])
-        total = float(np.mean(recorded)) if recorded else self.default
+        total = sum(recorded) / len(recorded) if recorded else self.default
         # Beyond the recorded mean, a sequence is in the tail: expect it to run about as long again as it has.
         return max(total - generated, 0.5 * max(generated, 1.0), 1.0)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from rollout.checkpoint import cache_dir
 from rollout.checkpoint_io import read_tensors, tensor_files
 from rollout.engine.batch import ForwardBatch
-from rollout.engine.hardware import fingerprint
+from rollout.engine.hardware import fingerprint, keep_freed_memory
 from rollout.engine.kv_cache import SlotKVCache
 from rollout.engine.matmul import MatmulPlan
 from rollout.layers import LayerWeights, ModelShape, decoder_layer, rms_norm, rope_tables, shape_from_config
@@ -143,6 +143,8 @@ class TargetModel:
             )
             if name.endswith(marker)
         }
+        if torch.device(device).type == "cpu":  # before the matmul plan and cost probe time anything
+            keep_freed_memory()
         model = cls(config, max_model_len, DTYPES[dtype], torch.device(device), biases, matmul)
 
         loaded = model.load_weights(read_tensors(folder), strict=True)

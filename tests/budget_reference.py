@@ -1,0 +1,89 @@
+"""The budget's per-draft, per-query formulation, kept as the reference for rollout/budget.py's batched `select`
+and rollout/cost_model.py's cached `StepClock` (tests/test_budget.py holds them equal over random runs).
+
+It reads the live budget's state (acceptance per depth and per sequence, the clock's sums) and recomputes every
+number the straightforward way: each draft's chances on its own, the clock's fit by np.linalg.solve on every query,
+the curve interpolated on every query.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rollout.budget import Acceptance, AutoBudget, BudgetItem
+from rollout.cost_model import StepClock, batch_bucket
+
+
+def reference_fit(clock: StepClock, batch: int) -> np.ndarray:
+    gram, moment = clock._sums.get(batch_bucket(batch), (np.zeros((3, 3)), np.zeros(3)))
+    coef = np.linalg.solve(gram + clock.prior * np.eye(3), moment + clock.prior * np.array([1.0, 1.0, 0.0]))
+    return np.clip(coef, [0.5, 0.5, 0.0], 8.0)
+
+
+def reference_features(clock: StepClock, tokens, batch: int, ragged=0.0) -> np.ndarray:
+    """[3, T]"""
+    plain = clock.model(batch, batch)
+    curve = clock.model.times(np.atleast_1d(np.asarray(tokens, dtype=np.float64)), batch)
+    extra, share = np.maximum(curve - plain, 0.0) / plain, np.broadcast_to(np.asarray(ragged) / batch, curve.shape)
+    return np.stack([np.ones_like(curve), extra, share])
+
+
+def reference_seconds(clock: StepClock, tokens, batch: int, ragged=0.0) -> np.ndarray:
+    return clock.model(batch, batch) * (reference_fit(clock, batch) @ reference_features(clock, tokens, batch, ragged))
+
+
+def reference_predicted(acceptance: Acceptance, draft, nodes: int) -> np.ndarray:
+    depth = np.minimum(np.asarray(draft.node_depths[:nodes], dtype=np.intp), acceptance.depths.shape[1] - 1)
+    accepted, claimed = acceptance.depths[:, depth]
+    ratio = (accepted + acceptance.prior_claims * acceptance.prior_ratio) / (claimed + acceptance.prior_claims)
+    return ratio * np.asarray(draft.path_probs()[:nodes], dtype=np.float64)
+
+
+def reference_chances(acceptance: Acceptance, request_id: str, draft, nodes: int) -> np.ndarray:
+    predicted = reference_predicted(acceptance, draft, nodes)
+    seq_accepted, seq_predicted = acceptance.seqs.get(request_id, (0.0, 0.0))
+    return np.clip(predicted * (seq_accepted + acceptance.shrink) / (seq_predicted + acceptance.shrink), 0.0, 1.0)
+
+
+def reference_select(budget: AutoBudget, items: list[BudgetItem], waiting: int = 0) -> list[int]:
+    """The counts `budget.select` must pick, computed one draft at a time."""
+    b = len(items)
+    if b == 0 or not any(len(it.draft) for it in items):
+        return [0] * b
+    if budget.length_aware and waiting == 0:
+        remaining = np.array([budget.lengths.remaining(it.prompt_key, it.generated) for it in items])
+        weights = np.clip(remaining / remaining.mean(), 0.25, 4.0)
+    else:
+        weights = np.ones(b)
+    chances = [reference_chances(budget.acceptance, it.request_id, it.draft, budget.max_nodes) for it in items]
+    owner = np.concatenate([np.full(len(c), i) for i, c in enumerate(chances)])
+    position = np.concatenate([np.arange(len(c)) for c in chances])
+    priority = np.concatenate([np.minimum.accumulate(w * c) for w, c in zip(weights, chances)])
+    order = np.lexsort((position, -priority))
+    base = sum(it.pending for it in items)
+    gain = b + np.concatenate([[0.0], np.cumsum(np.concatenate(chances)[order])])
+    drafted = np.concatenate([[0], np.cumsum(position[order] == 0)])
+    rate = gain / reference_seconds(budget.clock, base + np.arange(len(order) + 1), b, drafted)
+    if reference_fit(budget.clock, b)[2] > 0:
+        lengths = np.array([len(c) for c in chances])
+        table = np.zeros((b, lengths.max()))
+        table[owner, position] = np.concatenate(chances)
+        k = np.arange(1, table.shape[1] + 1)
+        even_tokens = base + np.minimum(lengths[:, None], k).sum(axis=0)
+        even_ragged = np.where((lengths[:, None] < k).any(axis=0) & (lengths > 0).any(), (lengths > 0).sum(), 0)
+        even_seconds = reference_seconds(budget.clock, even_tokens, b, even_ragged)
+        even_rate = (b + table.cumsum(axis=1).sum(axis=0)) / even_seconds
+        if even_rate.max() > rate.max():
+            return np.minimum(lengths, int(np.argmax(even_rate)) + 1).tolist()
+    return np.bincount(owner[order[: int(np.argmax(rate))]], minlength=b).tolist()
+
+
+def reference_observe(acceptance: Acceptance, request_id: str, draft, accepted: int) -> None:
+    """Acceptance.observe, with np.add.at for every draft."""
+    seq = acceptance.seqs.setdefault(request_id, [0.0, 0.0])
+    predicted = reference_predicted(acceptance, draft, len(draft)).sum()
+    seq[:] = acceptance.seq_decay * seq[0] + accepted, acceptance.seq_decay * seq[1] + predicted
+    depth = np.minimum(np.asarray(draft.node_depths, dtype=np.intp), acceptance.depths.shape[1] - 1)
+    acceptance.depths *= acceptance.decay
+    acceptance.depths[0, 1 : accepted + 1] += 1.0
+    np.add.at(acceptance.depths[1], depth, draft.path_probs())
