@@ -46,6 +46,8 @@ def test_cpu_model_keeps_freed_memory_and_the_opt_out_does_not(tiny_folder):
     assert heap == "kept"
     default, default_faults = probe(tiny_folder, SPECROLLOUT_KEEP_FREED_MEMORY="0")
     assert default == "default"
-    # 7 x 64 MB touched afresh is 7 x 16384 faults of 4 KB pages; kept, the same pages come back.
-    assert default_faults > 7 * 16384 * 0.9
-    assert faults < default_faults / 20
+    # Each 64 MB touched afresh costs a fault per page (16384 of 4 KB; 32 where transparent huge pages back it).
+    # Kept, the freed pages come back: at most the first allocation or two of the seven fault.
+    assert faults <= 2 * 16384 + 1000
+    assert default_faults >= 7 * 32
+    assert default_faults > 3 * faults
