@@ -60,7 +60,15 @@ def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     # The engine draws uniforms on the host from per-request CPU generators (the same numbers on any device).
     u = u.to(device=probs.device, dtype=torch.float64)
     idx = torch.searchsorted(cdf, u[:, None] * total, right=True).squeeze(1)
-    # Rounding can put u * total on the last cumulative value; fall back to the last token with mass.
+    # Rounding can put u * total on the last cumulative value; fall back to the last token with mass. Below V the
+    # index already has mass (cdf[idx] > u * total >= cdf[idx - 1]), so on a CPU, where the search for the last
+    # token with mass costs four passes over the vocabulary, only rows that ran past the end pay for it. On an
+    # accelerator those passes cost less than the sync that finding such rows would take.
+    if probs.device.type == "cpu":
+        over = (idx >= probs.shape[-1]).nonzero().squeeze(1)
+        if len(over):
+            idx[over] = probs.shape[-1] - 1 - (probs[over].flip(-1) > 0).int().argmax(-1)
+        return idx
     last_nonzero = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
     return torch.minimum(idx, last_nonzero)
 

@@ -135,6 +135,30 @@ def test_inverse_cdf_never_picks_zero_mass():
     assert sample_inverse_cdf(probs, u).tolist() == [1, 1, 3, 3, 3]
 
 
+def reference_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """sample_inverse_cdf as it was before the CPU path skipped the search for the last token with mass: kept as
+    its reference."""
+    cdf = probs.double().cumsum(-1)
+    idx = torch.searchsorted(cdf, u.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:], right=True).squeeze(1)
+    return torch.minimum(idx, probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1))
+
+
+def test_inverse_cdf_equals_its_reference_where_rounding_reaches_the_end():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(512, 64, generator=g) ** 8  # many tiny masses
+    probs[:, -5:] = 0.0  # trailing tokens without mass: a draw rounded onto the total must not land there
+    probs[::7, 10:] = 0.0
+    u = torch.rand(512, dtype=torch.float64, generator=g)
+    u[::3] = 1.0  # u x total on the total itself, as rounding can put a u just below 1: the search runs off the end
+    u[2::6] = 1.0 - 1e-16
+    u[1::5] = 0.0
+    cdf = probs.double().cumsum(-1)
+    assert (torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True) >= 64).sum() > 100  # the fallback's rows
+    drawn = sample_inverse_cdf(probs.to(DEVICE), u)
+    assert torch.equal(drawn.cpu(), reference_inverse_cdf(probs, u))
+    assert bool((probs.gather(1, drawn.cpu()[:, None]) > 0).all())
+
+
 def test_verify_is_a_pure_function_of_its_uniforms():
     g = torch.Generator().manual_seed(0)
     probs = torch.rand(4 * 3, V, generator=g).to(DEVICE)
