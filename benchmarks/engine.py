@@ -18,7 +18,7 @@ converted checkpoint folder), --quick (few batch sizes, few tokens, one round: f
   F.linear (what a plain torch port does); `matmul_timings_ms` are the plan's own per-kernel measurements. These
   three are CPU matters: on a GPU every product is F.linear, so only `verify_cost_rel` is measured there.
 - host_us_per_seq_step: the engine's own work per sequence per step outside the model forward, on a tiny random
-  Llama, for plain decoding and for the suffix drafter at fixed:4 (benchmarks/host_cost.py says how).
+  Llama, for plain decoding and for the suffix drafter at fixed:4 and auto (benchmarks/host_cost.py says how).
 - oracle_speedup: 128 greedy tokens with a drafter that always proposes the right continuation, at the best
   fixed draft length, against plain decoding in the same engine (runs interleaved); the ceiling a drafter can reach.
 """

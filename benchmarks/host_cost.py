@@ -1,6 +1,6 @@
 """The engine's own work per sequence per step: everything a step does outside the model forward.
 
-    python benchmarks/host_cost.py        # prints the figures (about a minute); benchmarks/engine.py records them
+    python benchmarks/host_cost.py   # about a minute -> results/host_cost.json (benchmarks/engine.py records them too)
 
 Beside a GPU a decode step of a whole batch takes 10-30 ms, so what the engine does on the host around the forward
 (admission, drafting, building the batch, sampling bookkeeping, verification, committing tokens, telling the
@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import machine, versions, write  # noqa: E402
 from drafters.base import make_drafter  # noqa: E402
 from rollout.budget import parse_budget  # noqa: E402
 from rollout.config import EngineConfig  # noqa: E402
@@ -84,7 +86,7 @@ class ForwardClock:
 def per_seq_step_us(model: TargetModel, clock: ForwardClock, mode: str, batch: int) -> float:
     drafter, budget = MODES[mode]
     config = EngineConfig(max_num_seqs=batch, max_model_len=model.max_model_len)
-    cost = lambda: measure_cost_model(model, batch, log=lambda _: None)  # noqa: E731  (auto only)
+    cost = partial(measure_cost_model, model, batch, log=lambda _: None)  # measured only for `auto`
     engine = Engine(model, config, make_drafter(drafter), parse_budget(budget, cost=cost))
     g = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(0, 384, (PROMPT_LEN,), generator=g).tolist() for _ in range(batch)]
@@ -119,4 +121,4 @@ def measure(batches=BATCHES, modes=tuple(MODES)) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    print(measure())
+    write("host_cost", {"host_us_per_seq_step": measure(), "machine": machine(), "versions": versions()})

@@ -67,10 +67,14 @@ def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if probs.device.type == "cpu":
         over = (idx >= probs.shape[-1]).nonzero().squeeze(1)
         if len(over):
-            idx[over] = probs.shape[-1] - 1 - (probs[over].flip(-1) > 0).int().argmax(-1)
+            idx[over] = _last_with_mass(probs[over])
         return idx
-    last_nonzero = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
-    return torch.minimum(idx, last_nonzero)
+    return torch.minimum(idx, _last_with_mass(probs))
+
+
+def _last_with_mass(probs: torch.Tensor) -> torch.Tensor:
+    """[B] the index of each row's last entry above 0 (probs [B, V])."""
+    return probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
 
 
 def verify(

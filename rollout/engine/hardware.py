@@ -29,8 +29,9 @@ def keep_freed_memory() -> bool:
 
     Every CPU forward and every draw allocates tensors of megabytes (a step's logits: rows x 49152 floats, their
     float64 CDF), and glibc serves those from fresh mmaps it unmaps on free, so each step pays page faults to touch
-    them again. Measured on the 2-core CPU with SmolLM2: drawing a row 310 -> 130 us at 64 rows, a forward of 64 x 3
-    tokens 298 -> 236 ms. The process keeps its peak heap instead (what vLLM's CPU backend gets from tcmalloc).
+    them again. Measured on the 2-core CPU with SmolLM2: drawing a row 310 -> 130 us at 64 rows (microbenchmark);
+    the host time of a batch-64 step with 4-node drafts 102 -> 54 ms on the service benchmark's proxy (docs/engine.md).
+    The process keeps its peak heap instead (what vLLM's CPU backend gets from tcmalloc).
     SPECROLLOUT_KEEP_FREED_MEMORY=0 leaves the C library's defaults. Returns whether the heap is kept."""
     global _heap_kept
     if _heap_kept or os.environ.get("SPECROLLOUT_KEEP_FREED_MEMORY", "1") == "0":
