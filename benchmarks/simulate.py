@@ -6,7 +6,8 @@
     python benchmarks/simulate.py --quick --out /tmp/sim.json   # a reduced run that only proves the wiring
 
 cpu_validation: the simulator with this machine's `cpu` profile (rollout/engine_profile.py: the engine's start-up
-probe with terms fitted to calibration runs of their own) against what the real engine took:
+probe with terms fitted to calibration runs of their own; scaled to the machine's speed next to each service run by a
+speed index of fixed forwards, never by the run itself) against what the real engine took:
 - `proxy` and `headline`: the service benchmark's workloads (benchmarks/service.py), each budget run --passes times
   on the real engine here (measured: their mean), then the first run's rollouts simulated under the same budget
   (its previous round as the history);
@@ -38,7 +39,7 @@ from drafters.base import make_drafter  # noqa: E402
 from rollout.budget import parse_budget  # noqa: E402
 from rollout.checkpoint import resolve_model  # noqa: E402
 from rollout.config import EngineConfig, HistoryConfig  # noqa: E402
-from rollout.engine_profile import measure_engine_profile  # noqa: E402
+from rollout.engine_profile import measure_engine_profile, speed_index  # noqa: E402
 from rollout.history import RolloutHistory  # noqa: E402
 from rollout.simulator import BUDGETS, compare, simulate  # noqa: E402
 from rollout.step_cost import PROFILES_DIR, Profile, load_profile  # noqa: E402
@@ -58,42 +59,59 @@ def validate_service(
     profile: Profile, folder: Path, texts: list[str], temperature: float, max_tokens: int, samples: int, passes: int
 ) -> dict:
     """Each budget `passes` times on the real engine (interleaved; measured: their mean, since one run of a mode
-    varies by ~10% on this machine), then simulated on the first run's rollouts (the others' are the same)."""
+    varies by ~10% on this machine), then simulated on the first run's rollouts (the others' are the same).
+
+    The machine's speed index is taken between runs; each run is priced with the profile scaled by the mean of the
+    indexes either side of it over the one taken at calibration (`speed_factor`). `simulated_at_calibration_s` is
+    the same simulation at the calibration's speed."""
     workload = prepare(folder, texts, temperature, "cpu", samples, max_tokens)
     warm = RolloutHistory()
     warm.append_results(workload.previous, policy_version=0)
     runs: dict[str, list] = {mode: [] for mode in MODES}
+    factors: dict[str, list[float]] = {mode: [] for mode in MODES}
+    calibrated = profile.meta.get("speed_index_s")
+    index = [speed_index(workload.model)]
     for _ in range(passes):
         for mode in MODES:
             runs[mode].append(workload.run(mode))
-            print(f"{mode:>8}: measured {runs[mode][-1][0]:6.2f}s")
+            index.append(speed_index(workload.model))
+            factors[mode].append((index[-2] + index[-1]) / 2 / calibrated if calibrated else 1.0)
+            print(f"{mode:>8}: measured {runs[mode][-1][0]:6.2f}s, machine at {factors[mode][-1]:.2f}x calibration")
     out = {}
     for mode, entries in runs.items():
         seconds = sum(e[0] for e in entries) / len(entries)
+        factor = sum(factors[mode]) / len(factors[mode])
         trace = RolloutHistory()
         trace.append_results(entries[0][1], policy_version=1)
-        budget = parse_budget(mode, cost=profile.forward.cost_model())
-        sim = simulate(
-            trace.table(),
-            profile,
-            make_drafter("suffix"),
-            budget,
-            workload.config.max_num_seqs,
-            warm=warm.table(),
-            budget_name=mode,
-            max_tokens=max_tokens,
-        )
-        s = sim.summary()
+        sims = {}
+        for name, priced in (("now", profile.scaled(factor)), ("at_calibration", profile)):
+            sims[name] = simulate(
+                trace.table(),
+                priced,
+                make_drafter("suffix"),
+                parse_budget(mode, cost=profile.forward.cost_model()),
+                workload.config.max_num_seqs,
+                warm=warm.table(),
+                budget_name=mode,
+                max_tokens=max_tokens,
+            )
+        sim, s = sims["now"], sims["now"].summary()
         out[json_key(mode)] = {
             "measured_s": round(seconds, 3),
             "simulated_s": round(sim.makespan_s, 3),
             "error": _error(sim.makespan_s, seconds),
+            "speed_factor": round(factor, 4),
+            "simulated_at_calibration_s": round(sims["at_calibration"].makespan_s, 3),
+            "error_at_calibration": _error(sims["at_calibration"].makespan_s, seconds),
             "measured_runs_s": [round(e[0], 3) for e in entries],
+            "speed_factors": [round(f, 4) for f in factors[mode]],
             "engine_steps": {"measured": entries[0][2]["engine_steps"], "simulated": s["forwards"]},
             "host_s_simulated": s["host_s"],
         }
+        row = out[json_key(mode)]
         print(
-            f"{mode:>8}: measured {seconds:6.2f}s simulated {sim.makespan_s:6.2f}s ({out[json_key(mode)]['error']:.1%})"
+            f"{mode:>8}: measured {seconds:6.2f}s simulated {sim.makespan_s:6.2f}s ({row['error']:.1%}; "
+            f"{row['error_at_calibration']:.1%} at the calibration's speed)"
         )
     return out
 

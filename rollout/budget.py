@@ -2,15 +2,14 @@
 cost and acceptance, `fixed:K` up to K nodes of every draft, `off` none (plain decoding through the same engine).
 
 `auto`, in ten lines:
-1. A step of B sequences bringing M new tokens costs t(B, B) x (f + a x (t(M, B) / t(B, B) - 1) + g x R / B): t the
-   step-cost curve probed at start-up (cached), R the drafted sequences when drafts differ in length, f, a, g fitted
-   to this run's steps (rollout/cost_model.py).
+1. A step of B sequences bringing M new tokens costs t(B, B) x (f + a x (t(M, B) / t(B, B) - 1)): t the step-cost
+   curve probed at start-up (cached), f and a fitted to this run's steps (rollout/cost_model.py).
 2. A draft node is accepted with chance p x r x s: p its path probability by the drafter, r the accepted / claimed
    ratio at its depth (overconfidence grows with depth), s its sequence's recent accepted / predicted, shrunk to 1.
 3. When no request waits for a slot, the longest rollouts set the makespan: nodes rank by chance x their sequence's
    expected remaining length (its prompt's past rollouts) / the batch mean, within [1/4, 4]; else by chance alone.
-4. Nodes are taken in that order, each draft as a prefix. The step keeps the prefix, or (if g > 0) the equal length
-   for all, that maximises expected tokens / step seconds: none, where verifying costs more than it brings.
+4. Nodes are taken in that order, each draft as a prefix. The step keeps the prefix of that order that maximises
+   expected tokens / step seconds: none, where verifying costs more than it brings.
 5. The drafter is asked for twice the nodes per sequence the bucket's last step kept, on average, rounded up (at
    least 4); prefill steps draft nothing.
 The budget's state per step is an explicit `Selection`, handed back with the step's timing (`observe_step`).
@@ -27,7 +26,6 @@ import numpy as np
 from drafters.base import Draft
 from rollout.cost_model import CostModel, StepClock, batch_bucket
 from rollout.lengths import LengthClasses
-from rollout.step_cost import ragged_sequences
 
 
 @dataclass
@@ -56,15 +54,10 @@ class Budget(Protocol):
     observe_step (the step's seconds, of which drafting). Per request: finished; per policy version: refresh."""
 
     def max_draft(self, batch: int, prefill: bool = False) -> int: ...
-
     def select(self, items: list[BudgetItem], waiting: int = 0) -> Selection: ...
-
     def feedback(self, request_id: str, draft: Draft, accepted: list[int]) -> None: ...
-
     def observe_step(self, selection: Selection, seconds: float, draft_seconds: float = 0.0) -> None: ...
-
     def finished(self, request_id: str, prompt_key: str | None, length: int) -> None: ...
-
     def refresh(self, history) -> None: ...
 
 
@@ -101,17 +94,13 @@ class Acceptance:
         accepted, claimed = self.depths[:, np.minimum(depth, self.depths.shape[1] - 1)]
         return (accepted + self.prior_claims * self.prior_ratio) / (claimed + self.prior_claims)
 
-    def chances(self, request_id: str, draft: Draft, nodes: int) -> np.ndarray:
-        """[nodes] each node's chance of acceptance: its prediction scaled by how its sequence beat predictions."""
-        return self.batch_chances([request_id], [draft], nodes)[0]
-
     def batch_chances(self, request_ids: list[str], drafts: list[Draft], nodes: int) -> tuple[np.ndarray, np.ndarray]:
-        """`chances` of the first `nodes` nodes of every draft at once: [P] draft after draft, and [B] nodes each.
-        (Beside a GPU the budget's host work is paid per step by the tail's few sequences: few numpy calls.)"""
+        """Each node's chance of acceptance (its prediction scaled by how its sequence beat predictions), for the first
+        `nodes` nodes of every draft at once: [P] draft after draft, and [B] nodes each. (Beside a GPU the budget's
+        host work is paid per step by the tail's few sequences: few numpy calls.)"""
         counts = np.array([min(len(d), nodes) for d in drafts], dtype=np.intp)  # [B]
-        total = int(counts.sum())
-        depth = np.fromiter(chain.from_iterable(d.node_depths[:nodes] for d in drafts), np.intp, total)  # [P]
-        claimed = np.fromiter(chain.from_iterable(d.path_probs()[:nodes] for d in drafts), np.float64, total)  # [P]
+        depth = np.fromiter(chain.from_iterable(d.node_depths[:nodes] for d in drafts), np.intp)  # [P]
+        claimed = np.fromiter(chain.from_iterable(d.path_probs()[:nodes] for d in drafts), np.float64)  # [P]
         seq = np.array([self.seqs.get(r, (0.0, 0.0)) for r in request_ids], dtype=np.float64) + self.shrink  # [B, 2]
         beat, expected = np.repeat(seq, counts, axis=0).T  # [P] each
         return np.minimum(np.maximum(self.ratio(depth) * claimed * beat / expected, 0.0), 1.0), counts
@@ -141,26 +130,23 @@ class AutoBudget:
         self.clock = StepClock(self.cost)
 
     def max_draft(self, batch: int, prefill: bool = False) -> int:
-        # A draft beside a prompt saves its sequence at most one decode step, on its batch's dearest step (measured on
-        # the RL workload: +47% on the prefill step for about two tokens per sequence).
+        # A draft beside a prompt saves its sequence at most one decode step, on its batch's dearest step.
         if prefill:
             return 0
         # Proposing costs time per node asked: twice what was last kept lets the selection grow, doubling per step.
-        # The mean, not the most: a few sequences given long drafts in a full batch make it ragged, and the engine
-        # then pads every sequence to the longest or splits attention (proxy, batch 64: 304 tokens in 475 ms with
-        # 16-node drafts beside short ones, 315 tokens in 401 ms in equal 4-node chains).
+        # The mean, not the most: a few long drafts in a full batch make it ragged, and the engine then pads every
+        # sequence to the longest or splits attention (docs/budget.md has the figures for both).
         return min(self.max_nodes, max(4, 2 * self._kept.get(batch_bucket(batch), self.max_nodes // 2)))
 
     def select(self, items: list[BudgetItem], waiting: int = 0) -> Selection:
         b = len(items)
         if b == 0 or not any(len(it.draft) for it in items):
             return _selection(items, [0] * b)
-        if self.length_aware and waiting == 0:
-            remaining = [self.lengths.remaining(it.prompt_key, it.generated) for it in items]
-            mean = sum(remaining) / b
-            weights = np.array([min(max(r / mean, 0.25), 4.0) for r in remaining])
-        else:  # requests queue: a sequence that ends hands its slot on, and every token counts the same
-            weights = np.ones(b)
+        # While requests queue, a sequence that ends hands its slot on: every token counts the same (all weights 1).
+        by_length = self.length_aware and waiting == 0
+        remaining = [self.lengths.remaining(it.prompt_key, it.generated) if by_length else 1.0 for it in items]
+        mean = sum(remaining) / b
+        weights = np.array([min(max(r / mean, 0.25), 4.0) for r in remaining])  # [B]
         ids, drafts = [it.request_id for it in items], [it.draft for it in items]
         chances, lengths = self.acceptance.batch_chances(ids, drafts, self.max_nodes)  # [P], [B]
         owner = np.repeat(np.arange(b), lengths)  # [P] the draft of each node
@@ -172,16 +158,7 @@ class AutoBudget:
         order = np.lexsort((position, -priority))
         base = sum(it.pending for it in items)
         gain = b + np.concatenate([[0.0], np.cumsum(chances[order])])  # [P + 1] per prefix
-        drafted = np.concatenate([[0], np.cumsum(position[order] == 0)])  # [P + 1] sequences with a node
-        rate = gain / self.clock.seconds(base + np.arange(len(order) + 1), b, drafted)
-        # Where unequal lengths cost (g > 0), equal lengths for all, K = 1, 2, ..., may beat every prefix above.
-        if self.clock.fit(b)[2] > 0:
-            k = np.arange(1, table.shape[1] + 1)  # [N] candidate lengths
-            even_tokens = base + np.minimum(lengths[:, None], k).sum(axis=0)  # [N]
-            even_ragged = np.where(k > lengths.min(), np.count_nonzero(lengths), 0)  # [N] some draft ends short
-            even_rate = (b + table.cumsum(axis=1).sum(axis=0)) / self.clock.seconds(even_tokens, b, even_ragged)
-            if even_rate.max() > rate.max():
-                return _selection(items, np.minimum(lengths, int(np.argmax(even_rate)) + 1).tolist())
+        rate = gain / self.clock.seconds(base + np.arange(len(order) + 1), b)
         return _selection(items, np.bincount(owner[order[: int(np.argmax(rate))]], minlength=b).tolist())
 
     def feedback(self, request_id: str, draft: Draft, accepted: list[int]) -> None:
@@ -190,8 +167,8 @@ class AutoBudget:
     def observe_step(self, selection: Selection, seconds: float, draft_seconds: float = 0.0) -> None:
         if selection.prefill or seconds <= 0:  # a prompt's step is neither a decoding step's cost nor its drafts'
             return
-        batch, ragged = len(selection.counts), ragged_sequences(selection.counts)
-        self.clock.observe(selection.new_tokens, batch, max(seconds - draft_seconds, 1e-6), ragged)
+        batch = len(selection.counts)
+        self.clock.observe(selection.new_tokens, batch, max(seconds - draft_seconds, 1e-6))
         self._kept[batch_bucket(batch)] = -(-sum(selection.counts) // max(batch, 1))  # rounded up
 
     def finished(self, request_id: str, prompt_key: str | None, length: int) -> None:

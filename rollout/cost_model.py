@@ -13,16 +13,16 @@ import numpy as np
 class CostModel:
     """t(M, B): seconds for a forward with M new tokens from B sequences, interpolated from a measured grid."""
 
-    grid: dict[int, list[tuple[int, float]]]  # B -> [(M, seconds)] sorted by M
+    grid: dict[int, list[tuple[int, float]]]  # B -> [(M, seconds)] sorted by M (also read from `to_json`'s form)
 
     def __post_init__(self):
         self.grid = {int(b): sorted((int(m), float(t)) for m, t in pts) for b, pts in self.grid.items()}
-        self._bs, self._arrays = sorted(self.grid), {b: np.array(p, dtype=np.float64).T for b, p in self.grid.items()}
+        # A lone point is a line through the origin: time in proportion to tokens.
+        arrays = {b: np.array(p if len(p) > 1 else [(0, 0.0)] + p, dtype=np.float64).T for b, p in self.grid.items()}
+        self._bs, self._arrays = sorted(self.grid), arrays
 
     def _curve(self, b: int, m: np.ndarray) -> np.ndarray:
         ms, ts = self._arrays[b]  # [P] tokens, [P] seconds (the budget asks several times per step: built once)
-        if len(ms) == 1:
-            return ts[0] * np.maximum(m, 1) / max(ms[0], 1)
         slope = (ts[-1] - ts[-2]) / max(ms[-1] - ms[-2], 1)
         # Below the first point: the first point's time; beyond the last: the last segment's slope.
         return np.where(m > ms[-1], ts[-1] + slope * (m - ms[-1]), np.interp(m, ms, ts))
@@ -41,10 +41,6 @@ class CostModel:
         return {str(b): pts for b, pts in self.grid.items()}
 
     @classmethod
-    def from_json(cls, data: dict) -> "CostModel":
-        return cls({int(b): [tuple(p) for p in pts] for b, pts in data.items()})
-
-    @classmethod
     def from_timings(cls, seconds: dict[tuple[int, int], float]) -> "CostModel":
         """The grid from timed steps: (B sequences, k new tokens each) -> seconds. More tokens never cost less."""
         grid: dict[int, list[tuple[int, float]]] = {}
@@ -61,62 +57,52 @@ def batch_bucket(batch: int) -> int:
 
 @dataclass
 class StepClock:
-    """Seconds of a real step: the probe's plain step x (f + a x the extra tokens' price by the probe, in plain steps
-    + g x the share of sequences drafted when drafts differ in length), per batch bucket by decayed least squares.
+    """Seconds of a real step: the probe's plain step x (f + a x the extra tokens' price by the probe, in plain steps),
+    per batch bucket by decayed least squares.
 
-    The probe times equal chains on an idle machine; a run's steps verify other shapes and share the machine. One
-    factor on the curve would change no decision (the budget maximises a ratio), so f and a are fitted apart. g prices
-    unequal lengths: the embedded engine then splits attention and copies drafted sequences' caches (batch 64: 212
-    tokens cost what 256 do in equal chains); vLLM's varlen attention leaves it at its prior, 0."""
+    The probe times equal chains on an idle machine; a run's steps verify other shapes (drafts of unequal length make
+    the embedded engine split attention) and share the machine. One factor on the curve would change no decision (the
+    budget maximises a ratio), so f and a are fitted apart (docs/budget.md)."""
 
     model: CostModel
     decay: float = 0.95  # weight of a step's evidence after each later step of its bucket
     prior: float = 2.0  # steps' worth of evidence behind the prior
-    _sums: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # bucket -> (X'X [3, 3], X'y [3])
+    _sums: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # bucket -> (X'X [2, 2], X'y [2])
     # The budget prices every prefix of a step's drafts several times per step, and beside a GPU that host work is
     # what the tail's few sequences pay for: the fit is kept until its bucket's next step, and the curve as a table.
-    _fits: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # bucket -> (f, a, g)
-    _plains: dict[int, float] = field(default_factory=dict)  # B -> t(B, B)
-    _extras: dict[int, np.ndarray] = field(default_factory=dict)  # B -> [M + 1] (t(M, B) - t(B, B))+ / t(B, B)
+    _fits: dict[int, tuple[float, float]] = field(default_factory=dict)  # bucket -> (f, a)
+    _curves: dict[int, np.ndarray] = field(default_factory=dict)  # B -> [M + 1] t(M, B) for M = 0, 1, ...
 
-    def fit(self, batch: int) -> tuple[float, float, float]:
-        """(f, a, g) for a step of `batch` sequences, f and a within [0.5, 8], g within [0, 8]."""
+    def fit(self, batch: int) -> tuple[float, float]:
+        """(f, a) for a step of `batch` sequences, each within [0.5, 8]; the probe's (1, 1) until steps are seen."""
         bucket = batch_bucket(batch)
         if bucket not in self._fits:
-            gram, moment = self._sums.get(bucket, (np.zeros((3, 3)), np.zeros(3)))
-            coef = np.linalg.solve(gram + self.prior * np.eye(3), moment + self.prior * np.array([1.0, 1.0, 0.0]))
-            self._fits[bucket] = tuple(min(max(c, lo), 8.0) for c, lo in zip(coef.tolist(), (0.5, 0.5, 0.0)))
+            gram, moment = self._sums.get(bucket, (np.zeros((2, 2)), np.zeros(2)))
+            coef = np.linalg.solve(gram + self.prior * np.eye(2), moment + self.prior)
+            self._fits[bucket] = tuple(min(max(c, 0.5), 8.0) for c in coef.tolist())
         return self._fits[bucket]
 
-    def plain(self, batch: int) -> float:
-        """The probe's plain step: `batch` sequences bringing a token each."""
-        if batch not in self._plains:
-            self._plains[batch] = self.model(batch, batch)
-        return self._plains[batch]
+    def extra(self, tokens: np.ndarray, batch: int) -> tuple[float, np.ndarray]:
+        """The probe's plain step t(B, B), and its price of `tokens` [T] new tokens beyond it, in plain steps [T]."""
+        curve = self._curves.get(batch)
+        if curve is None or len(curve) <= max(tokens.max(initial=0), batch):  # grown by doubling
+            size = max(int(tokens.max(initial=0)) + 1, 2 * len(curve) if curve is not None else 2 * batch + 2)
+            curve = self._curves[batch] = self.model.times(np.arange(size, dtype=np.float64), batch)
+        plain = curve[batch]
+        return plain, np.maximum(curve[tokens] - plain, 0.0) / plain
 
-    def extra(self, tokens: np.ndarray, batch: int) -> np.ndarray:
-        """The probe's price of `tokens` [T] whole numbers of new tokens beyond a plain step, in plain steps."""
-        table = self._extras.get(batch)
-        if table is None or len(table) <= tokens.max(initial=0):
-            size = max(int(tokens.max(initial=0)) + 1, 2 * len(table) if table is not None else 2 * batch + 2)
-            plain = self.plain(batch)
-            curve = self.model.times(np.arange(size, dtype=np.float64), batch)
-            table = self._extras[batch] = np.maximum(curve - plain, 0.0) / plain
-        return table[tokens]
-
-    def seconds(self, tokens, batch: int, ragged=0.0):
-        """Seconds of steps of `batch` sequences bringing `tokens` new tokens in all (whole numbers or arrays):
-        the plain step x (f + a x the extra tokens' price + g x the share of sequences drafted unequally)."""
-        f, a, g = self.fit(batch)
-        extra = self.extra(np.atleast_1d(np.asarray(tokens, dtype=np.intp)), batch)
-        out = self.plain(batch) * (f + a * extra + (g / batch) * np.asarray(ragged) if g else f + a * extra)
+    def seconds(self, tokens, batch: int):
+        """Seconds of steps of `batch` sequences bringing `tokens` new tokens in all (whole numbers or arrays)."""
+        f, a = self.fit(batch)
+        plain, extra = self.extra(np.atleast_1d(np.asarray(tokens, dtype=np.intp)), batch)
+        out = plain * (f + a * extra)
         return out if np.ndim(tokens) else float(out[0])
 
-    def observe(self, tokens: int, batch: int, seconds: float, ragged: int = 0) -> None:
+    def observe(self, tokens: int, batch: int, seconds: float) -> None:
         """A decoding step of `batch` sequences that brought `tokens` new tokens and took `seconds`."""
-        x = np.array([1.0, float(self.extra(np.array([tokens]), batch)[0]), ragged / batch])  # [3] as seconds()
-        y = seconds / self.plain(batch)
+        plain, extra = self.extra(np.array([tokens]), batch)
+        x, y = np.array([1.0, float(extra[0])]), seconds / plain  # [2] as seconds()
         bucket = batch_bucket(batch)
-        gram, moment = self._sums.get(bucket, (np.zeros((3, 3)), np.zeros(3)))
+        gram, moment = self._sums.get(bucket, (np.zeros((2, 2)), np.zeros(2)))
         self._sums[bucket] = (self.decay * gram + np.outer(x, x), self.decay * moment + x * y)
         self._fits.pop(bucket, None)

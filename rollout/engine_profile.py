@@ -12,6 +12,11 @@ with the six coefficients fitted (least squares, none negative) to the steps of 
 itself: a counting task's prompts (a seed of their own, not a benchmark's) at T=0.6 with the suffix drafter,
 decoded plainly and under fixed:4, fixed:8 and auto, the drafter's and budget's own time taken out (the simulator
 times that part as it runs).
+
+A shared machine's speed drifts (on this one, up to 2x within an hour), and a profile holds for the speed it was
+calibrated at. `speed_index` times a few fixed forwards in seconds; taken before and after the calibration, it is
+kept in the profile (`speed_index_s`), and taken again next to a run to be priced, the ratio scales the profile to
+the machine's speed then (`Profile.scaled`). It times forwards of its own, never the run it stands beside.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ CALIBRATION_SEED = 101  # the prompts' seed (list_tasks): the benchmarks use oth
 CALIBRATION_TOKENS = 192
 CALIBRATION_BUDGETS = ("off", "fixed:4", "fixed:8", "auto")
 FEATURES = ("scale", "per_context_token_s", "per_ragged_seq_s", "per_step_s", "per_seq_s", "per_accepted_s")
+SPEED_SHAPES = [(1, 1), (4, 4), (16, 1)]  # (B, k): a tail step, a drafted step, a fuller batch
+SPEED_CONTEXT = 32  # short: the index is taken often, and its cache is prefilled each time
 
 
 def measure_engine_profile(config: EngineConfig | None = None, log: Callable[[str], None] = print) -> Profile:
@@ -49,7 +56,9 @@ def measure_engine_profile(config: EngineConfig | None = None, log: Callable[[st
     )
     grid = measure_cost_model(model, config.max_num_seqs, cost_model_file(folder, config), log=log)
     log(f"measuring this machine's cost profile on {config.device} for the simulator (once; cached)")
+    before = speed_index(model)
     steps, seconds = _calibration_steps(model, folder, config, grid)
+    speed = (before + speed_index(model)) / 2
     coef = dict(zip(FEATURES, nonnegative_fit(np.asarray(steps), np.asarray(seconds))))
     forward = GridForward(grid, coef["scale"], coef["per_context_token_s"], coef["per_ragged_seq_s"])
     device = config.device.split(":")[0]
@@ -58,12 +67,24 @@ def measure_engine_profile(config: EngineConfig | None = None, log: Callable[[st
         "model": config.model,
         "engine": "specrollout embedded",
         "calibration": {"steps": len(seconds), "budgets": list(CALIBRATION_BUDGETS), "seed": CALIBRATION_SEED},
+        "speed_index_s": speed,
     }
     per_us = [1e6 * coef[k] for k in ("per_seq_s", "per_step_s", "per_accepted_s")]
     profile = Profile(device, forward, *per_us, meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(profile.to_dict(), indent=1))
     return profile
+
+
+def speed_index(model, rounds: int = 7) -> float:
+    """Seconds of one forward at each of SPEED_SHAPES, summed: the machine's speed now, for this model. The median
+    of `rounds`, not the fastest: the runs it stands beside pay the machine's load as well as its clock."""
+    import statistics
+
+    from rollout.engine.cost_probe import time_forwards
+
+    time_forwards(model, SPEED_SHAPES, SPEED_CONTEXT, 1)  # untimed: a model's first forwards of a shape run slow
+    return sum(time_forwards(model, SPEED_SHAPES, SPEED_CONTEXT, rounds, pick=statistics.median).values())
 
 
 def describe_device(device: str) -> str:

@@ -12,7 +12,7 @@ Profiles are YAML (configs/profiles/), or `cpu`: this machine's probe, measured 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -103,7 +103,7 @@ def _grid(spec: dict) -> ForwardCost:
     if not isinstance(spec.get("grid"), dict):
         raise TypeError("grid must map batch sizes to [[tokens, seconds], ...]")
     terms = {k: _seconds(k, v) for k, v in spec.items() if k != "grid"}
-    return GridForward(CostModel.from_json(spec["grid"]), **terms)
+    return GridForward(CostModel(spec["grid"]), **terms)
 
 
 HOST_KEYS = ("engine_us_per_seq_step", "engine_us_per_step", "engine_us_per_accepted")
@@ -127,6 +127,15 @@ class Profile:
             self.engine_us_per_step + self.engine_us_per_seq_step * sequences + self.engine_us_per_accepted * accepted
         )
         return self.forward.seconds(tokens, sequences, context, ragged) + 1e-6 * host
+
+    def scaled(self, factor: float) -> "Profile":
+        """This profile on the machine run `factor` times slower: every term in seconds scaled, forward and host
+        (the grid through its `scale`)."""
+        if not factor > 0:
+            raise ValueError(f"a profile's speed factor must be above 0, got {factor!r}")
+        terms = {k: v * factor for k, v in vars(self.forward).items() if isinstance(v, (int, float))}
+        host = {k: getattr(self, k) * factor for k in HOST_KEYS}
+        return replace(self, forward=replace(self.forward, **terms), **host)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "profile") -> "Profile":

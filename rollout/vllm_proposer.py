@@ -444,7 +444,7 @@ class SpecRolloutWorkerExtension:
         from rollout.budget import parse_budget
         from rollout.cost_model import CostModel
 
-        model = None if cost is None else CostModel.from_json(cost)
+        model = None if cost is None else CostModel(cost)
         proposer.budget = parse_budget(spec, cost=model, max_nodes=proposer.k)
         return True
 

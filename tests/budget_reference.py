@@ -15,21 +15,19 @@ from rollout.cost_model import StepClock, batch_bucket
 
 
 def reference_fit(clock: StepClock, batch: int) -> np.ndarray:
-    gram, moment = clock._sums.get(batch_bucket(batch), (np.zeros((3, 3)), np.zeros(3)))
-    coef = np.linalg.solve(gram + clock.prior * np.eye(3), moment + clock.prior * np.array([1.0, 1.0, 0.0]))
-    return np.clip(coef, [0.5, 0.5, 0.0], 8.0)
+    gram, moment = clock._sums.get(batch_bucket(batch), (np.zeros((2, 2)), np.zeros(2)))
+    return np.clip(np.linalg.solve(gram + clock.prior * np.eye(2), moment + clock.prior), 0.5, 8.0)
 
 
-def reference_features(clock: StepClock, tokens, batch: int, ragged=0.0) -> np.ndarray:
-    """[3, T]"""
+def reference_features(clock: StepClock, tokens, batch: int) -> np.ndarray:
+    """[2, T]"""
     plain = clock.model(batch, batch)
     curve = clock.model.times(np.atleast_1d(np.asarray(tokens, dtype=np.float64)), batch)
-    extra, share = np.maximum(curve - plain, 0.0) / plain, np.broadcast_to(np.asarray(ragged) / batch, curve.shape)
-    return np.stack([np.ones_like(curve), extra, share])
+    return np.stack([np.ones_like(curve), np.maximum(curve - plain, 0.0) / plain])
 
 
-def reference_seconds(clock: StepClock, tokens, batch: int, ragged=0.0) -> np.ndarray:
-    return clock.model(batch, batch) * (reference_fit(clock, batch) @ reference_features(clock, tokens, batch, ragged))
+def reference_seconds(clock: StepClock, tokens, batch: int) -> np.ndarray:
+    return clock.model(batch, batch) * (reference_fit(clock, batch) @ reference_features(clock, tokens, batch))
 
 
 def reference_predicted(acceptance: Acceptance, draft, nodes: int) -> np.ndarray:
@@ -62,19 +60,7 @@ def reference_select(budget: AutoBudget, items: list[BudgetItem], waiting: int =
     order = np.lexsort((position, -priority))
     base = sum(it.pending for it in items)
     gain = b + np.concatenate([[0.0], np.cumsum(np.concatenate(chances)[order])])
-    drafted = np.concatenate([[0], np.cumsum(position[order] == 0)])
-    rate = gain / reference_seconds(budget.clock, base + np.arange(len(order) + 1), b, drafted)
-    if reference_fit(budget.clock, b)[2] > 0:
-        lengths = np.array([len(c) for c in chances])
-        table = np.zeros((b, lengths.max()))
-        table[owner, position] = np.concatenate(chances)
-        k = np.arange(1, table.shape[1] + 1)
-        even_tokens = base + np.minimum(lengths[:, None], k).sum(axis=0)
-        even_ragged = np.where((lengths[:, None] < k).any(axis=0) & (lengths > 0).any(), (lengths > 0).sum(), 0)
-        even_seconds = reference_seconds(budget.clock, even_tokens, b, even_ragged)
-        even_rate = (b + table.cumsum(axis=1).sum(axis=0)) / even_seconds
-        if even_rate.max() > rate.max():
-            return np.minimum(lengths, int(np.argmax(even_rate)) + 1).tolist()
+    rate = gain / reference_seconds(budget.clock, base + np.arange(len(order) + 1), b)
     return np.bincount(owner[order[: int(np.argmax(rate))]], minlength=b).tolist()
 
 

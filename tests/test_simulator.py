@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import SMOL_MAX_LEN, make_engine
+from helpers import cost_from_function
 
 from drafters.base import make_drafter
 from drafters.reference import ReferenceDrafter
@@ -204,10 +205,35 @@ def test_simulator_on_smollm2_takes_the_engines_steps_and_measures_its_profile(s
     folder = resolve_model(config.model)
     assert profile.forward.cost_model().grid == measure_cost_model(smol_model, 8, cost_model_file(folder, config)).grid
     assert profile.forward.per_context_token_s >= 0 and profile.engine_us_per_seq_step >= 0
+    # The speed index taken at calibration is kept; taken now on the same machine, it is of the same order.
+    from rollout.engine_profile import speed_index
+
+    now = speed_index(smol_model)
+    assert 0 < now and 0.2 < now / profile.meta["speed_index_s"] < 5
     result = simulate(
         trace, profile, make_drafter("suffix"), parse_budget("auto", cost=profile.forward.cost_model()), 8
     )
     assert result.makespan_s > result.summary()["forward_s"] > 0
+
+
+@pytest.mark.parametrize("forward", ["linear", "grid"])
+def test_a_profile_scaled_to_a_slower_machine_prices_every_step_that_much_dearer(forward):
+    from rollout.step_cost import GridForward
+
+    if forward == "linear":
+        profile = FLAT
+    else:
+        grid = cost_from_function(lambda m, b: 0.004 + 0.0002 * b + 0.00003 * m)
+        profile = Profile("grid", GridForward(grid, 1.2, 1e-6, 2e-4), 40.0, 300.0, 25.0)
+    slower = profile.scaled(1.5)
+    for tokens, seqs, context, accepted, ragged in [(1, 1, 200, 0, 0), (64, 16, 4096, 20, 9), (300, 64, 9000, 90, 0)]:
+        base = profile.step_seconds(tokens, seqs, context, accepted, ragged)
+        assert slower.step_seconds(tokens, seqs, context, accepted, ragged) == pytest.approx(1.5 * base, rel=1e-12)
+    if forward == "grid":  # the probe's grid stays as measured; the scale carries the machine's speed
+        assert slower.forward.cost_model() is profile.forward.cost_model()
+    assert profile.scaled(1.0) == profile
+    with pytest.raises(ValueError, match="speed factor must be above 0"):
+        profile.scaled(0.0)
 
 
 def test_nonnegative_fit_recovers_coefficients_and_drops_negative_ones():

@@ -18,7 +18,7 @@ from rollout.cost_model import CostModel
 def cached(cache_file: Path | None, measure: Callable[[], CostModel], log: Callable[[str], None] = print) -> CostModel:
     """The cost model cached in `cache_file` (per machine and model), else `measure()`d once and cached there."""
     if cache_file is not None and cache_file.exists():
-        return CostModel.from_json(json.loads(cache_file.read_text()))
+        return CostModel(json.loads(cache_file.read_text()))
     log("measuring the step cost model on this machine (once; cached)")
     cost = measure()
     if cache_file is not None:
@@ -53,9 +53,11 @@ def _probe(model, max_batch: int, context: int) -> CostModel:
     return CostModel.from_timings(time_forwards(model, [(b, k) for b in batches for k in ks if b * k <= 2048], context))
 
 
-def time_forwards(model, shapes: list[tuple[int, int]], context: int, rounds: int = 3) -> dict[tuple[int, int], float]:
-    """Fastest seconds of a forward of B sequences with a `context`-token cache, each bringing k new tokens, per
-    (B, k) in `shapes`."""
+def time_forwards(
+    model, shapes: list[tuple[int, int]], context: int, rounds: int = 3, pick: Callable[[list[float]], float] = min
+) -> dict[tuple[int, int], float]:
+    """Seconds of a forward of B sequences with a `context`-token cache, each bringing k new tokens, per (B, k) in
+    `shapes`: the fastest of `rounds` (or `pick` of them)."""
     from rollout.engine.batch import SeqInput, build_batch
     from rollout.engine.hardware import synchronize
 
@@ -64,7 +66,7 @@ def time_forwards(model, shapes: list[tuple[int, int]], context: int, rounds: in
     filler = [1] * (context + max(k for _, k in shapes))
     model.forward(build_batch([SeqInput(0, filler[:context], None, context - 1)] * widest, 0, model.device), cache)
     forwards = {(b, k): build_batch([SeqInput(context, filler[:k], None, 0)] * b, 0, model.device) for b, k in shapes}
-    best = {shape: float("inf") for shape in shapes}
+    times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
     # Rounds over the whole grid, keeping each point's fastest: a burst of load elsewhere on the machine then
     # spoils one round of a point, not the point.
     for _ in range(rounds):
@@ -73,5 +75,5 @@ def time_forwards(model, shapes: list[tuple[int, int]], context: int, rounds: in
             t0 = time.perf_counter()
             model.forward(forwards[shape], cache)
             synchronize(model.device)  # a GPU forward returns at launch; time its work
-            best[shape] = min(best[shape], time.perf_counter() - t0)
-    return best
+            times[shape].append(time.perf_counter() - t0)
+    return {shape: pick(t) for shape, t in times.items()}
