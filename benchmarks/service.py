@@ -78,9 +78,7 @@ class Workload:
     def run(self, mode: str) -> tuple[float, list, dict]:
         """(seconds, results, figures) of the timed round under a budget mode."""
         engine = Engine(self.model, self.config, make_drafter("suffix"), parse_budget(mode, cost=self.cost), 16)
-        engine.history.append_results(self.previous)
-        engine.policy_version = 1
-        engine.refresh_drafter()
+        engine.resume_after(self.previous)
         t0 = time.perf_counter()
         results = engine.generate(self.batch, self.params(1), self.groups)
         seconds = time.perf_counter() - t0

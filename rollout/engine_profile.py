@@ -132,9 +132,7 @@ def _calibration_steps(model, folder, config: EngineConfig, grid) -> tuple[list[
     steps, seconds = [], []
     for budget in CALIBRATION_BUDGETS:
         engine = Engine(model, config, make_drafter("suffix"), parse_budget(budget, cost=grid), 16)
-        engine.history.append_results(previous)
-        engine.policy_version = 1
-        engine.refresh_drafter()
+        engine.resume_after(previous)
         forwards: list[list[float]] = []
         aside = [0.0]  # the drafter's and budget's seconds in this step
 

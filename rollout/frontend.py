@@ -309,3 +309,14 @@ class EngineFrontend(ABC):
         """Record finished rollouts and let the drafter rebuild from the history at the current policy version."""
         self.flush_history()
         self._refresh_drafter()
+
+    def resume_after(self, previous: list[RolloutResult]) -> None:
+        """Record `previous`, rollouts of this engine's policy version made elsewhere, and move to the next version
+        with the drafter refreshed (no weights change): the state an RL step finds after the step that made them.
+        Benchmarks and the simulator's calibration start each run of a budget from it."""
+        self.require_idle("a new policy version")
+        if self.history is None:
+            raise RuntimeError("resume_after records rollouts in the history, which history.record=false turns off")
+        self.history.append_results(previous)
+        self.policy_version += 1
+        self.refresh_drafter()

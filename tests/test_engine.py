@@ -16,6 +16,7 @@ from conftest import make_engine, on_device, reference_distributions
 from helpers import RandomDrafter, WrongDrafter, WrongFirstTreeDrafter
 
 import rollout.engine.runner as runner_module
+from drafters.base import make_drafter
 from drafters.reference import ReferenceDrafter
 from rollout.budget import parse_budget
 from rollout.engine.batch import SeqInput, build_batch
@@ -560,3 +561,23 @@ def test_min_tokens_is_validated():
         SamplingParams(max_tokens=4, min_tokens=5)
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=-1)
+
+
+def test_resume_after_records_the_previous_round_and_refreshes_the_drafter(tiny_model):
+    """An engine resumed after another engine's round starts the next policy version with that round in its history,
+    its drafter built from it: the same drafts as an engine that made the round itself and then moved on."""
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    previous = make_engine(tiny_model).generate(prompts, params)
+    resumed = make_engine(tiny_model, drafter=make_drafter("suffix"), budget=parse_budget("fixed:4"))
+    resumed.resume_after(previous)
+    assert resumed.policy_version == 1
+    assert resumed.history.table().num_rows == 2 and resumed.history.versions() == [0]
+    itself = make_engine(tiny_model, drafter=make_drafter("suffix"), budget=parse_budget("fixed:4"))
+    itself.generate(prompts, params)
+    itself.update_weights([], version=1)
+    accepted = [sum(r.spec.accepted for r in engine.generate(prompts, params)) for engine in (resumed, itself)]
+    assert accepted[0] == accepted[1] > 0
+    with pytest.raises(RuntimeError, match="in flight"):
+        resumed.add_request(prompts[0], params)
+        resumed.resume_after(previous)
