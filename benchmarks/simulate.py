@@ -6,8 +6,7 @@
     python benchmarks/simulate.py --quick --out /tmp/sim.json   # a reduced run that only proves the wiring
 
 cpu_validation: the simulator with this machine's `cpu` profile (rollout/engine_profile.py: the engine's start-up
-probe with terms fitted to calibration runs of their own; scaled to the machine's speed next to each service run by a
-speed index of fixed forwards, never by the run itself) against what the real engine took:
+probe with terms fitted to calibration runs of their own) against what the real engine took:
 - `proxy` and `headline`: the service benchmark's workloads (benchmarks/service.py), each budget run --passes times
   on the real engine here (measured: their mean), then the first run's rollouts simulated under the same budget
   (its previous round as the history);
@@ -61,9 +60,10 @@ def validate_service(
     """Each budget `passes` times on the real engine (interleaved; measured: their mean, since one run of a mode
     varies by ~10% on this machine), then simulated on the first run's rollouts (the others' are the same).
 
-    The machine's speed index is taken between runs; each run is priced with the profile scaled by the mean of the
-    indexes either side of it over the one taken at calibration (`speed_factor`). `simulated_at_calibration_s` is
-    the same simulation at the calibration's speed."""
+    Beside it, a check of whether the machine's drift can be priced in: the speed index (fixed forwards of its own)
+    is taken between runs, and the same simulation is priced with the profile scaled by the mean of the indexes
+    either side of a budget's runs over the one taken at calibration (`speed_factor`, `simulated_speed_scaled_s`).
+    On 2026-12-07 that made the error larger, not smaller (benchmarks/README.md), so it is reported, not used."""
     workload = prepare(folder, texts, temperature, "cpu", samples, max_tokens)
     warm = RolloutHistory()
     warm.append_results(workload.previous, policy_version=0)
@@ -84,7 +84,7 @@ def validate_service(
         trace = RolloutHistory()
         trace.append_results(entries[0][1], policy_version=1)
         sims = {}
-        for name, priced in (("now", profile.scaled(factor)), ("at_calibration", profile)):
+        for name, priced in (("calibrated", profile), ("speed_scaled", profile.scaled(factor))):
             sims[name] = simulate(
                 trace.table(),
                 priced,
@@ -95,14 +95,14 @@ def validate_service(
                 budget_name=mode,
                 max_tokens=max_tokens,
             )
-        sim, s = sims["now"], sims["now"].summary()
+        sim, s = sims["calibrated"], sims["calibrated"].summary()
         out[json_key(mode)] = {
             "measured_s": round(seconds, 3),
             "simulated_s": round(sim.makespan_s, 3),
             "error": _error(sim.makespan_s, seconds),
             "speed_factor": round(factor, 4),
-            "simulated_at_calibration_s": round(sims["at_calibration"].makespan_s, 3),
-            "error_at_calibration": _error(sims["at_calibration"].makespan_s, seconds),
+            "simulated_speed_scaled_s": round(sims["speed_scaled"].makespan_s, 3),
+            "error_speed_scaled": _error(sims["speed_scaled"].makespan_s, seconds),
             "measured_runs_s": [round(e[0], 3) for e in entries],
             "speed_factors": [round(f, 4) for f in factors[mode]],
             "engine_steps": {"measured": entries[0][2]["engine_steps"], "simulated": s["forwards"]},
@@ -111,7 +111,7 @@ def validate_service(
         row = out[json_key(mode)]
         print(
             f"{mode:>8}: measured {seconds:6.2f}s simulated {sim.makespan_s:6.2f}s ({row['error']:.1%}; "
-            f"{row['error_at_calibration']:.1%} at the calibration's speed)"
+            f"{row['error_speed_scaled']:.1%} priced at the speed index's factor)"
         )
     return out
 

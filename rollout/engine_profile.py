@@ -15,8 +15,10 @@ times that part as it runs).
 
 A shared machine's speed drifts (on this one, up to 2x within an hour), and a profile holds for the speed it was
 calibrated at. `speed_index` times a few fixed forwards in seconds; taken before and after the calibration, it is
-kept in the profile (`speed_index_s`), and taken again next to a run to be priced, the ratio scales the profile to
-the machine's speed then (`Profile.scaled`). It times forwards of its own, never the run it stands beside.
+kept in the profile (`speed_index_s`). Taken again next to a run, the ratio can scale the profile to the machine's
+speed then (`Profile.scaled`). It times forwards of its own, never the run it stands beside. On this machine the
+drift within a run outweighed the drift between runs, and the scaled profile predicted worse than the calibrated
+one (benchmarks/README.md, 2026-12-07): benchmarks/simulate.py reports it beside the calibrated figure.
 """
 
 from __future__ import annotations
