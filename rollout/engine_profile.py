@@ -85,8 +85,9 @@ def speed_index(model, rounds: int = 7) -> float:
 
     from rollout.engine.cost_probe import time_forwards
 
-    time_forwards(model, SPEED_SHAPES, SPEED_CONTEXT, 1)  # untimed: a model's first forwards of a shape run slow
-    return sum(time_forwards(model, SPEED_SHAPES, SPEED_CONTEXT, rounds, pick=statistics.median).values())
+    # The first round is dropped: a model's first forwards of a shape run slow.
+    times = time_forwards(model, SPEED_SHAPES, SPEED_CONTEXT, rounds + 1, pick=lambda t: statistics.median(t[1:]))
+    return sum(times.values())
 
 
 def describe_device(device: str) -> str:

@@ -67,8 +67,8 @@ def time_forwards(
     model.forward(build_batch([SeqInput(0, filler[:context], None, context - 1)] * widest, 0, model.device), cache)
     forwards = {(b, k): build_batch([SeqInput(context, filler[:k], None, 0)] * b, 0, model.device) for b, k in shapes}
     times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
-    # Rounds over the whole grid, keeping each point's fastest: a burst of load elsewhere on the machine then
-    # spoils one round of a point, not the point.
+    # Rounds over the whole grid, keeping each point's fastest (by default): a burst of load elsewhere on the machine
+    # then spoils one round of a point, not the point.
     for _ in range(rounds):
         for shape in shapes:
             synchronize(model.device)
