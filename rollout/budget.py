@@ -5,7 +5,8 @@ cost and acceptance, `fixed:K` up to K nodes of every draft, `off` none (plain d
 1. A step of B sequences bringing M new tokens costs t(B, B) x (f + a x (t(M, B) / t(B, B) - 1)): t the step-cost
    curve probed at start-up (cached), f and a fitted to this run's steps (rollout/cost_model.py).
 2. A draft node is accepted with chance p x r x s: p its path probability by the drafter, r the accepted / claimed
-   ratio at its depth (overconfidence grows with depth), s its sequence's recent accepted / predicted, shrunk to 1.
+   ratio at its depth (overconfidence grows with depth), s its sequence's recent accepted / predicted, shrunk to 1;
+   learned from every proposed draft, verified or not, as the tokens emitted after it settle it.
 3. When no request waits for a slot, the longest rollouts set the makespan: nodes rank by chance x their sequence's
    expected remaining length (its prompt's past rollouts) / the batch mean, within [1/4, 4]; else by chance alone.
 4. Nodes are taken in that order, each draft as a prefix. The step keeps the prefix of that order that maximises

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from drafters.base import EMPTY_DRAFT, Draft, Drafter, propose_all
 from rollout.budget import Budget, BudgetItem, FixedBudget, Selection
+from rollout.draft_outcomes import DraftOutcomes
 from rollout.result import SpecStats, count_positions
 
 EXTRA_ARGS_KEY = "specrollout"  # SamplingParams.extra_args[EXTRA_ARGS_KEY] = {"group": str | None}
@@ -115,6 +116,7 @@ class SpecRolloutProposer:
         self.speculating = True  # the frontend's mode (off: its plain-decoding twin runs)
         # Every row's draft length: fixed at k until the frontend hands over the budget it chose (auto: measured).
         self.budget: Budget = FixedBudget(self.k)
+        self.outcomes = DraftOutcomes()  # each chain proposed, settled by the tokens its row books afterwards
         self.probe: int | None = None  # set while the frontend's cost probe runs: junk drafts of this length
         self.probe_seconds: dict[tuple[int, int], list[float]] = {}  # (rows, new tokens per row) -> step seconds
         self._last: _Call | None = None
@@ -200,8 +202,6 @@ class SpecRolloutProposer:
                 self._stats[rid].record(drafted, accepted, drafted)
                 if t.speculate:  # not the plain twin's rows, nor the cost probe's junk drafts
                     self._count(drafted, accepted)
-                if drafted and t.speculate:
-                    self.budget.feedback(rid, t.last_draft.truncated(drafted, drafted), list(range(accepted)))
             if n < t.seen:  # vLLM rewound the row (should not happen); resynchronise rather than repeat tokens
                 t.seen = n
             new = [int(x) for x in token_ids_cpu[row, t.seen : n]]
@@ -209,6 +209,8 @@ class SpecRolloutProposer:
             if t.speculate and new:
                 observed_ids.append(rid)
                 observed_tokens.append(new)
+                for draft, path in self.outcomes.emitted(rid, new):
+                    self.budget.feedback(rid, draft, path)
             rows.append((row, rid, t, n))
         # One call each for the whole batch: every row's new tokens, then every row's draft.
         if observed_ids:
@@ -285,6 +287,7 @@ class SpecRolloutProposer:
         proposed = propose_all(self.drafter, [rows[i][1] for i in wanted], [rooms[i] for i in wanted])
         for i, d in zip(wanted, proposed):
             chains[i] = self._in_vocabulary(best_chain(d).truncated(rooms[i], rooms[i]))
+            self.outcomes.proposed(rows[i][1], chains[i])
         items = [BudgetItem(rid, c, 1, t.prompt_key, n - t.prompt_len) for (_, rid, t, n), c in zip(rows, chains)]
         selection = self.budget.select(items)  # vLLM's queue is not visible here: the tail's weights always apply
         out: dict[int, list[int]] = {}
@@ -317,6 +320,7 @@ class SpecRolloutProposer:
         t = self._tracked.pop(rid)
         if t.speculate:
             self.drafter.end(rid)
+            self.outcomes.end(rid)
             self.budget.finished(rid, t.prompt_key, t.seen - t.prompt_len)
         self.counters.ended += 1
         stats = self._stats.pop(rid, None)

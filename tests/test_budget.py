@@ -268,10 +268,11 @@ class VerifyNothing(FixedBudget):
         self.calls.append((draft, list(accepted)))
 
 
-def test_a_draft_verified_nowhere_is_still_judged_at_its_first_level(tiny_model):
-    # The token a step emits does not depend on the draft, so a first-level node the budget declined to verify
-    # would have been accepted exactly when it equals that token: the budget learns it for free. Without it a
-    # sequence whose drafts once fared badly would never be drafted again.
+def test_a_draft_verified_nowhere_is_still_judged_at_every_depth(tiny_model):
+    # The tokens a sequence emits do not depend on the draft, so a node the budget declined to verify would have
+    # been accepted exactly when it matches the emitted token at its place: the budget learns every depth for free.
+    # Without it a budget that verifies one node never learns how the second fares, and a sequence whose drafts once
+    # fared badly would never be drafted again.
     from conftest import make_engine
     from helpers import WrongDrafter, WrongFirstTreeDrafter
 
@@ -282,20 +283,20 @@ def test_a_draft_verified_nowhere_is_still_judged_at_its_first_level(tiny_model)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     base = [r.token_ids for r in make_engine(tiny_model, budget=parse_budget("off")).generate(prompts, params)]
     refs = {tuple(p): out for p, out in zip(prompts, base)}
-    # WrongFirstTree's first level is [wrong, right]; Wrong's is [wrong]
-    for drafter, hit in ((WrongFirstTreeDrafter(refs, 384), [1]), (WrongDrafter(refs, 384), [])):
+    # WrongFirstTree: at every level a wrong candidate, then the right one carrying the next level; Wrong: all wrong
+    for drafter, right in ((WrongFirstTreeDrafter(refs, 384), True), (WrongDrafter(refs, 384), False)):
         budget = VerifyNothing()
         results = make_engine(tiny_model, drafter=drafter, budget=budget).generate(prompts, params)
         assert [r.token_ids for r in results] == base
         assert all(r.spec.drafted == 0 for r in results)  # nothing was verified
-        # every step but each sequence's last (no room for a draft) judged the first level
+        # every step but each sequence's last (no room for a draft) proposed one, and every one of them settled
         assert len(budget.calls) == len(prompts) * (params.max_tokens - 1)
         for draft, accepted in budget.calls:
-            assert set(draft.depths()) == {1}
-            # near its end a sequence has room for one node: the tree is cut to its first (wrong) candidate
-            assert accepted == (hit if len(draft) == 2 else [])
-        if hit:
-            assert sum(len(d) == 2 for d, _ in budget.calls) > len(budget.calls) / 2
+            # the right branch (every second node) as deep as the draft holds it (near its end a sequence has room
+            # for fewer nodes, and a tree cut to an odd count ends on a wrong candidate), or nothing
+            assert accepted == (list(range(1, len(draft), 2)) if right else [])
+        if right:
+            assert max(d.depth for d, _ in budget.calls) == 4
 
 
 def random_draft(rng: np.random.Generator, nodes: int) -> Draft:

@@ -1,8 +1,9 @@
 """Speculation for one engine: the drafter and the budget, turned into an explicit plan per step.
 
 Per step: `plan` asks the drafter for a draft per sequence (one batched call) and lets the budget choose how much
-of each to verify; the runner verifies what the plan says; `learn` hands the outcome back: the budget's feedback
-per draft, the drafter's observation of the emitted tokens (one batched call), and the step's timing.
+of each to verify; the runner verifies what the plan says; `learn` hands the outcome back: to the budget, how each
+draft settled by the emitted tokens would have fared, verified or not (rollout/draft_outcomes.py), and the step's
+timing; to the drafter, the emitted tokens (one batched call).
 """
 
 from __future__ import annotations
@@ -12,24 +13,19 @@ from dataclasses import dataclass
 
 from drafters.base import EMPTY_DRAFT, Draft, Drafter, NoDrafter, propose_all
 from rollout.budget import Budget, BudgetItem, Selection
+from rollout.draft_outcomes import DraftOutcomes
 from rollout.engine.sequence import Sequence
 
 
 @dataclass(frozen=True)
 class StepPlan:
     drafts: list[Draft]  # [B] what each sequence verifies this step
-    # [B] drafts the budget verified none of, still judged at their first level for free: the token this step emits
-    # does not depend on the draft (verify.py), so a first-level node would have been accepted exactly when it equals
-    # that token. Without it, a sequence whose drafts once fared badly is never drafted again, since only verified
-    # drafts teach the budget (measured: the tail's last sequences went undrafted while a fixed budget of 4 landed
-    # about a fifth of its nodes).
-    shadows: list[Draft]
     draft_seconds: float  # host time spent proposing
     selection: Selection | None  # the budget's choice, handed back to it with the step's timing (None: plain)
 
     @classmethod
     def plain(cls, batch: int) -> "StepPlan":
-        return cls([EMPTY_DRAFT] * batch, [EMPTY_DRAFT] * batch, 0.0, None)
+        return cls([EMPTY_DRAFT] * batch, 0.0, None)
 
 
 @dataclass(frozen=True)
@@ -55,6 +51,7 @@ class Speculator:
         self.vocab_size = vocab_size
         # Without a drafter there is nothing to plan or learn: the engine decodes plainly at no per-sequence cost.
         self.active = not isinstance(drafter, NoDrafter)
+        self.outcomes = DraftOutcomes()
 
     def begin(self, seqs: list[Sequence]) -> None:
         for s in seqs:
@@ -62,6 +59,7 @@ class Speculator:
 
     def end(self, seq: Sequence) -> None:
         self.drafter.end(seq.request_id)
+        self.outcomes.end(seq.request_id)
         self.budget.finished(seq.request_id, seq.prompt_key, len(seq.output))
 
     def refresh(self, history, policy_version: int) -> None:
@@ -85,23 +83,20 @@ class Speculator:
                 raise RuntimeError(f"drafter {type(self.drafter).__name__} proposed a token outside the vocabulary")
             k = min(ask, rooms[i])
             drafts[i] = d.truncated(k, k)
+            self.outcomes.proposed(seqs[i].request_id, drafts[i])
         items = [
             BudgetItem(s.request_id, d, len(s.tokens) - s.cache_len, s.prompt_key, len(s.output))
             for s, d in zip(seqs, drafts)
         ]
         selection = self.budget.select(items, waiting=waiting)
-        counts = selection.counts
-        shadows = [d.truncated(len(d), 1) if n == 0 else EMPTY_DRAFT for d, n in zip(drafts, counts)]
-        chosen = [d if n >= len(d) else d.truncated(n, n) for d, n in zip(drafts, counts)]
-        return StepPlan(chosen, shadows, draft_seconds, selection)
+        chosen = [d if n >= len(d) else d.truncated(n, n) for d, n in zip(drafts, selection.counts)]
+        return StepPlan(chosen, draft_seconds, selection)
 
     def learn(self, seqs: list[Sequence], plan: StepPlan, outcome: StepOutcome, seconds: float) -> None:
         """Feed the step's outcome back: to the budget per draft, to the drafter the committed tokens."""
-        for s, d, shadow, path, token in zip(seqs, plan.drafts, plan.shadows, outcome.paths, outcome.next_tokens):
-            if len(d):
-                self.budget.feedback(s.request_id, d, path)
-            elif len(shadow):
-                self.budget.feedback(s.request_id, shadow, [j for j, t in enumerate(shadow.token_ids) if t == token])
+        for s, committed in zip(seqs, outcome.committed):
+            for draft, path in self.outcomes.emitted(s.request_id, committed):
+                self.budget.feedback(s.request_id, draft, path)
         started = time.perf_counter()
         self.drafter.observe_batch([s.request_id for s in seqs], outcome.committed, outcome.committed_logprobs)
         observed = time.perf_counter() - started  # drafting's host cost includes observing
