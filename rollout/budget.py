@@ -2,8 +2,8 @@
 cost and acceptance, `fixed:K` up to K nodes of every draft, `off` none (plain decoding through the same engine).
 
 `auto`, in ten lines:
-1. A step of B sequences bringing M new tokens costs t(B, B) x (f + a x (t(M, B) / t(B, B) - 1)): t the step-cost
-   curve probed at start-up (cached), f and a fitted to this run's steps (rollout/cost_model.py).
+1. A step of B sequences bringing M new tokens, M' with the rows padded to the longest draft at the probe's price,
+   costs t(B, B) x (f + a x (t(M', B) / t(B, B) - 1)): t probed at start-up, f and a fitted to the run's steps.
 2. A draft node is accepted with chance p x r x s: p its path probability by the drafter, r the accepted / claimed
    ratio at its depth (overconfidence grows with depth), s its sequence's recent accepted / predicted, shrunk to 1;
    learned from every proposed draft, verified or not, as the tokens emitted after it settle it.
@@ -11,9 +11,8 @@ cost and acceptance, `fixed:K` up to K nodes of every draft, `off` none (plain d
    expected remaining length (its prompt's past rollouts) / the batch mean, within [1/4, 4]; else by chance alone.
 4. Nodes are taken in that order, each draft as a prefix. The step keeps the prefix of that order that maximises
    expected tokens / step seconds: none, where verifying costs more than it brings.
-5. The drafter is asked for twice the nodes per sequence the bucket's last step kept, on average, rounded up (at
-   least 4); prefill steps draft nothing.
-The budget's state per step is an explicit `Selection`, handed back with the step's timing (`observe_step`).
+5. The drafter is asked for twice the mean nodes per sequence the bucket's last step kept (at least 4); prefill
+   steps draft nothing. The state per step is an explicit `Selection`, handed back with its timing (`observe_step`).
 """
 
 from __future__ import annotations
@@ -50,9 +49,8 @@ class Selection:
 
 
 class Budget(Protocol):
-    """Per step: max_draft (nodes to ask the drafter for, per sequence; 0: none) -> select (nodes of each draft to
-    verify; `waiting`: requests queued for a slot) -> feedback per verified draft (indices of its accepted nodes) and
-    observe_step (the step's seconds, of which drafting). Per request: finished; per policy version: refresh."""
+    """Per step: max_draft (nodes to ask for, per sequence) -> select (`waiting`: requests queued) -> observe_step (its
+    seconds, of which drafting); feedback per draft once emitted tokens settle it. Per request: finished; refresh."""
 
     def max_draft(self, batch: int, prefill: bool = False) -> int: ...
     def select(self, items: list[BudgetItem], waiting: int = 0) -> Selection: ...
@@ -85,7 +83,7 @@ class Acceptance:
     prior_ratio: float = 0.5  # drafters are overconfident until shown otherwise
     prior_claims: float = 4.0  # claimed nodes' worth of evidence behind the prior, per depth
     shrink: float = 2.0  # predicted nodes of a sequence's own evidence at which it counts half
-    seq_decay: float = 0.7  # each verified draft scales a sequence's earlier evidence by this
+    seq_decay: float = 0.7  # each settled draft scales a sequence's earlier evidence by this
     decay: float = 0.999  # and the depths' evidence (a few thousand drafts' memory: acceptance drifts)
     depths: np.ndarray = field(default_factory=lambda: np.zeros((2, 65)))  # [accepted; claimed] at depth d, decayed
     seqs: dict[str, list[float]] = field(default_factory=dict)  # request -> [accepted, predicted], decayed
@@ -97,8 +95,7 @@ class Acceptance:
 
     def batch_chances(self, request_ids: list[str], drafts: list[Draft], nodes: int) -> tuple[np.ndarray, np.ndarray]:
         """Each node's chance of acceptance (its prediction scaled by how its sequence beat predictions), for the first
-        `nodes` nodes of every draft at once: [P] draft after draft, and [B] nodes each. (Beside a GPU the budget's
-        host work is paid per step by the tail's few sequences: few numpy calls.)"""
+        `nodes` nodes of every draft at once, in few numpy calls: [P] draft after draft, and [B] nodes each."""
         counts = np.array([min(len(d), nodes) for d in drafts], dtype=np.intp)  # [B]
         depth = np.fromiter(chain.from_iterable(d.node_depths[:nodes] for d in drafts), np.intp)  # [P]
         claimed = np.fromiter(chain.from_iterable(d.path_probs()[:nodes] for d in drafts), np.float64)  # [P]
@@ -107,7 +104,7 @@ class Acceptance:
         return np.minimum(np.maximum(self.ratio(depth) * claimed * beat / expected, 0.0), 1.0), counts
 
     def observe(self, request_id: str, draft: Draft, accepted: int) -> None:
-        """`draft` was verified and its first `accepted` depths were accepted."""
+        """`draft` had (or would have had) its first `accepted` depths accepted."""
         depth = np.asarray(draft.node_depths, dtype=np.intp)
         claimed = np.asarray(draft.path_probs(), dtype=np.float64)
         seq = self.seqs.setdefault(request_id, [0.0, 0.0])
@@ -131,23 +128,21 @@ class AutoBudget:
         self.clock = StepClock(self.cost)
 
     def max_draft(self, batch: int, prefill: bool = False) -> int:
-        # A draft beside a prompt saves its sequence at most one decode step, on its batch's dearest step.
-        if prefill:
-            return 0
-        # Proposing costs time per node asked: twice what was last kept lets the selection grow, doubling per step.
-        # The mean, not the most: a few long drafts in a full batch make it ragged, and the engine then pads every
-        # sequence to the longest or splits attention (docs/budget.md has the figures for both).
-        return min(self.max_nodes, max(4, 2 * self._kept.get(batch_bucket(batch), self.max_nodes // 2)))
+        # Beside a prompt a draft saves at most one decode step, on the batch's dearest step. Else twice the mean last
+        # kept: proposing costs per node asked, and the selection can still grow, doubling per step (docs/budget.md).
+        kept = self._kept.get(batch_bucket(batch), self.max_nodes // 2)
+        return 0 if prefill else min(self.max_nodes, max(4, 2 * kept))
 
     def select(self, items: list[BudgetItem], waiting: int = 0) -> Selection:
+        if not any(len(it.draft) for it in items):
+            return _selection(items, [0] * len(items))
         b = len(items)
-        if b == 0 or not any(len(it.draft) for it in items):
-            return _selection(items, [0] * b)
         # While requests queue, a sequence that ends hands its slot on: every token counts the same (all weights 1).
         by_length = self.length_aware and waiting == 0
-        remaining = [self.lengths.remaining(it.prompt_key, it.generated) if by_length else 1.0 for it in items]
-        mean = sum(remaining) / b
-        weights = np.array([min(max(r / mean, 0.25), 4.0) for r in remaining])  # [B]
+        remaining = np.array(
+            [self.lengths.remaining(it.prompt_key, it.generated) if by_length else 1.0 for it in items]
+        )
+        weights = np.clip(remaining / remaining.mean(), 0.25, 4.0)  # [B]
         ids, drafts = [it.request_id for it in items], [it.draft for it in items]
         chances, lengths = self.acceptance.batch_chances(ids, drafts, self.max_nodes)  # [P], [B]
         owner = np.repeat(np.arange(b), lengths)  # [P] the draft of each node
@@ -159,7 +154,8 @@ class AutoBudget:
         order = np.lexsort((position, -priority))
         base = sum(it.pending for it in items)
         gain = b + np.concatenate([[0.0], np.cumsum(chances[order])])  # [P + 1] per prefix
-        rate = gain / self.clock.seconds(base + np.arange(len(order) + 1), b)
+        longest = np.maximum.accumulate(np.concatenate([[0], position[order] + 1]))  # [P + 1] attention pads to it
+        rate = gain / self.clock.seconds(base + np.arange(len(order) + 1), b, rows=b * (1 + longest))
         return _selection(items, np.bincount(owner[order[: int(np.argmax(rate))]], minlength=b).tolist())
 
     def feedback(self, request_id: str, draft: Draft, accepted: list[int]) -> None:
@@ -169,7 +165,8 @@ class AutoBudget:
         if selection.prefill or seconds <= 0:  # a prompt's step is neither a decoding step's cost nor its drafts'
             return
         batch = len(selection.counts)
-        self.clock.observe(selection.new_tokens, batch, max(seconds - draft_seconds, 1e-6))
+        rows = batch * (1 + max(selection.counts))
+        self.clock.observe(selection.new_tokens, batch, max(seconds - draft_seconds, 1e-6), rows)
         self._kept[batch_bucket(batch)] = -(-sum(selection.counts) // max(batch, 1))  # rounded up
 
     def finished(self, request_id: str, prompt_key: str | None, length: int) -> None:

@@ -19,15 +19,26 @@ def reference_fit(clock: StepClock, batch: int) -> np.ndarray:
     return np.clip(np.linalg.solve(gram + clock.prior * np.eye(2), moment + clock.prior), 0.5, 8.0)
 
 
-def reference_features(clock: StepClock, tokens, batch: int) -> np.ndarray:
+def reference_padded_price(clock: StepClock, batch: int) -> float:
+    """The probe's padded-row price, interpolated in log B between the nearest measured batch sizes."""
+    sizes = sorted(clock.model.grid)
+    lo, hi = max([x for x in sizes if x <= batch] or sizes[:1]), min([x for x in sizes if x >= batch] or sizes[-1:])
+    w = 0.0 if hi == lo else (np.log(batch) - np.log(lo)) / (np.log(hi) - np.log(lo))
+    return (1 - w) * clock.model.padded.get(lo, 0.0) + w * clock.model.padded.get(hi, 0.0)
+
+
+def reference_features(clock: StepClock, tokens, batch: int, rows=None) -> np.ndarray:
     """[2, T]"""
+    tokens = np.atleast_1d(np.asarray(tokens, dtype=np.float64))
+    if rows is not None:  # each padded row costs the padded price of a token, rounded to whole tokens
+        tokens = tokens + np.rint(reference_padded_price(clock, batch) * np.maximum(np.asarray(rows) - tokens, 0))
     plain = clock.model(batch, batch)
-    curve = clock.model.times(np.atleast_1d(np.asarray(tokens, dtype=np.float64)), batch)
+    curve = clock.model.times(tokens, batch)
     return np.stack([np.ones_like(curve), np.maximum(curve - plain, 0.0) / plain])
 
 
-def reference_seconds(clock: StepClock, tokens, batch: int) -> np.ndarray:
-    return clock.model(batch, batch) * (reference_fit(clock, batch) @ reference_features(clock, tokens, batch))
+def reference_seconds(clock: StepClock, tokens, batch: int, rows=None) -> np.ndarray:
+    return clock.model(batch, batch) * (reference_fit(clock, batch) @ reference_features(clock, tokens, batch, rows))
 
 
 def reference_predicted(acceptance: Acceptance, draft, nodes: int) -> np.ndarray:
@@ -60,7 +71,12 @@ def reference_select(budget: AutoBudget, items: list[BudgetItem], waiting: int =
     order = np.lexsort((position, -priority))
     base = sum(it.pending for it in items)
     gain = b + np.concatenate([[0.0], np.cumsum(np.concatenate(chances)[order])])
-    rate = gain / reference_seconds(budget.clock, base + np.arange(len(order) + 1), b)
+    counts, longest = np.zeros(b, dtype=int), [0]  # the longest draft kept, prefix by prefix
+    for i in order:
+        counts[owner[i]] += 1
+        longest.append(counts.max())
+    rows = b * (1 + np.array(longest))  # every sequence padded to the longest
+    rate = gain / reference_seconds(budget.clock, base + np.arange(len(order) + 1), b, rows)
     return np.bincount(owner[order[: int(np.argmax(rate))]], minlength=b).tolist()
 
 

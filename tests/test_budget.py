@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from helpers import cost_from_function
@@ -206,6 +208,31 @@ def test_cost_model_interpolates_between_measured_points():
     assert low < cost(16, 4) < high  # between the batch-1 and batch-16 curves, log-interpolated in B
 
 
+def test_padded_rows_cost_the_probes_padded_price_and_the_json_form_keeps_it():
+    cost = cost_from_function(lambda m, b: 0.010 + 0.001 * (m - b))
+    cost.padded.update({16: 0.5})
+    clock = StepClock(cost)
+    # 16 sequences, 32 new tokens padded to 64 rows: 32 padded rows at half a token each cost as 16 more tokens
+    assert clock.seconds(32, 16, rows=64) == pytest.approx(clock.seconds(48, 16))
+    assert clock.seconds(32, 16) == pytest.approx(0.026)  # unpadded: the curve
+    assert clock.seconds(32, 16, rows=64) > clock.seconds(32, 16)
+    assert cost.padded_price(1) == 0.0  # nothing measured there (one sequence pads nothing)
+    again = CostModel(json.loads(json.dumps(cost.to_json())))
+    assert again.grid == cost.grid and again.padded == {16: 0.5}
+
+
+def test_auto_cuts_long_drafts_beside_short_ones_where_padding_costs():
+    # At batch 16, two sequences with long sure drafts beside fourteen with sure drafts of one node: when padded rows
+    # are free, the long drafts are kept whole; when a padded row costs most of a token, they are cut towards the rest.
+    cost = cost_from_function(lambda m, b: 0.010 + 0.0001 * (m - b))
+    batch = [BudgetItem(f"r{i}", chain(12 if i < 2 else 1, 0.95), 1) for i in range(16)]
+    free = picks(AutoBudget(cost, length_aware=False), batch)
+    assert free[:2] == [12, 12] and free[2:] == [1] * 14
+    cost.padded.update({4: 0.9, 16: 0.9, 64: 0.9})
+    priced = picks(AutoBudget(cost, length_aware=False), batch)
+    assert max(priced[:2]) < 12 and priced[2:] == [1] * 14
+
+
 def test_cost_model_from_timed_steps_never_makes_more_tokens_cheaper():
     cost = CostModel.from_timings({(1, 1): 0.010, (1, 2): 0.009, (1, 4): 0.012, (4, 1): 0.02, (4, 2): 0.03})
     assert cost.grid == {1: [(1, 0.010), (2, 0.010), (4, 0.012)], 4: [(4, 0.02), (8, 0.03)]}
@@ -243,6 +270,7 @@ def test_cost_model_fits_a_short_max_model_len(tiny_folder):
     model = TargetModel.from_folder(tiny_folder, max_model_len=24, tune=False)
     cost = measure_cost_model(model, max_batch=4, log=lambda _: None)
     assert float(cost.times(np.array([8.0]), 1)[0]) > 0
+    assert set(cost.padded) == {4} and 0.0 <= cost.padded[4] <= 1.0  # the ragged shape fits too
 
 
 def test_auto_drafts_no_prefill_step_and_leaves_its_clock_alone():
@@ -316,6 +344,7 @@ def test_batched_selection_equals_the_per_draft_reference(batch):
 
     rng = np.random.default_rng(batch)
     cost = cost_from_function(lambda m, b: 0.004 + 0.0002 * b + 0.00003 * m**1.2)
+    cost.padded.update({4: 0.1, 16: 0.25, 64: 0.4})  # padded rows priced, interpolated between batch sizes
     budget = AutoBudget(cost, max_nodes=12)
     shadow = Acceptance()  # updated by the reference, compared with the budget's
     for step in range(60):
@@ -342,6 +371,9 @@ def test_batched_selection_equals_the_per_draft_reference(batch):
         tokens = np.arange(batch, batch * 13)
         expected = reference_seconds(budget.clock, tokens, batch)
         assert budget.clock.seconds(tokens, batch) == pytest.approx(expected, rel=1e-12)
+        rows = tokens + rng.integers(0, 3 * batch, len(tokens))
+        expected = reference_seconds(budget.clock, tokens, batch, rows)
+        assert budget.clock.seconds(tokens, batch, rows) == pytest.approx(expected, rel=1e-12)
         if step % 7 == 6:
             for r in seqs[: batch // 2 + 1]:
                 budget.finished(r, f"p{int(r.split('-')[1]) % 3}", int(rng.integers(10, 400)))

@@ -14,6 +14,8 @@ import torch
 from rollout.config import EngineConfig
 from rollout.cost_model import CostModel
 
+RAGGED = 5  # the probe's unequal drafts bring 1 to this many new tokens (auto's batch-64 steps: ~3, padded to ~6)
+
 
 def cached(cache_file: Path | None, measure: Callable[[], CostModel], log: Callable[[str], None] = print) -> CostModel:
     """The cost model cached in `cache_file` (per machine and model), else `measure()`d once and cached there."""
@@ -32,7 +34,8 @@ def cost_model_file(folder, config: EngineConfig) -> Path:
     from rollout.checkpoint import cache_dir
     from rollout.engine.hardware import fingerprint
 
-    text = (Path(folder) / "config.json").read_text() + f"|{config.dtype}|{config.matmul}|{config.device}"
+    # |ragged: caches from before the padded-row price was probed are measured again
+    text = (Path(folder) / "config.json").read_text() + f"|{config.dtype}|{config.matmul}|{config.device}|ragged"
     model_id = hashlib.sha1(text.encode()).hexdigest()[:10]
     return cache_dir() / "cost" / f"{fingerprint(torch.device(config.device))}-{model_id}.json"
 
@@ -50,22 +53,34 @@ def _probe(model, max_batch: int, context: int) -> CostModel:
     # A short max_model_len must still hold the probe's context plus its largest draft.
     context = max(1, min(context, model.max_model_len - max(ks) - 1))
     ks = tuple(k for k in ks if context + k <= model.max_model_len) or (1,)
-    return CostModel.from_timings(time_forwards(model, [(b, k) for b in batches for k in ks if b * k <= 2048], context))
+    equal = [(b, k) for b in batches for k in ks if b * k <= 2048]
+    # Drafts of unequal length side by side: 1 to RAGGED new tokens, which the engine pads to the longest.
+    ragged = [(b, tuple(1 + i % RAGGED for i in range(b))) for b in batches if b >= 4 and (b, 8) in equal]
+    seconds = time_forwards(model, equal + ragged, context)
+    cost = CostModel.from_timings({shape: seconds[shape] for shape in equal})
+    for b, counts in ragged:
+        tokens, padded = cost(sum(counts), b), cost(b * RAGGED, b)  # equal chains of as many tokens, and as many rows
+        cost.padded[b] = min(max((seconds[(b, counts)] - tokens) / max(padded - tokens, 1e-9), 0.0), 1.0)
+    return cost
 
 
 def time_forwards(
-    model, shapes: list[tuple[int, int]], context: int, rounds: int = 3, pick: Callable[[list[float]], float] = min
-) -> dict[tuple[int, int], float]:
-    """Seconds of a forward of B sequences with a `context`-token cache, each bringing k new tokens, per (B, k) in
-    `shapes`: the fastest of `rounds` (or `pick` of them)."""
+    model, shapes: list[tuple[int, int | tuple[int, ...]]], context: int, rounds: int = 3, pick: Callable = min
+) -> dict[tuple, float]:
+    """Seconds of a forward of B sequences with a `context`-token cache, each bringing k new tokens (or the k of each
+    sequence, a tuple), per (B, k) in `shapes`: the fastest of `rounds` (or `pick` of them)."""
     from rollout.engine.batch import SeqInput, build_batch
     from rollout.engine.hardware import synchronize
 
+    counts = {(b, k): k if isinstance(k, tuple) else (k,) * b for b, k in shapes}  # new tokens per sequence
     widest = max(b for b, _ in shapes)
     cache = model.new_cache(widest)
-    filler = [1] * (context + max(k for _, k in shapes))
+    filler = [1] * (context + max(max(c) for c in counts.values()))
     model.forward(build_batch([SeqInput(0, filler[:context], None, context - 1)] * widest, 0, model.device), cache)
-    forwards = {(b, k): build_batch([SeqInput(context, filler[:k], None, 0)] * b, 0, model.device) for b, k in shapes}
+    forwards = {
+        shape: build_batch([SeqInput(context, filler[:k], None, 0) for k in c], 0, model.device)
+        for shape, c in counts.items()
+    }
     times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
     # Rounds over the whole grid, keeping each point's fastest (by default): a burst of load elsewhere on the machine
     # then spoils one round of a point, not the point.
