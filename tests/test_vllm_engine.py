@@ -884,9 +884,11 @@ def test_vllm_engine_matches_the_embedded_engine(smol_folder, request, tmp_path)
     # The auto budget priced vLLM's steps by a probe of them: a step time per batch size and tokens per row.
     cost = got["auto"]["cost"]
     print(json.dumps({"auto_cost": cost, "auto_engine": got["auto"]["metrics"]}))
-    assert set(cost) == {"1", "4"} and all(
-        len(points) >= 3 and all(t > 0 for _, t in points) for points in cost.values()
+    grid = {b: points for b, points in cost.items() if b != "padded"}
+    assert set(grid) == {"1", "4"} and all(
+        len(points) >= 3 and all(t > 0 for _, t in points) for points in grid.values()
     )
+    assert cost["padded"] == {}  # vLLM's attention is not padded to the longest draft: no price on padded rows
     changed, version, restored, restored_version = spec["weights"]
     assert changed != ours[0].token_ids and version == 5
     assert restored == ours[0].token_ids and restored_version == 5
