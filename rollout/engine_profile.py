@@ -5,8 +5,10 @@ The forward is the engine's own start-up probe (the grid `auto` plans with: equa
 an idle machine). Real steps differ from it: contexts grow, drafts are trees of unequal lengths, each accepted token
 is one more row drawn and committed on the host. So the profile prices a step as
 
-    seconds = scale x grid(tokens, B) + per context token beyond 128 + per drafted sequence of a ragged forward
+    seconds = scale x grid(tokens', B) + per context token beyond 128 + per drafted sequence of a ragged forward
               + per step + per sequence + per accepted draft token
+
+(tokens': the tokens plus the rows padded to the longest draft at the probe's padded price, as `auto` prices them)
 
 with the six coefficients fitted (least squares, none negative) to the steps of calibration runs of the engine
 itself: a counting task's prompts (a seed of their own, not a benchmark's) at T=0.6 with the suffix drafter,
@@ -30,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from rollout.config import EngineConfig
-from rollout.step_cost import PROBE_CONTEXT, GridForward, Profile, ragged_sequences
+from rollout.step_cost import PROBE_CONTEXT, GridForward, Profile, padded_rows, ragged_sequences
 
 CALIBRATION_PROMPTS = 8  # x 8 samples, all in flight together: the batch drains from 64 to 1
 CALIBRATION_SEED = 101  # the prompts' seed (list_tasks): the benchmarks use others
@@ -50,7 +52,8 @@ def measure_engine_profile(config: EngineConfig | None = None, log: Callable[[st
     config = config or EngineConfig(max_num_seqs=64, max_model_len=512)
     folder = resolve_model(config.model, log=log)
     path = cost_model_file(folder, config)
-    path = path.with_name(f"{path.stem}-profile-{config.max_num_seqs}.json")  # the probe's batches depend on it
+    # The probe's batches depend on the slots; "padded": fitted with padded rows priced (older profiles were not).
+    path = path.with_name(f"{path.stem}-profile-padded-{config.max_num_seqs}.json")
     if path.exists():
         return Profile.from_dict(json.loads(path.read_text()), str(path))
     model = TargetModel.from_folder(
@@ -145,9 +148,9 @@ def _calibration_steps(model, folder, config: EngineConfig, grid) -> tuple[list[
             outcome = _run(seqs, slot_lo, drafts, keep_top)
             accepted = sum(len(p) for p in outcome.paths)
             extra = context - PROBE_CONTEXT * len(seqs)
-            forwards.append(
-                [grid(fed, len(seqs)), extra, ragged_sequences([len(d) for d in drafts]), 1.0, len(seqs), accepted]
-            )
+            lengths = [len(d) for d in drafts]
+            priced = GridForward(grid).priced_tokens(fed, len(seqs), padded_rows(lengths))
+            forwards.append([grid(priced, len(seqs)), extra, ragged_sequences(lengths), 1.0, len(seqs), accepted])
             return outcome
 
         def timed(method):

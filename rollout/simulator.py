@@ -31,7 +31,7 @@ from rollout.engine.speculator import Speculator, StepOutcome, StepPlan
 from rollout.frontend import SMALL_BATCH, Request
 from rollout.history import RolloutHistory, older_than
 from rollout.sampling import SamplingParams
-from rollout.step_cost import Profile, ragged_sequences
+from rollout.step_cost import Profile, padded_rows, ragged_sequences
 
 
 class NullCache:
@@ -207,8 +207,9 @@ class SimulatedEngine:
             context = sum(s.cache_len for s in seqs)
             outcome = runner.run(seqs, plan.drafts)
             accepted = sum(len(p) for p in outcome.paths)
-            ragged = ragged_sequences([len(d) for d in plan.drafts])
-            forward = self.profile.step_seconds(tokens, len(seqs), context, accepted, ragged)
+            lengths = [len(d) for d in plan.drafts]
+            rows = padded_rows(lengths)
+            forward = self.profile.step_seconds(tokens, len(seqs), context, accepted, ragged_sequences(lengths), rows)
             t1 = time.thread_time()
             self.speculator.learn(seqs, plan, outcome, planned + forward)
             learned = time.thread_time() - t1

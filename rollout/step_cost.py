@@ -29,11 +29,18 @@ def ragged_sequences(lengths: list[int]) -> int:
     return sum(n > 0 for n in lengths) if min(lengths, default=0) != max(lengths, default=0) else 0
 
 
+def padded_rows(lengths: list[int]) -> int:
+    """The attention rows of a decoding forward whose drafts have these lengths: every sequence's row, padded to the
+    longest draft (as the budget prices them, rollout/budget.py)."""
+    return len(lengths) * (1 + max(lengths, default=0))
+
+
 class ForwardCost(Protocol):
     """Seconds of one forward; `cost_model` is the same curve as the budget's t(M, B) (probed at PROBE_CONTEXT)."""
 
-    def seconds(self, tokens: int, sequences: int, context: int, ragged: int = 0) -> float:
-        """`ragged`: sequences with a draft when the forward's drafts differ in length (0 when they are equal)."""
+    def seconds(self, tokens: int, sequences: int, context: int, ragged: int = 0, rows: int = 0) -> float:
+        """`ragged`: sequences with a draft when the forward's drafts differ in length (0 when they are equal);
+        `rows`: the attention rows the drafts pad to (padded_rows; at most `tokens` when nothing is padded)."""
         ...
 
     def cost_model(self) -> CostModel: ...
@@ -50,7 +57,8 @@ class LinearForward:
     per_context_token_s: float = 0.0
     per_ragged_seq_s: float = 0.0
 
-    def seconds(self, tokens: int, sequences: int, context: int, ragged: int = 0) -> float:
+    def seconds(self, tokens: int, sequences: int, context: int, ragged: int = 0, rows: int = 0) -> float:
+        # Varlen attention (vLLM's) pads nothing: `rows` is not priced.
         per_item = self.per_token_s * tokens + self.per_sequence_s * sequences + self.per_context_token_s * context
         return self.base_s + per_item + self.per_ragged_seq_s * ragged
 
@@ -63,22 +71,26 @@ class LinearForward:
 
 @dataclass(frozen=True)
 class GridForward:
-    """scale x the probe's t(M, B) at PROBE_CONTEXT, + per_context_token_s for each context token beyond it, +
+    """scale x the probe's t(M', B) at PROBE_CONTEXT, + per_context_token_s for each context token beyond it, +
     per_ragged_seq_s for each drafted sequence of a forward whose drafts differ in length (the embedded engine then
-    splits attention and copies caches). The terms besides the grid are fitted to real steps (engine_profile.py)."""
+    splits attention and copies caches). M' is the forward's tokens plus its padded rows at the probe's padded price,
+    as the budget prices a step. The terms besides the grid are fitted to real steps (engine_profile.py)."""
 
     grid: CostModel
     scale: float = 1.0
     per_context_token_s: float = 0.0
     per_ragged_seq_s: float = 0.0
 
-    def seconds(self, tokens: int, sequences: int, context: int, ragged: int = 0) -> float:
-        extra = context - PROBE_CONTEXT * sequences
+    def seconds(self, tokens: int, sequences: int, context: int, ragged: int = 0, rows: int = 0) -> float:
         return (
-            self.scale * self.grid(tokens, sequences)
-            + self.per_context_token_s * extra
+            self.scale * self.grid(self.priced_tokens(tokens, sequences, rows), sequences)
+            + self.per_context_token_s * (context - PROBE_CONTEXT * sequences)
             + self.per_ragged_seq_s * ragged
         )
+
+    def priced_tokens(self, tokens: int, sequences: int, rows: int = 0) -> float:
+        """The tokens the grid is read at: `tokens` plus the rows padded beyond them at the probe's price."""
+        return tokens + self.grid.padded_price(sequences) * max(rows - tokens, 0)
 
     def cost_model(self) -> CostModel:
         return self.grid
@@ -119,14 +131,16 @@ class Profile:
     engine_us_per_accepted: float = 0.0  # and per accepted draft token (one more token drawn and committed)
     meta: dict = field(default_factory=dict)  # device, model, engine, checks: what the profile describes
 
-    def step_seconds(self, tokens: int, sequences: int, context: int, accepted: int = 0, ragged: int = 0) -> float:
+    def step_seconds(
+        self, tokens: int, sequences: int, context: int, accepted: int = 0, ragged: int = 0, rows: int = 0
+    ) -> float:
         """One forward plus the engine's host time for it (the drafter's and budget's are timed by the simulator):
         `tokens` fed, over `sequences` attending `context` cached tokens in all, `accepted` draft tokens, `ragged`
-        drafted sequences when the drafts differ in length."""
+        drafted sequences when the drafts differ in length, `rows` the attention rows they pad to (padded_rows)."""
         host = (
             self.engine_us_per_step + self.engine_us_per_seq_step * sequences + self.engine_us_per_accepted * accepted
         )
-        return self.forward.seconds(tokens, sequences, context, ragged) + 1e-6 * host
+        return self.forward.seconds(tokens, sequences, context, ragged, rows) + 1e-6 * host
 
     def scaled(self, factor: float) -> "Profile":
         """This profile on the machine run `factor` times slower: every term in seconds scaled, forward and host

@@ -236,6 +236,27 @@ def test_a_profile_scaled_to_a_slower_machine_prices_every_step_that_much_dearer
         profile.scaled(0.0)
 
 
+def test_grid_forward_prices_padded_rows_at_the_probes_price_and_linear_pads_nothing():
+    """A ragged step is read off the grid at its tokens plus its padded rows times the probe's padded price (the
+    budget's own pricing, rollout/budget.py); nothing padded, or varlen attention (linear), leaves it at its tokens."""
+    from rollout.cost_model import CostModel
+    from rollout.step_cost import GridForward, padded_rows
+
+    plain = cost_from_function(lambda m, b: 0.004 + 0.0002 * b + 0.00003 * m)
+    grid = CostModel(plain.grid, padded={4: 0.25, 16: 0.5})
+    forward = GridForward(grid, 1.1)
+    lengths = [0, 4, 1, 2]  # 4 sequences, drafts padded to 4: 20 rows, 11 tokens
+    tokens, rows = len(lengths) + sum(lengths), padded_rows(lengths)
+    assert (tokens, rows) == (11, 20)
+    assert forward.seconds(tokens, 4, 4 * 128, rows=rows) == pytest.approx(1.1 * grid(11 + 0.25 * 9, 4))
+    assert forward.seconds(tokens, 4, 4 * 128, rows=rows) > forward.seconds(tokens, 4, 4 * 128)
+    equal = [3, 3, 3, 3]
+    assert forward.seconds(16, 4, 512, rows=padded_rows(equal)) == forward.seconds(16, 4, 512)
+    assert forward.priced_tokens(24, 8, 40) == pytest.approx(24 + grid.padded_price(8) * 16)
+    assert 0.25 < grid.padded_price(8) < 0.5
+    assert FLAT.step_seconds(tokens, 4, 512, rows=rows) == FLAT.step_seconds(tokens, 4, 512)
+
+
 def test_nonnegative_fit_recovers_coefficients_and_drops_negative_ones():
     from rollout.engine_profile import nonnegative_fit
 
