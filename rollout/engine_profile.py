@@ -10,17 +10,19 @@ is one more row drawn and committed on the host. So the profile prices a step as
 
 (tokens': the tokens plus the rows padded to the longest draft at the probe's padded price, as `auto` prices them)
 
-with the six coefficients fitted (least squares, none negative) to the steps of calibration runs of the engine
-itself: a counting task's prompts (a seed of their own, not a benchmark's) at T=0.6 with the suffix drafter,
-decoded plainly and under fixed:4, fixed:8 and auto, the drafter's and budget's own time taken out (the simulator
-times that part as it runs).
+with the context term measured directly (`context_slope`: the same forwards timed at two contexts; fitted, it
+came out 0 on this machine, where the calibration's contexts stay near the probe's and the batch drains as they
+grow, while a long-context step pays ~3 us per context token) and the other five coefficients fitted (least
+squares, none negative) to the steps of calibration runs of the engine itself: a counting task's prompts (a seed of
+their own, not a benchmark's) at T=0.6 with the suffix drafter, decoded plainly and under fixed:4, fixed:8 and auto,
+the drafter's and budget's own time taken out (the simulator times that part as it runs).
 
 A shared machine's speed drifts (on this one, up to 2x within an hour), and a profile holds for the speed it was
 calibrated at. `speed_index` times a few fixed forwards in seconds; taken before and after the calibration, it is
 kept in the profile (`speed_index_s`). Taken again next to a run, the ratio can scale the profile to the machine's
-speed then (`Profile.scaled`). It times forwards of its own, never the run it stands beside. On this machine the
-drift within a run outweighed the drift between runs, and the scaled profile predicted worse than the calibrated
-one (benchmarks/README.md, 2026-12-07): benchmarks/simulate.py reports it beside the calibrated figure.
+speed then (`Profile.scaled`). It times forwards of its own, never the run it stands beside. Where the drift within
+a run outweighed the drift between runs, the scaled profile predicted worse than the calibrated one; on a steady
+machine, better (benchmarks/README.md, 2026-12-07): benchmarks/simulate.py reports it beside the calibrated figure.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ CALIBRATION_BUDGETS = ("off", "fixed:4", "fixed:8", "auto")
 FEATURES = ("scale", "per_context_token_s", "per_ragged_seq_s", "per_step_s", "per_seq_s", "per_accepted_s")
 SPEED_SHAPES = [(1, 1), (4, 4), (16, 1)]  # (B, k): a tail step, a drafted step, a fuller batch
 SPEED_CONTEXT = 32  # short: the index is taken often, and its cache is prefilled each time
+SLOPE_SHAPES = [(64, 1), (16, 1)]  # (B, k): plain decoding steps, where attention's share of the forward is largest
+SLOPE_CONTEXT = 384  # beside PROBE_CONTEXT: about where rollouts of a few hundred tokens end
 
 
 def measure_engine_profile(config: EngineConfig | None = None, log: Callable[[str], None] = print) -> Profile:
@@ -52,8 +56,9 @@ def measure_engine_profile(config: EngineConfig | None = None, log: Callable[[st
     config = config or EngineConfig(max_num_seqs=64, max_model_len=512)
     folder = resolve_model(config.model, log=log)
     path = cost_model_file(folder, config)
-    # The probe's batches depend on the slots; "padded": fitted with padded rows priced (older profiles were not).
-    path = path.with_name(f"{path.stem}-profile-padded-{config.max_num_seqs}.json")
+    # The probe's batches depend on the slots; "context": the context term measured, padded rows priced (older
+    # profiles fitted the one and did not price the other).
+    path = path.with_name(f"{path.stem}-profile-context-{config.max_num_seqs}.json")
     if path.exists():
         return Profile.from_dict(json.loads(path.read_text()), str(path))
     model = TargetModel.from_folder(
@@ -62,9 +67,13 @@ def measure_engine_profile(config: EngineConfig | None = None, log: Callable[[st
     grid = measure_cost_model(model, config.max_num_seqs, cost_model_file(folder, config), log=log)
     log(f"measuring this machine's cost profile on {config.device} for the simulator (once; cached)")
     before = speed_index(model)
+    per_context = context_slope(model)
     steps, seconds = _calibration_steps(model, folder, config, grid)
     speed = (before + speed_index(model)) / 2
-    coef = dict(zip(FEATURES, nonnegative_fit(np.asarray(steps), np.asarray(seconds))))
+    x, y = np.asarray(steps), np.asarray(seconds)
+    column = FEATURES.index("per_context_token_s")
+    fitted = nonnegative_fit(np.delete(x, column, axis=1), y - per_context * x[:, column])
+    coef = dict(zip([f for f in FEATURES if f != "per_context_token_s"], fitted), per_context_token_s=per_context)
     forward = GridForward(grid, coef["scale"], coef["per_context_token_s"], coef["per_ragged_seq_s"])
     device = config.device.split(":")[0]
     meta = {
@@ -72,6 +81,7 @@ def measure_engine_profile(config: EngineConfig | None = None, log: Callable[[st
         "model": config.model,
         "engine": "specrollout embedded",
         "calibration": {"steps": len(seconds), "budgets": list(CALIBRATION_BUDGETS), "seed": CALIBRATION_SEED},
+        "per_context_token_s": f"measured: {SLOPE_SHAPES} at contexts {PROBE_CONTEXT} and {SLOPE_CONTEXT}",
         "speed_index_s": speed,
     }
     per_us = [1e6 * coef[k] for k in ("per_seq_s", "per_step_s", "per_accepted_s")]
@@ -91,6 +101,21 @@ def speed_index(model, rounds: int = 7) -> float:
     # The first round is dropped: a model's first forwards of a shape run slow.
     times = time_forwards(model, SPEED_SHAPES, SPEED_CONTEXT, rounds + 1, pick=lambda t: statistics.median(t[1:]))
     return sum(times.values())
+
+
+def context_slope(model, rounds: int = 5) -> float:
+    """Seconds per context token attended beyond the probe's: SLOPE_SHAPES timed at PROBE_CONTEXT and at
+    SLOPE_CONTEXT, or the longest the model holds (0 where that is not longer), the fastest of `rounds` each; the
+    difference per extra context token, least squares through 0 over the shapes, not below 0."""
+    from rollout.engine.cost_probe import time_forwards
+
+    longer = min(SLOPE_CONTEXT, model.max_model_len - 2)  # room for the cache and the new token
+    if longer <= PROBE_CONTEXT:
+        return 0.0
+    short, long_ = (time_forwards(model, SLOPE_SHAPES, c, rounds) for c in (PROBE_CONTEXT, longer))
+    extra = np.array([b * (longer - PROBE_CONTEXT) for b, _ in SLOPE_SHAPES], dtype=np.float64)  # [S]
+    delta = np.array([long_[s] - short[s] for s in SLOPE_SHAPES])  # [S] seconds
+    return max(float(extra @ delta / (extra @ extra)), 0.0)
 
 
 def describe_device(device: str) -> str:
