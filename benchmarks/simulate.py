@@ -60,7 +60,8 @@ def validate_service(
 ) -> dict:
     """Each budget `passes` times on the real engine (interleaved, every other pass in reverse order so that a drift
     of the machine's speed through the run falls on every mode alike; measured: their mean, since one run of a mode
-    varies by 10-50% on this machine), then simulated on the first run's rollouts (the others' are the same).
+    varies by up to 50% here on an unsteady day), then simulated on the first run's rollouts (the others' are the
+    same).
 
     The noise floor beside each cell: `replication_error`, the mean over runs of |run - mean of the other runs| /
     that mean, i.e. how well the real engine predicts itself on the same work. A simulator can beat the target on a

@@ -20,9 +20,9 @@ the drafter's and budget's own time taken out (the simulator times that part as 
 A shared machine's speed drifts (on this one, up to 2x within an hour), and a profile holds for the speed it was
 calibrated at. `speed_index` times a few fixed forwards in seconds; taken before and after the calibration, it is
 kept in the profile (`speed_index_s`). Taken again next to a run, the ratio can scale the profile to the machine's
-speed then (`Profile.scaled`). It times forwards of its own, never the run it stands beside. Where the drift within
-a run outweighed the drift between runs, the scaled profile predicted worse than the calibrated one; on a steady
-machine, better (benchmarks/README.md, 2026-12-07): benchmarks/simulate.py reports it beside the calibrated figure.
+speed then (`Profile.scaled`). It times forwards of its own, never the run it stands beside. On this machine it
+helped in one run and hurt in the others (benchmarks/README.md, 2026-12-07/08): the index moves by more, or other
+than, the runs it stands beside. benchmarks/simulate.py reports it beside the calibrated figure.
 """
 
 from __future__ import annotations
