@@ -161,6 +161,7 @@ def _calibration_steps(model, folder, config: EngineConfig, grid) -> tuple[list[
 
     previous = Engine(model, config).generate(batch, params(0), groups)  # the drafter's history: an earlier round
     steps, seconds = [], []
+    unscaled = GridForward(grid)  # the grid alone: where a step's tokens and padded rows read it
     for budget in CALIBRATION_BUDGETS:
         engine = Engine(model, config, make_drafter("suffix"), parse_budget(budget, cost=grid), 16)
         engine.resume_after(previous)
@@ -174,7 +175,7 @@ def _calibration_steps(model, folder, config: EngineConfig, grid) -> tuple[list[
             accepted = sum(len(p) for p in outcome.paths)
             extra = context - PROBE_CONTEXT * len(seqs)
             lengths = [len(d) for d in drafts]
-            priced = GridForward(grid).priced_tokens(fed, len(seqs), padded_rows(lengths))
+            priced = unscaled.priced_tokens(fed, len(seqs), padded_rows(lengths))
             forwards.append([grid(priced, len(seqs)), extra, ragged_sequences(lengths), 1.0, len(seqs), accepted])
             return outcome
 
